@@ -1,0 +1,16 @@
+// CPU kernels of the mixkv ops.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY_IMPL(mixkv, CPU, m) {
+  m.impl("window_importance", &mixkv::cpu::window_importance);
+  m.impl("value_norm", &mixkv::cpu::value_norm);
+  m.impl("key_diversity", &mixkv::cpu::key_diversity);
+  m.impl("mix_scores", &mixkv::cpu::mix_scores);
+  m.impl("head_budgets", &mixkv::cpu::head_budgets);
+  m.impl("select_kv", &mixkv::cpu::select_kv);
+  m.impl("select_kv_ragged", &mixkv::cpu::select_kv_ragged);
+  m.impl("compress", &mixkv::cpu::compress);
+  m.impl("compress_ragged", &mixkv::cpu::compress_ragged);
+}

@@ -1,0 +1,278 @@
+// CPU kernels of the scoring ops: window_importance, value_norm, key_diversity, mix_scores.
+// Work is split over (batch row, KV head); every sum accumulates in float32 or wider.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/zeros.h>
+
+#include "cpu/kernels.h"
+#include "mixkv/options.h"
+
+namespace mixkv::cpu {
+
+RealTokens::RealTokens(const OptTensor& key_mask) {
+  if (!key_mask) return;
+  storage_ = key_mask->to(at::kBool).contiguous();
+  data_ = storage_.data_ptr<bool>();
+  stride_ = storage_.size(1);
+}
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 1-D pooling over one head's candidates, stride 1, padding k/2: "avg" divides by k with the
+// zero padding counted (F.avg_pool1d defaults), "max" ignores padding and padded tokens.
+void pool_candidates(const float* in, float* out, int64_t C, int64_t kernel, Pooling pooling,
+                     const RealTokens& real, int64_t b) {
+  const int64_t half = kernel / 2;
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t lo = std::max<int64_t>(0, j - half), hi = std::min<int64_t>(C - 1, j + half);
+    if (pooling == Pooling::Avg) {
+      float sum = 0.f;
+      for (int64_t t = lo; t <= hi; ++t) sum += in[t];
+      out[j] = sum / static_cast<float>(kernel);
+    } else {
+      float best = kNegInf;
+      for (int64_t t = lo; t <= hi; ++t) {
+        if (real(b, t)) best = std::max(best, in[t]);
+      }
+      out[j] = best;
+    }
+    if (!real(b, j)) out[j] = 0.f;
+  }
+}
+
+}  // namespace
+
+at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
+                             const OptTensor& key_mask, int64_t pool_kernel,
+                             c10::string_view pooling_name, c10::string_view gqa_reduce_name,
+                             std::optional<double> scaling) {
+  window_importance_shape(q_window, keys, key_mask, pool_kernel, pooling_name, gqa_reduce_name);
+  const Pooling pooling = parse_pooling("window_importance", pooling_name);
+  const GqaReduce reduce = parse_gqa_reduce("window_importance", gqa_reduce_name);
+  const int64_t B = keys.size(0), Hkv = keys.size(1), N = keys.size(2), D = keys.size(3);
+  const int64_t Hq = q_window.size(1), W = q_window.size(2), G = Hq / Hkv, C = N - W;
+  const double scale = scaling.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  const RealTokens real(key_mask);
+  const at::Tensor q = q_window.contiguous(), k = keys.contiguous();
+  at::Tensor out = at::zeros({B, Hkv, C}, keys.options().dtype(at::kFloat));
+  float* out_data = out.data_ptr<float>();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> per_query_head(G * C), reduced(C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      // Logits of the group's G*W window queries against all N keys (BLAS), then masking:
+      // window query i sits at position C + i and sees keys 0 .. C + i; padding is invisible.
+      const at::Tensor qf = q.select(0, b).narrow(0, h * G, G).reshape({G * W, D}).to(at::kFloat);
+      const at::Tensor kf = k.select(0, b).select(0, h).to(at::kFloat);
+      at::Tensor logits = qf.mul(scale).mm(kf.t());
+      float* L = logits.data_ptr<float>();
+      int64_t real_queries = 0;
+      for (int64_t i = 0; i < W; ++i) real_queries += real(b, C + i);
+      for (int64_t row = 0; row < G * W; ++row) {
+        float* l = L + row * N;
+        for (int64_t j = C + row % W + 1; j < N; ++j) l[j] = kNegInf;
+        for (int64_t j = 0; j <= C + row % W; ++j) {
+          if (!real(b, j)) l[j] = kNegInf;
+        }
+      }
+      const at::Tensor probs = at::_softmax(logits, 1, false);
+      const float* P = probs.data_ptr<float>();
+      // Mean over the real window queries of each query head, candidate columns only.
+      std::fill(per_query_head.begin(), per_query_head.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        float* acc = per_query_head.data() + g * C;
+        for (int64_t i = 0; i < W; ++i) {
+          if (!real(b, C + i)) continue;  // a padded query sees nothing (its row is NaN)
+          const float* p = P + (g * W + i) * N;
+          for (int64_t j = 0; j < C; ++j) acc[j] += p[j];
+        }
+        const float inv = 1.f / static_cast<float>(std::max<int64_t>(real_queries, 1));
+        for (int64_t j = 0; j < C; ++j) acc[j] *= inv;
+      }
+      // GQA reduce over the group's query heads.
+      for (int64_t j = 0; j < C; ++j) {
+        float r = per_query_head[j];
+        for (int64_t g = 1; g < G; ++g) {
+          const float x = per_query_head[g * C + j];
+          r = reduce == GqaReduce::Mean ? r + x : std::max(r, x);
+        }
+        reduced[j] = reduce == GqaReduce::Mean ? r / static_cast<float>(G) : r;
+      }
+      pool_candidates(reduced.data(), out_data + task * C, C, pool_kernel, pooling, real, b);
+    }
+  });
+  return out;
+}
+
+at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask) {
+  value_norm_shape(values, window, key_mask);
+  const int64_t B = values.size(0), Hkv = values.size(1), N = values.size(2), D = values.size(3);
+  const int64_t C = N - window;
+  const RealTokens real(key_mask);
+  const at::Tensor v = values.contiguous();
+  at::Tensor out = at::empty({B, Hkv, C}, values.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_norm", [&] {
+    const scalar_t* data = v.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv * C, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bh = row / C, j = row % C;
+        if (!real(bh / Hkv, j)) {
+          o[row] = 0.f;
+          continue;
+        }
+        const scalar_t* x = data + (bh * N + j) * D;
+        float sq = 0.f;
+        for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+        o[row] = std::sqrt(sq);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t window,
+                                                 const OptTensor& key_mask) {
+  key_diversity_shape(keys, window, key_mask);
+  const int64_t B = keys.size(0), Hkv = keys.size(1), N = keys.size(2), D = keys.size(3);
+  const int64_t C = N - window;
+  const RealTokens real(key_mask);
+  const at::Tensor k = keys.contiguous();
+  at::Tensor diversity = at::empty({B, Hkv, C}, keys.options().dtype(at::kFloat));
+  at::Tensor redundancy = at::empty({B, Hkv}, keys.options().dtype(at::kFloat));
+  float* div = diversity.data_ptr<float>();
+  float* red = redundancy.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_diversity", [&] {
+    const scalar_t* data = k.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> mean(D);
+      std::vector<float> inv_norm(N);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv;
+        const scalar_t* kh = data + bh * N * D;
+        // Pass 1: mean direction m of the unit keys of all real tokens (window included).
+        std::fill(mean.begin(), mean.end(), 0.0);
+        int64_t n = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          if (!real(b, j)) continue;
+          const scalar_t* x = kh + j * D;
+          float sq = 0.f;
+          for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+          inv_norm[j] = 1.f / std::max(std::sqrt(sq), 1e-12f);
+          for (int64_t d = 0; d < D; ++d) mean[d] += static_cast<float>(x[d]) * inv_norm[j];
+          ++n;
+        }
+        double mean_sq = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          mean[d] /= static_cast<double>(std::max<int64_t>(n, 1));
+          mean_sq += mean[d] * mean[d];
+        }
+        // Mean pairwise cosine similarity, from |m|^2 in O(nD): (n |m|^2 - 1) / (n - 1).
+        const double r = n >= 2 ? (static_cast<double>(n) * mean_sq - 1.0) / static_cast<double>(n - 1) : 0.0;
+        red[bh] = static_cast<float>(std::clamp(r, 0.0, 1.0));
+        // Pass 2: diversity = -cos(k_j, m) for candidates.
+        for (int64_t j = 0; j < C; ++j) {
+          if (!real(b, j)) {
+            div[bh * C + j] = 0.f;
+            continue;
+          }
+          const scalar_t* x = kh + j * D;
+          double dot = 0.0;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(x[d]) * mean[d];
+          div[bh * C + j] = static_cast<float>(-dot * inv_norm[j]);
+        }
+      }
+    });
+  });
+  return {diversity, redundancy};
+}
+
+namespace {
+
+// Min-max normalise x over one head's real candidates, then rescale so that its mean equals
+// mean_importance. Writes 0 when x is constant or all-zero after min-max (never NaN).
+void normalise_like(const float* x, float* out, int64_t C, double mean_importance,
+                    const RealTokens& real, int64_t b) {
+  float lo = std::numeric_limits<float>::max(), hi = -std::numeric_limits<float>::max();
+  int64_t count = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    if (!real(b, j)) continue;
+    lo = std::min(lo, x[j]);
+    hi = std::max(hi, x[j]);
+    ++count;
+  }
+  const float spread = hi - lo;
+  double sum = 0.0;
+  for (int64_t j = 0; j < C; ++j) {
+    out[j] = (real(b, j) && spread > 0.f) ? (x[j] - lo) / spread : 0.f;
+    sum += out[j];
+  }
+  const double mean_unit = sum / static_cast<double>(std::max<int64_t>(count, 1));
+  const float factor = mean_unit > 0.0 ? static_cast<float>(mean_importance / mean_unit) : 0.f;
+  for (int64_t j = 0; j < C; ++j) out[j] *= factor;
+}
+
+}  // namespace
+
+at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
+                      const OptTensor& diversity, const OptTensor& redundancy,
+                      c10::string_view mode_name, const OptTensor& key_mask) {
+  mix_scores_shape(importance, value_norm, diversity, redundancy, mode_name, key_mask);
+  const Mode mode = parse_mode("mix_scores", mode_name);
+  const int64_t B = importance.size(0), Hkv = importance.size(1), C = importance.size(2);
+  const RealTokens real(key_mask);
+  auto as_float = [](const OptTensor& t) {
+    return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+  };
+  const at::Tensor A = importance.to(at::kFloat).contiguous();
+  const at::Tensor V = as_float(value_norm), Dv = as_float(diversity), R = as_float(redundancy);
+  const bool use_v = mode_uses_value_norm(mode), use_d = mode_uses_diversity(mode);
+  at::Tensor out = at::empty({B, Hkv, C}, importance.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v_tilde(use_v ? C : 0), d_tilde(use_d ? C : 0);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv;
+      const float* a = A.const_data_ptr<float>() + bh * C;
+      double sum_a = 0.0;
+      int64_t count = 0;
+      for (int64_t j = 0; j < C; ++j) {
+        if (!real(b, j)) continue;
+        sum_a += a[j];
+        ++count;
+      }
+      const double mean_a = sum_a / static_cast<double>(std::max<int64_t>(count, 1));
+      if (use_v) normalise_like(V.const_data_ptr<float>() + bh * C, v_tilde.data(), C, mean_a, real, b);
+      if (use_d) normalise_like(Dv.const_data_ptr<float>() + bh * C, d_tilde.data(), C, mean_a, real, b);
+      const float r = mode == Mode::MixKV ? R.const_data_ptr<float>()[bh] : 0.f;
+      float* s = o + bh * C;
+      for (int64_t j = 0; j < C; ++j) {
+        if (!real(b, j)) {
+          s[j] = 0.f;
+          continue;
+        }
+        switch (mode) {
+          case Mode::Attn: s[j] = a[j]; break;
+          case Mode::KeyDiff: s[j] = d_tilde[j]; break;
+          case Mode::VNorm: s[j] = a[j] + v_tilde[j]; break;
+          case Mode::Mix3: s[j] = (a[j] + v_tilde[j] + d_tilde[j]) / 3.f; break;
+          case Mode::MixKV: s[j] = r * d_tilde[j] + (1.f - r) * (a[j] + v_tilde[j]); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace mixkv::cpu
