@@ -97,6 +97,8 @@ def key_diversity(keys, window, key_mask=None):
 
 def _normalise_like(x, importance, cand_real):
     """Min-max to [0, 1] over real candidates, then rescale so its mean equals mean(importance)."""
+    if x.shape[-1] == 0:
+        return x
     m = cand_real[:, None, :].expand_as(x)
     big = torch.finfo(torch.float32).max
     lo = torch.where(m, x, torch.full_like(x, big)).amin(-1, keepdim=True)
@@ -205,41 +207,34 @@ def head_budgets(importance, capacity, policy="adaptive", floor_alpha=0.2, norma
         else:  # adaptive
             scores = A[b][:, real_idx].double()                          # [Hkv, r]
             if normalize and k > 0:
-                top = scores.topk(k, dim=-1).values.sum(-1)
-                mass = scores.sum(-1)
+                top = scores.topk(k, dim=-1).values.sum(-1, keepdim=True)
+                mass = scores.sum(-1, keepdim=True)
                 scores = scores * torch.where(mass > 0, top / torch.where(mass > 0, mass, 1), 0)
-            flat = scores.flatten().tolist()
-            # global top-(Hkv*k); ties: the lower (head, position) wins
-            chosen = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[: Hkv * k]
-            n = [0] * Hkv
-            for i in chosen:
-                n[i // r] += 1
+            # global top-(Hkv*k); a stable sort lets the lower (head, position) win ties
+            chosen = torch.sort(-scores.flatten(), stable=True).indices[: Hkv * k]
+            n = torch.bincount(chosen // max(r, 1), minlength=Hkv).tolist()
             targets = [floor_alpha * k + (1.0 - floor_alpha) * n[h] for h in range(Hkv)]
             caps = _allocate(targets, Hkv * k, r)
         out[b] = torch.tensor(caps, dtype=torch.int32)
     return out.to(importance.device)
 
 
-def _select_positions(scores, cand_real, k):
-    """The k best candidates of one head, ascending: real before padded, then higher score,
-    then lower position."""
-    C = scores.numel()
-    keyed = sorted(range(C), key=lambda j: (not bool(cand_real[j]),
-                                            -float(scores[j]) if cand_real[j] else 0.0, j))
-    return sorted(keyed[:k])
-
-
 def _kept_indices(scores, capacities, window, key_mask, N):
-    """List over (b, h) of kept positions (selection + window), as int lists."""
+    """Kept positions of every (b, h) as lists: the k best candidates in ascending position order
+    (real before padded, then higher score, then lower position), then the window."""
     B, Hkv, C = scores.shape
     cand_real = (torch.ones(B, C, dtype=torch.bool) if key_mask is None
                  else key_mask[:, :C].to(torch.bool).cpu())
-    S = scores.float().cpu()
+    # Padded candidates rank last, among themselves by position; a stable sort of the negated
+    # scores lets the lower position win ties.
+    ranked = torch.where(cand_real[:, None, :], -scores.float().cpu(), float("inf"))
+    order = torch.sort(ranked, dim=-1, stable=True).indices
     kept = []
     for b in range(B):
         for h in range(Hkv):
             k = min(int(capacities[b][h]), C)
-            kept.append(_select_positions(S[b, h], cand_real[b], k) + list(range(C, N)))
+            chosen = order[b, h, :k].sort().values.tolist()
+            kept.append(chosen + list(range(C, N)))
     return kept
 
 

@@ -1,0 +1,71 @@
+"""Shared helpers for the op tests: random inputs, padding masks and tie-aware comparisons."""
+
+import itertools
+
+import pytest
+import torch
+
+import mixkv  # noqa: F401  (loads the op library)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HEAD_DIMS = [64, 80, 128]
+GROUPS = [1, 2, 4, 8]
+BATCHES = [1, 3]
+WINDOW = 8
+
+
+def lengths_for(window):
+    return [window, window + 1, 97, 1025]
+
+
+def shape_cases():
+    """Covering set of (B, Hq, Hkv, N, D, dtype, padded): every N x dtype x padding, with head
+    dims, GQA groups and batch sizes cycled so each value appears with each N."""
+    cases = []
+    for i, (N, dtype, padded) in enumerate(
+            itertools.product(lengths_for(WINDOW), DTYPES, [False, True])):
+        G = GROUPS[i % len(GROUPS)]
+        Hkv = 2 if G < 8 else 1
+        cases.append(pytest.param(BATCHES[(i // 2) % 2], G * Hkv, Hkv, N, HEAD_DIMS[i % 3], dtype,
+                                  padded, id=f"N{N}-{str(dtype)[6:]}-G{G}-{'pad' if padded else 'nopad'}"))
+    return cases
+
+
+def make_inputs(B, Hq, Hkv, N, D, dtype, padded, window=WINDOW, seed=0):
+    """Random q_window/keys/values (never zero) and a left-padding key_mask (or None)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, window, D, generator=g).to(dtype)
+    k = (torch.randn(B, Hkv, N, D, generator=g) + 0.3 * torch.randn(1, Hkv, 1, D, generator=g)).to(dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    mask = None
+    if padded:
+        mask = torch.ones(B, N, dtype=torch.bool)
+        for b in range(1, B):  # row 0 unpadded; others lose a random share of the candidates
+            mask[b, : int(torch.randint(1, max(2, N - window), (1,), generator=g))] = False
+        if B == 1:
+            mask[0, : (N - window) // 3] = False
+    return q, k, v, mask
+
+
+def close(actual, expected, rel=1e-4):
+    """float32 comparison with tolerance relative to the magnitude of the expected values."""
+    expected = expected.float()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.float(), expected, rtol=rel, atol=rel * max(scale, 1e-30))
+
+
+def assert_same_selection(op_kept, ref_kept, ref_scores, C, rel=1e-4):
+    """Kept positions of one head compared as sets. A difference is legal only between
+    candidates whose reference scores tie (within rounding) at the selection boundary: the op
+    and the reference accumulate in a different order, so near-equal scores may swap."""
+    op_set, ref_set = set(op_kept), set(ref_kept)
+    assert len(op_kept) == len(ref_kept)
+    if op_set == ref_set:
+        return
+    only_op, only_ref = op_set - ref_set, ref_set - op_set
+    assert all(j < C for j in only_op | only_ref), "the window must always be kept"
+    scale = ref_scores.abs().max().item()
+    lowest_ref = min(ref_scores[j].item() for j in only_ref)
+    highest_op = max(ref_scores[j].item() for j in only_op)
+    assert abs(lowest_ref - highest_op) <= rel * scale, (
+        f"selection differs beyond a tie: op kept {sorted(only_op)}, reference {sorted(only_ref)}")
