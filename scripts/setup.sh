@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what mixkv needs on a fresh machine and builds the op library in place.
+#   scripts/setup.sh          runtime: torch (CPU build if none is importable), cmake, ninja
+#   scripts/setup.sh --test   also pytest and GoogleTest (Debian's libgtest-dev)
+# Set PYTHON to choose the interpreter, MIXKV_TORCH_SPEC to choose the torch to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # 2.13.0 is the CPU build on this project's machines (no multi-GB CUDA download).
+  echo "mixkv setup: installing ${MIXKV_TORCH_SPEC:-torch==2.13.0}"
+  pip_install "${MIXKV_TORCH_SPEC:-torch==2.13.0}"
+fi
+command -v cmake >/dev/null && cmake --version | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || v[2] >= 18)}' \
+  || pip_install "cmake>=3.18"
+command -v ninja >/dev/null || pip_install ninja
+"$PY" -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
+
+if [ "${1:-}" = "--test" ]; then
+  "$PY" -c "import pytest, numpy" 2>/dev/null || pip_install pytest numpy
+  if [ ! -f /usr/include/gtest/gtest.h ]; then
+    echo "mixkv setup: installing GoogleTest (libgtest-dev)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq libgtest-dev >/dev/null
+  fi
+fi
+
+# The op library (CMake, driven by setup.py), installed in place so the tree is the package.
+"$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$PY" -c "import mixkv, torch; print('mixkv setup: ops loaded from', mixkv.LIBRARY_PATH)"
