@@ -1,7 +1,8 @@
 // Torch-facing glue of the CUDA kernels: checks (shared shape functions), device guard,
 // current stream, launch checks. Ops without a CUDA kernel yet are not registered here, so
 // calling them on CUDA tensors fails with the dispatcher's clear "no CUDA kernel" error.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -34,7 +35,7 @@ at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor&
   launch_value_norm(v.const_data_ptr(), dtype_of(v),
                     mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
                     out.data_ptr<float>(), B, Hkv, N, D, N - window,
-                    at::cuda::getCurrentCUDAStream());
+                    c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
