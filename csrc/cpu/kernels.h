@@ -18,6 +18,7 @@ class RealTokens {
  public:
   explicit RealTokens(const OptTensor& key_mask);
   bool operator()(int64_t b, int64_t j) const { return data_ == nullptr || data_[b * stride_ + j]; }
+  bool all_real() const { return data_ == nullptr; }
 
  private:
   at::Tensor storage_;

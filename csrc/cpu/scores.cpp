@@ -81,6 +81,7 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
       for (int64_t row = 0; row < G * W; ++row) {
         float* l = L + row * N;
         for (int64_t j = C + row % W + 1; j < N; ++j) l[j] = kNegInf;
+        if (real.all_real()) continue;
         for (int64_t j = 0; j <= C + row % W; ++j) {
           if (!real(b, j)) l[j] = kNegInf;
         }
@@ -155,27 +156,35 @@ std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_diversity", [&] {
     const scalar_t* data = k.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> mean(D);
-      std::vector<float> inv_norm(N);
+      // Unit keys are summed in float32 blocks of kBlock tokens, blocks in double: exact enough
+      // for 128K tokens while the inner loops stay in float32 (vectorised).
+      constexpr int64_t kBlock = 256;
+      std::vector<double> total(D);
+      std::vector<float> block(D), mean(D), inv_norm(N);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv;
         const scalar_t* kh = data + bh * N * D;
         // Pass 1: mean direction m of the unit keys of all real tokens (window included).
-        std::fill(mean.begin(), mean.end(), 0.0);
+        std::fill(total.begin(), total.end(), 0.0);
         int64_t n = 0;
-        for (int64_t j = 0; j < N; ++j) {
-          if (!real(b, j)) continue;
-          const scalar_t* x = kh + j * D;
-          float sq = 0.f;
-          for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
-          inv_norm[j] = 1.f / std::max(std::sqrt(sq), 1e-12f);
-          for (int64_t d = 0; d < D; ++d) mean[d] += static_cast<float>(x[d]) * inv_norm[j];
-          ++n;
+        for (int64_t start = 0; start < N; start += kBlock) {
+          std::fill(block.begin(), block.end(), 0.f);
+          for (int64_t j = start; j < std::min(N, start + kBlock); ++j) {
+            if (!real(b, j)) continue;
+            const scalar_t* x = kh + j * D;
+            float sq = 0.f;
+            for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+            inv_norm[j] = 1.f / std::max(std::sqrt(sq), 1e-12f);
+            for (int64_t d = 0; d < D; ++d) block[d] += static_cast<float>(x[d]) * inv_norm[j];
+            ++n;
+          }
+          for (int64_t d = 0; d < D; ++d) total[d] += block[d];
         }
         double mean_sq = 0.0;
         for (int64_t d = 0; d < D; ++d) {
-          mean[d] /= static_cast<double>(std::max<int64_t>(n, 1));
-          mean_sq += mean[d] * mean[d];
+          const double m = total[d] / static_cast<double>(std::max<int64_t>(n, 1));
+          mean[d] = static_cast<float>(m);
+          mean_sq += m * m;
         }
         // Mean pairwise cosine similarity, from |m|^2 in O(nD): (n |m|^2 - 1) / (n - 1).
         const double r = n >= 2 ? (static_cast<double>(n) * mean_sq - 1.0) / static_cast<double>(n - 1) : 0.0;
@@ -187,9 +196,9 @@ std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t
             continue;
           }
           const scalar_t* x = kh + j * D;
-          double dot = 0.0;
+          float dot = 0.f;
           for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(x[d]) * mean[d];
-          div[bh * C + j] = static_cast<float>(-dot * inv_norm[j]);
+          div[bh * C + j] = -dot * inv_norm[j];
         }
       }
     });

@@ -1,0 +1,22 @@
+"""The README's demo and the op benchmark run end to end (small sizes)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_demo_prints_every_method():
+    text = run("-m", "mixkv.demo", "--tokens", "300", "--budget", "64", "--layers", "2")
+    for method in ["attn (uniform)", "vnorm (uniform)", "keydiff (uniform)", "mix3 (uniform)",
+                   "mixkv (uniform)", "mixkv + adakv"]:
+        assert method in text
+    assert "64" in text.split("mixkv (uniform)")[1].splitlines()[0]  # 64 kept per head
