@@ -28,4 +28,18 @@ from . import _fake  # noqa: E402,F401  (registers fake kernels of the ragged op
 from . import ops, reference  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "LIBRARY_PATH"]
+__all__ = ["ops", "reference", "patch", "unpatch", "LIBRARY_PATH"]
+
+
+def patch(model, method="mixkv", **options):
+    """Compress `model`'s KV cache after every prefill; see :func:`mixkv.hf.patch`."""
+    from .hf import patch as _patch  # transformers is imported only when patching
+
+    return _patch(model, method, **options)
+
+
+def unpatch(model):
+    """Undo :func:`patch` (no-op if `model` is not patched)."""
+    from .hf import unpatch as _unpatch
+
+    _unpatch(model)

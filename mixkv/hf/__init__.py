@@ -1,0 +1,6 @@
+"""The Hugging Face shim: ``patch(model, method=..., budget=...)`` and ``unpatch(model)``."""
+
+from .headwise import HeadwiseLayer
+from .patch import MixKVPatch, find_attention_modules, patch, unpatch
+
+__all__ = ["patch", "unpatch", "MixKVPatch", "HeadwiseLayer", "find_attention_modules"]
