@@ -88,7 +88,7 @@ def _wrap(attention_fn):
         state = _PATCHED.get(module)
         if state is None:
             return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        layer = state.handle._layer(state)
+        layer = state.handle._layer(state.cache, state.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             return layer.attend(query, kwargs.get("scaling", getattr(module, "scaling", None)))
         if query.shape[-2] == key.shape[-2]:  # prefill: this call's keys are the whole cache
@@ -202,19 +202,19 @@ class MixKVPatch:
         if state.cache is not None and getattr(state.cache, "offloading", False):
             raise NotImplementedError("mixkv: offloaded caches cannot be compressed")
 
-    def _layer(self, state: _LayerState):
-        cache = state.cache
+    @staticmethod
+    def _layer(cache, layer_idx: int):
         layers = getattr(cache, "layers", None)
-        return layers[state.layer_idx] if layers is not None and state.layer_idx < len(layers) else None
+        return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
 
     def _after_attention(self, module, args, kwargs, output):
         state = _PATCHED[module]
         q_window, key_mask, cache = state.q_window, state.key_mask, state.cache
         state.q_window = state.key_mask = state.cache = None
-        if q_window is None or cache is None or self.method.name == "full":
+        if cache is None or self.method.name == "full":
             return
-        layer = cache.layers[state.layer_idx]
-        if isinstance(layer, DynamicSlidingWindowLayer) or getattr(layer, "is_sliding", False):
+        layer = self._layer(cache, state.layer_idx)
+        if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer)) or getattr(layer, "is_sliding", False):
             return
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(
@@ -222,7 +222,7 @@ class MixKVPatch:
                 "layers; static, quantized and offloaded caches are not supported (use the "
                 "default DynamicCache)")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if layer.keys.shape[-2] != hidden.shape[1]:
+        if q_window is None or layer.keys.shape[-2] != hidden.shape[1]:
             return  # not a prefill: the layer held tokens before this call
         with torch.no_grad():
             self._compress(module, cache, state.layer_idx, layer, q_window, key_mask)

@@ -1,0 +1,240 @@
+"""The Hugging Face shim on a tiny random Llama: exactness when nothing is removed, the kept
+tokens equal the ops' selection, generate == a hand-written loop, padded rows == single rows,
+unpatch restores the model, and refusals."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+import mixkv  # noqa: E402
+
+W = 8
+VOCAB = 99
+
+
+def tiny_llama(attn="sdpa", layers=2, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def prompt(length, batch=1, seed=1):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, **kwargs):
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["mixkv", "snapkv", "streamingllm", "adakv"])
+def test_budget_at_least_prompt_is_exact(attn, method):
+    model = tiny_llama(attn)
+    ids = prompt(40)
+    want_seq, want_logits = greedy(model, ids)
+    with mixkv.patch(model, method, budget=64, window=W):
+        seq, logits = greedy(model, ids)
+    assert torch.equal(seq, want_seq) and torch.equal(logits, want_logits)
+
+
+def test_unpatch_restores_bit_identical_logits():
+    model = tiny_llama()
+    ids = prompt(50)
+    before = model(ids).logits
+    handle = mixkv.patch(model, "mixkv", budget=20, window=W)
+    greedy(model, ids)
+    handle.unpatch()
+    assert torch.equal(model(ids).logits, before)
+    assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
+    assert "generate" not in vars(model)
+    mixkv.unpatch(model)  # second unpatch is a no-op
+
+
+def _record_attention(monkeypatch):
+    """Record each layer's prefill query and keys as the attention function sees them."""
+    seen = {}
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def recorder(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:
+            seen[module.layer_idx] = (query.clone(), key.clone(), value.clone(), attention_mask)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recorder)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["mixkv", "snapkv", "keydiff", "vnorm", "mix3", "knorm",
+                                    "streamingllm", "random"])
+def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
+    model = tiny_llama()
+    seen = _record_attention(monkeypatch)
+    ids = prompt(90)
+    budget = 30
+    with mixkv.patch(model, method, budget=budget, window=W) as handle:
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        stats = handle.stats()
+    for i, layer in enumerate(cache.layers):
+        q, k, v, _ = seen[i]
+        assert layer.keys.shape == (1, 2, budget, 16)
+        if method in ("random", "streamingllm", "knorm"):
+            continue  # their scores do not involve the ops' scoring; checked below
+        mode = {"snapkv": "attn"}.get(method, method)
+        want_k, want_v, _ = torch.ops.mixkv.compress(q[..., -W:, :], k, v, None, budget, W, mode,
+                                                     None, 5, "avg", "mean", 0.25)
+        assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+        assert stats["layers"][i]["kept"].tolist() == [[budget, budget]]
+    if method == "streamingllm":
+        _, k, _, _ = seen[0]
+        sinks_and_recent = list(range(4)) + list(range(90 - budget + 4, 90))
+        assert torch.equal(cache.layers[0].keys[0, 0], k[0, 0, sinks_and_recent])
+
+
+def test_generate_equals_hand_written_loop():
+    model = tiny_llama()
+    ids = prompt(70)
+    with mixkv.patch(model, "mixkv", budget=24, window=W):
+        seq, _ = greedy(model, ids)
+        cache = DynamicCache(config=model.config)
+        out = model(ids, past_key_values=cache, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for step in range(5):
+            position = torch.tensor([[70 + step]])  # true positions: the cache is shorter
+            out = model(tokens[-1][:, None], past_key_values=cache, position_ids=position,
+                        use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(seq[0, 70:], torch.cat(tokens))
+    assert cache.get_seq_length() == 24 + 5
+
+
+def test_question_appended_after_compressed_context():
+    """Compress the context alone, then append a multi-token question: equal to feeding the
+    question to a cache holding exactly the kept tokens at their true positions."""
+    model = tiny_llama()
+    context, question = prompt(80), prompt(7, seed=5)
+    with mixkv.patch(model, "mixkv", budget=30, window=W):
+        cache = DynamicCache(config=model.config)
+        model(context, past_key_values=cache, use_cache=True)
+        kept_keys = [layer.keys.clone() for layer in cache.layers]
+        positions = torch.arange(80, 87)[None]
+        out = model(question, past_key_values=cache, position_ids=positions, use_cache=True)
+    # Reference: a fresh cache preloaded with the kept K/V, no patch.
+    ref_cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        ref_cache.update(kept_keys[i], layer.values[:, :, :30], i)
+    ref = model(question, past_key_values=ref_cache, position_ids=positions, use_cache=True)
+    assert torch.equal(out.logits, ref.logits)
+    assert cache.get_seq_length() == 37
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,base", [("mixkv", "snapkv"), ("streamingllm", "snapkv"),
+                                         ("mixkv", "adakv"), ("mixkv", "pyramidkv")])
+def test_padded_rows_equal_single_runs(attn, method, base):
+    if base != "snapkv" and not hasattr(torch.ops.mixkv, "ragged_attention"):
+        pytest.skip("head-wise attention op not built")
+    model = tiny_llama(attn)
+    rows = [prompt(60, seed=2)[0], prompt(45, seed=3)[0]]
+    with mixkv.patch(model, method, budget=24, window=W, base=base):
+        alone = [greedy(model, r[None])[0][0, len(r):] for r in rows]
+        batch = torch.zeros(2, 60, dtype=torch.long)
+        mask = torch.zeros(2, 60, dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding
+            batch[b, 60 - len(r):], mask[b, 60 - len(r):] = r, 1
+        seq, _ = greedy(model, batch, attention_mask=mask)
+    for b in range(2):
+        assert torch.equal(seq[b, 60:], alone[b]), b
+
+
+def test_sampling_runs_and_is_seeded():
+    model = tiny_llama()
+    ids = prompt(60)
+    with mixkv.patch(model, "mixkv", budget=20, window=W):
+        torch.manual_seed(0)
+        a = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=10, pad_token_id=0)
+        torch.manual_seed(0)
+        b = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=10, pad_token_id=0)
+    assert torch.equal(a, b) and a.shape == (1, 65)
+
+
+def test_ratio_budget():
+    model = tiny_llama()
+    with mixkv.patch(model, "snapkv", ratio=0.75, window=W) as handle:
+        cache = DynamicCache(config=model.config)
+        model(prompt(100), past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape[-2] == 25
+    assert handle.stats()["total"]["ratio"] == pytest.approx(0.25)
+
+
+def test_offline_redundancy_profile(tmp_path):
+    model = tiny_llama()
+    profile = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    torch.save({"redundancy": profile}, tmp_path / "profile.pt")
+    ids = prompt(80)
+    caches = {}
+    for name, redundancy in [("tensor", profile), ("file", tmp_path / "profile.pt")]:
+        with mixkv.patch(model, "mixkv", budget=24, window=W, redundancy=redundancy):
+            caches[name] = DynamicCache(config=model.config)
+            model(ids, past_key_values=caches[name], use_cache=True)
+    assert torch.equal(caches["tensor"].layers[1].keys, caches["file"].layers[1].keys)
+    with pytest.raises(ValueError, match="redundancy profile has shape"):
+        with mixkv.patch(model, "mixkv", budget=24, window=W, redundancy=torch.rand(3, 2)):
+            model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+
+
+def test_full_method_never_compresses():
+    model = tiny_llama()
+    ids = prompt(80)
+    want = greedy(model, ids)
+    with mixkv.patch(model, "full"):
+        got = greedy(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+def test_refuses_static_and_offloaded_caches():
+    from transformers import StaticCache
+
+    model = tiny_llama()
+    ids = prompt(40)
+    with mixkv.patch(model, "mixkv", budget=20, window=W):
+        with pytest.raises(NotImplementedError, match="cannot compress a StaticCache"):
+            model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64),
+                  use_cache=True)
+        with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+            model.generate(ids, max_new_tokens=2, cache_implementation="static")
+        with pytest.raises(NotImplementedError, match="offloaded caches"):
+            model(ids, past_key_values=DynamicCache(config=model.config, offloading=True),
+                  use_cache=True)
+        with pytest.raises(NotImplementedError, match="chunked prefill"):
+            model.generate(ids, max_new_tokens=2, prefill_chunk_size=16)
+
+
+def test_refuses_bad_options_and_double_patching():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="unknown method 'mixkvv'"):
+        mixkv.patch(model, "mixkvv", budget=64)
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        mixkv.patch(model, "mixkv")
+    with pytest.raises(ValueError, match="budget \\(8\\) must be larger than window \\(8\\)"):
+        mixkv.patch(model, "mixkv", budget=8, window=8)
+    with pytest.raises(ValueError, match="base='explicit' needs profile"):
+        mixkv.patch(model, "mixkv", budget=64, base="explicit")
+    with mixkv.patch(model, "mixkv", budget=64):
+        with pytest.raises(RuntimeError, match="already patched"):
+            mixkv.patch(model, "snapkv", budget=64)
+
+
+def test_refuses_unsupported_architecture():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(NotImplementedError, match="Sequential is not a supported architecture"):
+        mixkv.patch(model, "mixkv", budget=64)
