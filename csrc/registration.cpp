@@ -43,4 +43,10 @@ TORCH_LIBRARY(mixkv, m) {
         "str policy=\"adaptive\", float floor_alpha=0.2, bool normalize=True, int layer=0, "
         "int num_layers=1, int pyramid_beta=20, Tensor? profile=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Decode attention over the head-wise (ragged) cache: (row b, KV head h) owns rows
+  // starts[b,h] .. starts[b,h] + lengths[b,h] of keys/values [S, D] (spare rows may follow). The
+  // q queries [B, Hq, q, D] are the segment's last q tokens (causal); valid [S] false = padding.
+  // -> [B, q, Hq, D] in query's dtype.
+  m.def("ragged_attention(Tensor query, Tensor keys, Tensor values, Tensor starts, "
+        "Tensor lengths, Tensor? valid=None, float? scaling=None) -> Tensor");
 }

@@ -25,6 +25,15 @@ void check_values_like_keys(const char* op, const at::Tensor& values, const at::
   check_same_device(op, "values", values, keys, "keys");
 }
 
+// An int32 [B, H] table per (batch row, KV head) (capacities, segment starts/lengths).
+void check_head_table(const char* op, const char* name, const at::Tensor& t, const SymInt& B,
+                      const SymInt& H, const at::Tensor& ref, const char* ref_name) {
+  MIXKV_CHECK_VALUE(t.dim() == 2 && t.sym_size(0) == B && t.sym_size(1) == H, op, name,
+                    " must be [B, Hkv] = [", B, ", ", H, "], got ", t.sym_sizes());
+  MIXKV_CHECK_TYPE(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
+  check_same_device(op, name, t, ref, ref_name);
+}
+
 // key_mask [B, N] bool or integer, on the device of `ref`.
 void check_key_mask(const char* op, const OptTensor& key_mask, const SymInt& B, const SymInt& N,
                     const at::Tensor& ref, const char* ref_name) {
@@ -202,13 +211,7 @@ void select_kv_ragged_check(const at::Tensor& scores, const at::Tensor& keys,
                             const OptTensor& key_mask) {
   const char* op = "select_kv_ragged";
   check_scores_for_kv(op, scores, keys, values, window, key_mask);
-  MIXKV_CHECK_VALUE(capacity.dim() == 2 && capacity.sym_size(0) == keys.sym_size(0) &&
-                        capacity.sym_size(1) == keys.sym_size(1),
-                    op, "capacity must be [B, Hkv] = [", keys.sym_size(0), ", ", keys.sym_size(1),
-                    "], got ", capacity.sym_sizes());
-  MIXKV_CHECK_TYPE(capacity.scalar_type() == at::kInt, op, "capacity must be int32, got ",
-                   capacity.scalar_type());
-  check_same_device(op, "capacity", capacity, keys, "keys");
+  check_head_table(op, "capacity", capacity, keys.sym_size(0), keys.sym_size(1), keys, "keys");
 }
 
 SymInt compress_check(const char* op, const at::Tensor& q_window, const at::Tensor& keys,
@@ -248,6 +251,36 @@ Shape compress_shape(const at::Tensor& q_window, const at::Tensor& keys, const a
   const int64_t capacity = budget - window;
   const SymInt kept = (C < capacity ? C : SymInt(capacity)) + window;
   return {keys.sym_size(0), keys.sym_size(1), kept, keys.sym_size(3)};
+}
+
+Shape ragged_attention_shape(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& starts,
+                             const at::Tensor& lengths, const OptTensor& valid) {
+  const char* op = "ragged_attention";
+  check_rank(op, "query", query, 4, "[B, Hq, q, D]");
+  check_kv_dtype(op, "query", query);
+  check_rank(op, "keys", keys, 2, "[S, D]");
+  check_same_dtype(op, "keys", keys, query, "query");
+  check_same_device(op, "keys", keys, query, "query");
+  check_values_like_keys(op, values, keys);
+  const SymInt &B = query.sym_size(0), &Hq = query.sym_size(1), &D = query.sym_size(3);
+  MIXKV_CHECK_VALUE(keys.sym_size(1) == D, op, "keys head dim ", keys.sym_size(1),
+                    " differs from query head dim D = ", D);
+  check_rank(op, "starts", starts, 2, "[B, Hkv]");
+  const SymInt& Hkv = starts.sym_size(1);
+  check_head_table(op, "starts", starts, B, Hkv, query, "query");
+  check_head_table(op, "lengths", lengths, B, Hkv, query, "query");
+  MIXKV_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "query heads Hq = ", Hq,
+                    " must be a multiple of the KV heads Hkv = starts.size(1) = ", Hkv);
+  if (valid) {
+    const at::Tensor& m = *valid;
+    MIXKV_CHECK_VALUE(m.dim() == 1 && m.sym_size(0) == keys.sym_size(0), op,
+                      "valid must be [S] = [", keys.sym_size(0), "], got ", m.sym_sizes());
+    MIXKV_CHECK_TYPE(m.scalar_type() == at::kBool, op, "valid must be bool, got ",
+                     m.scalar_type());
+    check_same_device(op, "valid", m, query, "query");
+  }
+  return {B, query.sym_size(2), Hq, D};
 }
 
 }  // namespace mixkv

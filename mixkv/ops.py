@@ -122,3 +122,20 @@ def compress(q_window: Tensor, keys: Tensor, values: Tensor, key_mask: Optional[
     return _ops.compress_ragged(q_window, keys, values, key_mask, budget, window, mode,
                                 redundancy, pool_kernel, pooling, gqa_reduce, scaling, policy,
                                 floor_alpha, normalize, layer, num_layers, pyramid_beta, profile)
+
+
+def ragged_attention(query: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lengths: Tensor,
+                     valid: Optional[Tensor] = None, scaling: Optional[float] = None) -> Tensor:
+    """Attention of the newest tokens over a head-wise (ragged) KV cache: [B, q, Hq, D].
+
+    KV head h of batch row b owns rows ``starts[b, h]`` .. ``starts[b, h] + lengths[b, h]`` of
+    ``keys``/``values`` [S, D] (``starts``, ``lengths`` [B, Hkv] int32; spare rows may follow a
+    segment). ``query`` [B, Hq, q, D] holds the queries of each segment's last q tokens (already
+    in the cache); query head j reads KV head j // (Hq // Hkv). Query i sees the segment's tokens
+    t < lengths - q + i + 1 whose ``valid`` [S] bool entry is true (padding slots are false); a
+    query that sees none gets zeros. Logits are scaled by ``scaling`` (default 1/sqrt(D));
+    softmax and accumulation are float32; the output, in query's dtype, has transformers'
+    attention-output layout. Segments must lie inside the buffer and hold at least q tokens: an
+    error on CPU, NaN outputs on CUDA (checking there would need a device sync).
+    """
+    return _ops.ragged_attention(query, keys, values, starts, lengths, valid, scaling)

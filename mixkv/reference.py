@@ -295,3 +295,28 @@ def compress_ragged(q_window, keys, values, key_mask=None, budget=128, window=32
     caps = head_budgets(A, budget - window, policy, floor_alpha, normalize, key_mask, layer,
                         num_layers, pyramid_beta, profile)
     return select_kv_ragged(S, keys, values, caps, window, key_mask)
+
+
+def ragged_attention(query, keys, values, starts, lengths, valid=None, scaling=None):
+    """Attention of the q newest tokens of every (row, KV head) segment: [B, q, Hq, D] in
+    query's dtype. Segment (b, h) is rows starts[b, h] .. starts[b, h] + lengths[b, h] of
+    keys/values [S, D]; query i sees segment tokens t < lengths[b, h] - q + i + 1 with valid[t]
+    (zeros when it sees none)."""
+    B, Hq, q, D = query.shape
+    Hkv = starts.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scaling is None else scaling
+    out = torch.zeros(B, q, Hq, D, dtype=torch.float32, device=query.device)
+    for b in range(B):
+        for h in range(Hkv):
+            start, L = int(starts[b, h]), int(lengths[b, h])
+            k, v = keys[start:start + L].float(), values[start:start + L].float()
+            logits = (query[b, h * G:(h + 1) * G].float() @ k.T) * scale          # [G, q, L]
+            limit = L - q + torch.arange(q, device=query.device) + 1
+            visible = torch.arange(L, device=query.device)[None, :] < limit[:, None]   # [q, L]
+            if valid is not None:
+                visible = visible & valid[start:start + L][None, :]
+            probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+            probs = torch.where(visible.any(-1)[:, None], probs, torch.zeros_like(probs))
+            out[b, :, h * G:(h + 1) * G] = (probs @ v).transpose(0, 1)
+    return out.to(query.dtype)

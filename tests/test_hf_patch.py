@@ -238,3 +238,77 @@ def test_refuses_unsupported_architecture():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(NotImplementedError, match="Sequential is not a supported architecture"):
         mixkv.patch(model, "mixkv", budget=64)
+
+
+# -- head-wise budgets ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("base", ["adakv", "pyramidkv", "explicit"])
+def test_headwise_cache_keeps_the_ops_selection_and_saves_memory(monkeypatch, base):
+    from mixkv.hf import HeadwiseLayer
+
+    model = tiny_llama(layers=3)
+    seen = _record_attention(monkeypatch)
+    ids, budget = prompt(200), 40
+    profile = torch.tensor([[1.0, 3.0], [2.0, 1.0], [1.0, 1.0]])
+    policy = {"adakv": "adaptive", "pyramidkv": "pyramid", "explicit": "explicit"}[base]
+    with mixkv.patch(model, "mixkv", budget=budget, window=W, base=base,
+                     profile=profile if base == "explicit" else None) as handle:
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        kept_per_layer = []
+        for i, layer in enumerate(cache.layers):
+            assert isinstance(layer, HeadwiseLayer)
+            q, k, v, _ = seen[i]
+            want_k, want_v, _, offsets = torch.ops.mixkv.compress_ragged(
+                q[..., -W:, :], k, v, None, budget, W, "mixkv", None, 5, "avg", "mean", 0.25,
+                policy, 0.2, True, i, 3, 20, profile if base == "explicit" else None)
+            lengths = offsets.diff().long()
+            assert torch.equal(layer.kept_tokens().flatten(), lengths)
+            rows = layer._rows(torch.zeros_like(lengths), lengths)
+            assert torch.equal(layer.key_buffer[rows], want_k)
+            assert torch.equal(layer.value_buffer[rows], want_v)
+            kept_per_layer.append(lengths)
+        if base != "pyramidkv":  # per layer, heads share the layer's budget exactly
+            assert all(int(n.sum()) == 2 * budget for n in kept_per_layer)
+        assert int(sum(n.sum() for n in kept_per_layer)) == 3 * 2 * budget
+        assert len({tuple(n.tolist()) for n in kept_per_layer}) > 1  # budgets really differ
+        total = handle.stats()["total"]
+        assert total["ratio"] == pytest.approx(budget / 200)  # kept K/V bytes / full K/V bytes
+        # Decoding appends in place: no reallocation while headroom lasts.
+        buffer = cache.layers[0].key_buffer
+        token = ids[:, -1:]
+        for step in range(5):
+            model(token, past_key_values=cache, position_ids=torch.tensor([[200 + step]]),
+                  use_cache=True)
+        assert cache.layers[0].key_buffer is buffer
+        assert torch.equal(cache.layers[0].kept_tokens().flatten(), kept_per_layer[0] + 5)
+
+
+def test_headwise_with_equal_budgets_decodes_like_the_dense_cache():
+    """An explicit profile of equal weights keeps exactly the dense path's tokens: the head-wise
+    cache + ragged attention then generate what the dense cache + sdpa generate."""
+    model = tiny_llama()
+    ids = prompt(90)
+    with mixkv.patch(model, "mixkv", budget=24, window=W):
+        dense_seq, dense_logits = greedy(model, ids)
+    with mixkv.patch(model, "mixkv", budget=24, window=W, base="explicit",
+                     profile=torch.ones(2, 2)):
+        seq, logits = greedy(model, ids)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_headwise_cache_grows_when_headroom_runs_out():
+    model = tiny_llama()
+    ids = prompt(60)
+    with mixkv.patch(model, "adakv", budget=20, window=W):
+        out = model.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=0)
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        before = cache.layers[0].kept_tokens()
+        token = ids[:, -1:]
+        for step in range(70):  # more than the 64-token headroom
+            model(token, past_key_values=cache, position_ids=torch.tensor([[60 + step]]),
+                  use_cache=True)
+    assert out.shape == (1, 140)
+    assert torch.equal(cache.layers[0].kept_tokens(), before + 70)

@@ -69,4 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
     double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
     const OptTensor& profile);
 
+at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
+                            const at::Tensor& values, const at::Tensor& starts,
+                            const at::Tensor& lengths, const OptTensor& valid,
+                            std::optional<double> scaling);
+
 }  // namespace mixkv::cpu

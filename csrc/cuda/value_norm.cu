@@ -1,15 +1,8 @@
 // value_norm on CUDA: one warp per candidate row, fp32 accumulation, warp-shuffle reduction.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "cuda/kernels.cuh"
+#include "cuda/dtype.cuh"
 
 namespace mixkv::cuda {
 namespace {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 constexpr int kWarpsPerBlock = 8;
 
@@ -50,11 +43,9 @@ void launch(const void* values, const bool* key_mask, float* out, int64_t B, int
 void launch_value_norm(const void* values, DType dtype, const bool* key_mask, float* out,
                        int64_t B, int64_t Hkv, int64_t N, int64_t D, int64_t C,
                        cudaStream_t stream) {
-  switch (dtype) {
-    case DType::Float: launch<float>(values, key_mask, out, B, Hkv, N, D, C, stream); break;
-    case DType::Half: launch<__half>(values, key_mask, out, B, Hkv, N, D, C, stream); break;
-    case DType::BFloat16: launch<__nv_bfloat16>(values, key_mask, out, B, Hkv, N, D, C, stream); break;
-  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    launch<decltype(tag)>(values, key_mask, out, B, Hkv, N, D, C, stream);
+  });
 }
 
 }  // namespace mixkv::cuda

@@ -74,6 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
               keys, values);
 }
 
+at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
+                            const at::Tensor& values, const at::Tensor& starts,
+                            const at::Tensor& lengths, const OptTensor& valid,
+                            std::optional<double>) {
+  return empty_like_shape(ragged_attention_shape(query, keys, values, starts, lengths, valid),
+                          query, query.scalar_type());
+}
+
 }  // namespace
 }  // namespace mixkv::meta
 
@@ -85,4 +93,5 @@ TORCH_LIBRARY_IMPL(mixkv, Meta, m) {
   m.impl("head_budgets", &mixkv::meta::head_budgets);
   m.impl("select_kv", &mixkv::meta::select_kv);
   m.impl("compress", &mixkv::meta::compress);
+  m.impl("ragged_attention", &mixkv::meta::ragged_attention);
 }

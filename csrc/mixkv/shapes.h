@@ -63,6 +63,12 @@ Shape compress_shape(const at::Tensor& q_window, const at::Tensor& keys, const a
                      c10::string_view mode, const OptTensor& redundancy, int64_t pool_kernel,
                      c10::string_view pooling, c10::string_view gqa_reduce);
 
+// query [B,Hq,q,D], keys/values [S,D], starts/lengths [B,Hkv] int32, valid [S] bool
+// -> attention output [B,q,Hq,D] in query's dtype. Segment contents are checked by the kernels.
+Shape ragged_attention_shape(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& starts,
+                             const at::Tensor& lengths, const OptTensor& valid);
+
 // Drops the last dimension (kept keys [.., D] -> kept indices [..]).
 inline Shape without_last(const Shape& s) { return Shape(s.begin(), s.end() - 1); }
 

@@ -14,6 +14,8 @@ Prefill is "the layer holds exactly this call's tokens"; ``cache_position`` is n
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 from typing import Optional
@@ -90,6 +92,9 @@ def _wrap(attention_fn):
             return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
         layer = state.handle._layer(state.cache, state.layer_idx)
         if isinstance(layer, HeadwiseLayer):
+            if kwargs.get("softcap") is not None:
+                raise NotImplementedError("mixkv: head-wise budgets do not support attention "
+                                          "logit soft-capping; use base='snapkv'")
             return layer.attend(query, kwargs.get("scaling", getattr(module, "scaling", None)))
         if query.shape[-2] == key.shape[-2]:  # prefill: this call's keys are the whole cache
             W = min(state.handle.method.window, query.shape[-2])
@@ -121,6 +126,15 @@ def _remove_lookup_wrapper():
     if len(_PATCHED) == 0 and "get_interface" in vars(ALL_ATTENTION_FUNCTIONS):
         del ALL_ATTENTION_FUNCTIONS.get_interface
         _WRAPPED.clear()
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn stacklevel of the first frame outside the mixkv package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _cache_of(kwargs):
@@ -156,7 +170,12 @@ class MixKVPatch:
             self.sliding_layers = list(range(self.num_layers))
         if self.sliding_layers:
             warnings.warn(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers use "
-                          "sliding-window attention and stay uncompressed", stacklevel=3)
+                          "sliding-window attention and stay uncompressed",
+                          stacklevel=_caller_stacklevel())
+        if method.headwise and getattr(config, "attn_logit_softcapping", None):
+            raise NotImplementedError(
+                f"mixkv: {type(model).__name__} soft-caps attention logits, which the head-wise "
+                "cache's attention does not do; use a uniform budget (base='snapkv')")
         self._check_generation_config(getattr(model, "generation_config", None))
         self._stats: dict = {}
         self._hooks = []
@@ -215,6 +234,13 @@ class MixKVPatch:
             return
         layer = self._layer(cache, state.layer_idx)
         if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer)) or getattr(layer, "is_sliding", False):
+            return
+        if state.layer_idx in self.sliding_layers:
+            if type(layer) is DynamicLayer:  # a DynamicCache() built without the model's config
+                raise NotImplementedError(
+                    f"mixkv: layer {state.layer_idx} uses sliding-window attention but the cache "
+                    "holds it as a plain DynamicLayer; build the cache as "
+                    "DynamicCache(config=model.config) (generate does)")
             return
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(

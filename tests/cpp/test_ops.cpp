@@ -112,6 +112,15 @@ Tensors4 compress_ragged(const Tensor& q, const Tensor& k, const Tensor& v, cons
                  true, layer, num_layers, 20, none);
 }
 
+Tensor ragged_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& starts,
+                        const Tensor& lengths, const OptT& valid = none,
+                        std::optional<double> scaling = none) {
+  static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                 const Tensor&, const OptT&, std::optional<double>)>(
+      "mixkv::ragged_attention");
+  return op.call(q, k, v, starts, lengths, valid, scaling);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
@@ -193,7 +202,8 @@ Tensor Randn(at::IntArrayRef shape, uint64_t seed) {
 TEST(Registration, AllSchemasAndKernelsPresent) {
   const char* ops[] = {"window_importance", "value_norm",       "key_diversity",
                        "mix_scores",        "head_budgets",     "select_kv",
-                       "select_kv_ragged",  "compress",         "compress_ragged"};
+                       "select_kv_ragged",  "compress",         "compress_ragged",
+                       "ragged_attention"};
   for (const char* name : ops) {
     const std::string full = std::string("mixkv::") + name;
     auto h = c10::Dispatcher::singleton().findSchema({full.c_str(), ""});
@@ -202,7 +212,8 @@ TEST(Registration, AllSchemasAndKernelsPresent) {
   }
   // The ragged ops' output sizes depend on data: their fake kernels live in Python.
   const char* meta_ops[] = {"window_importance", "value_norm", "key_diversity", "mix_scores",
-                            "head_budgets",      "select_kv",  "compress"};
+                            "head_budgets",      "select_kv",  "compress",
+                            "ragged_attention"};
   for (const char* name : meta_ops) {
     const std::string full = std::string("mixkv::") + name;
     auto h = c10::Dispatcher::singleton().findSchema({full.c_str(), ""});
@@ -893,7 +904,41 @@ TEST(EdgeCases, ManyHeadsAcrossThreads) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ragged_attention
+
+TEST(RaggedAttention, SoftmaxCausalityAndValidByHand) {
+  // One KV head, D = 2, scaling 1. The segment is rows 1..2 of a 4-row buffer; the spare rows 0
+  // and 3 are huge, so reading them would show. Query (1, 0) gives logits 0 and ln 3 to the two
+  // tokens: weights 1/4 and 3/4.
+  const float big = 1e6f, ln3 = std::log(3.f);
+  const Tensor keys = T({big, big, 0, 0, ln3, 0, big, big}, {4, 2});
+  const Tensor values = T({big, big, 4, 8, 0, 4, big, big}, {4, 2});
+  const Tensor starts = I32({1}, {1, 1}), lengths = I32({2}, {1, 1});
+  // q = 1: the query is token 1 and sees both: 1/4 (4, 8) + 3/4 (0, 4) = (1, 5).
+  ExpectNear(ragged_attention(T({1, 0}, {1, 1, 1, 2}), keys, values, starts, lengths, none, 1.0),
+             {1, 5}, 1e-5f);
+  // q = 2: query 0 is token 0 and sees only itself. The output is [B, q, Hq, D].
+  const Tensor q2 = T({1, 0, 1, 0}, {1, 1, 2, 2});
+  const Tensor out = ragged_attention(q2, keys, values, starts, lengths, none, 1.0);
+  EXPECT_EQ(Sizes(out), (std::vector<int64_t>{1, 2, 1, 2}));
+  ExpectNear(out, {4, 8, 1, 5}, 1e-5f);
+  // Token 0 (buffer row 1) is padding: query 0 sees nothing (zeros), query 1 only token 1.
+  ExpectNear(ragged_attention(q2, keys, values, starts, lengths, Mask({1, 0, 1, 1}, {4}), 1.0),
+             {0, 0, 0, 4}, 1e-5f);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Meta kernels: shapes and dtypes without data.
+
+TEST(Meta, RaggedAttentionShape) {
+  const Tensor q = at::empty({2, 8, 3, 16}, kMeta.dtype(at::kBFloat16));
+  const Tensor kv = at::empty({40, 16}, kMeta.dtype(at::kBFloat16));
+  const Tensor table = at::empty({2, 4}, kMeta.dtype(at::kInt));
+  const Tensor out = ragged_attention(q, kv, kv, table, table);
+  EXPECT_TRUE(out.is_meta());
+  EXPECT_EQ(Sizes(out), (std::vector<int64_t>{2, 3, 8, 16}));
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+}
 
 TEST(Meta, ScoreOpsShapesAndDtypes) {
   const Tensor q = at::empty({2, 8, 4, 16}, kMeta.dtype(at::kHalf));
@@ -1099,6 +1144,17 @@ TEST(Errors, NonFiniteScores) {
   EXPECT_EQ(Ints(std::get<2>(select_kv(T({nan, 1, 2}, {1, 1, 3}), k, v, 1, 1,
                                        Mask({0, 1, 1, 1}, {1, 4})))),
             (std::vector<int64_t>{2, 3}));
+}
+
+TEST(Errors, RaggedAttentionSegmentsAndHeads) {
+  const Tensor q = at::zeros({1, 2, 3, 4}, kF), kv = at::zeros({10, 4}, kF);
+  ExpectOpError([&] { ragged_attention(q, kv, kv, I32({0, 5}, {1, 2}), I32({3, 2}, {1, 2})); },
+                "ragged_attention", {"lengths must be >= q = 3", "got 2 at [0, 1]"});
+  ExpectOpError([&] { ragged_attention(q, kv, kv, I32({0, 8}, {1, 2}), I32({3, 3}, {1, 2})); },
+                "ragged_attention", {"segment [0, 1]", "8 + 3", "exceeds the S = 10 rows"});
+  const Tensor three_heads = I32({0, 3, 6}, {1, 3});
+  ExpectOpError([&] { ragged_attention(q, kv, kv, three_heads, I32({3, 3, 3}, {1, 3})); },
+                "ragged_attention", {"query heads Hq = 2", "Hkv = starts.size(1) = 3"});
 }
 
 }  // namespace

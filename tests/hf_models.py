@@ -1,0 +1,183 @@
+"""Tiny random-weight Hugging Face models built from configs (no files, no downloads).
+
+Each builder returns ``(model, make_inputs)``: the model in eval mode, fp32, seeded weights and
+the requested attention implementation; ``make_inputs(length, image=False)`` returns the keyword
+arguments of one prompt of about ``length`` tokens (batch 1) for ``model(**inputs)`` and
+``model.generate(**inputs)``. Greedy generation never stops early: the models have no EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+
+VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1        # LLaVA <image>, Qwen2-VL <|image_pad|>
+VISION_START = VOCAB - 2       # Qwen2-VL <|vision_start|>
+VISION_END = VOCAB - 3         # Qwen2-VL <|vision_end|>
+VIDEO_TOKEN = VOCAB - 4        # Qwen2-VL <|video_pad|> (never used)
+TEXT_VOCAB = VOCAB - 8         # prompts draw ordinary tokens below this id
+
+# Common text-stack sizes: head_dim 16, GQA group 2.
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            pad_token_id=0, bos_token_id=1, eos_token_id=None)
+
+
+def cache_kwarg() -> str:
+    """The keyword that carries the cache into a decoder-only model's forward: ``cache`` since
+    transformers 5.2x, ``past_key_values`` before (5.17)."""
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _finish(model, attn):
+    model = model.eval().to(torch.float32)
+    model.set_attn_implementation(attn)
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, 1
+    gc.do_sample = False
+    return model
+
+
+def _text_prompt(length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, TEXT_VOCAB, (1, length), generator=g)
+    ids[0, 0] = 1  # BOS
+    return ids
+
+
+def _text_inputs(length, image=False):
+    if image:
+        raise NotImplementedError("text-only model")
+    ids = _text_prompt(length)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _build(config_cls, model_cls, attn, seed, **overrides):
+    torch.manual_seed(seed)
+    config = config_cls(**{**TEXT, **overrides})
+    return _finish(model_cls(config), attn)
+
+
+def llama(attn="sdpa", seed=0):
+    return _build(transformers.LlamaConfig, transformers.LlamaForCausalLM, attn, seed), _text_inputs
+
+
+def mistral(attn="sdpa", seed=0, sliding_window=None):
+    model = _build(transformers.MistralConfig, transformers.MistralForCausalLM, attn, seed,
+                   sliding_window=sliding_window)
+    return model, _text_inputs
+
+
+def qwen2(attn="sdpa", seed=0):
+    return _build(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, attn, seed,
+                  attention_bias=True), _text_inputs
+
+
+def qwen3(attn="sdpa", seed=0):
+    return _build(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, attn, seed,
+                  head_dim=16), _text_inputs
+
+
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention",
+                      "full_attention"]
+
+
+def gemma3(attn="sdpa", seed=0, sliding_window=24):
+    """Gemma3 text stack: sliding and full-attention layers interleaved, q/k norms, a
+    query_pre_attn_scalar that differs from head_dim (scaling != head_dim ** -0.5)."""
+    model = _build(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, attn, seed,
+                   num_hidden_layers=len(GEMMA3_LAYER_TYPES), layer_types=GEMMA3_LAYER_TYPES,
+                   head_dim=16, query_pre_attn_scalar=32, sliding_window=sliding_window,
+                   hidden_activation="gelu_pytorch_tanh")
+    return model, _text_inputs
+
+
+# ---- vision-language models -----------------------------------------------------------------
+
+QWEN2VL_PATCH, QWEN2VL_GRID = 4, (1, 4, 4)  # 16 patches, merged 2x2 -> 4 image tokens
+
+
+def qwen2_vl(attn="sdpa", seed=0):
+    """Qwen2-VL: the language model uses mrope (3 position streams, mrope_section [4, 2, 2]
+    = head_dim / 2); a 4x4-patch image merges 2x2 into 4 image tokens."""
+    torch.manual_seed(seed)
+    text = {**TEXT, "rope_parameters": {"rope_type": "default", "mrope_section": [4, 2, 2],
+                                        "rope_theta": 10000.0}}
+    config = transformers.Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=4,
+                           mlp_ratio=2, patch_size=QWEN2VL_PATCH, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    model = _finish(transformers.Qwen2VLForConditionalGeneration(config), attn)
+
+    def make_inputs(length, image=False):
+        if not image:
+            return _text_inputs(length)
+        t, h, w = QWEN2VL_GRID
+        n_image = t * h * w // 4
+        ids = _text_prompt(length)
+        ids[0, 2] = VISION_START
+        ids[0, 3:3 + n_image] = IMAGE_TOKEN
+        ids[0, 3 + n_image] = VISION_END
+        g = torch.Generator().manual_seed(7)
+        pixels = torch.randn(t * h * w, 3 * 2 * QWEN2VL_PATCH * QWEN2VL_PATCH, generator=g)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                    image_grid_thw=torch.tensor([QWEN2VL_GRID]),
+                    mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+
+    return model, make_inputs
+
+
+LLAVA_IMAGE, LLAVA_PATCH = 16, 4  # 16 patches (+ CLS, dropped) -> 16 image tokens
+
+
+def llava(attn="sdpa", seed=0):
+    """LLaVA: CLIP vision tower + Llama language model (get_decoder() is the LlamaModel)."""
+    torch.manual_seed(seed)
+    config = transformers.LlavaConfig(
+        text_config={**TEXT, "model_type": "llama"},
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=LLAVA_IMAGE,
+                           patch_size=LLAVA_PATCH, projection_dim=32),
+        image_token_index=IMAGE_TOKEN, image_seq_length=(LLAVA_IMAGE // LLAVA_PATCH) ** 2,
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = _finish(transformers.LlavaForConditionalGeneration(config), attn)
+
+    def make_inputs(length, image=False):
+        ids = _text_prompt(length)
+        if not image:
+            return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        n_image = (LLAVA_IMAGE // LLAVA_PATCH) ** 2
+        ids[0, 2:2 + n_image] = IMAGE_TOKEN
+        g = torch.Generator().manual_seed(7)
+        pixels = torch.randn(1, 3, LLAVA_IMAGE, LLAVA_IMAGE, generator=g)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+
+    return model, make_inputs
+
+
+def gpt2(attn="sdpa", seed=0):
+    """An unsupported architecture (no get_decoder().layers[i].self_attn)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=256, bos_token_id=1, eos_token_id=None,
+                                     pad_token_id=0)
+    return _finish(transformers.GPT2LMHeadModel(config), attn), _text_inputs
+
+
+GEMMA2_LAYER_TYPES = ["sliding_attention", "full_attention"]
+
+
+def gemma2(attn="eager", seed=0, sliding_window=24):
+    """Gemma2: sliding/full layers and attention-logit soft-capping (honoured by eager only)."""
+    model = _build(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn, seed,
+                   num_hidden_layers=len(GEMMA2_LAYER_TYPES), layer_types=GEMMA2_LAYER_TYPES,
+                   head_dim=16, query_pre_attn_scalar=32, sliding_window=sliding_window,
+                   attn_logit_softcapping=0.5, final_logit_softcapping=None)
+    return model, _text_inputs
