@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/_softmax.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu/kernels.h"
@@ -49,6 +48,13 @@ void pool_candidates(const float* in, float* out, int64_t C, int64_t kernel, Poo
   }
 }
 
+template <typename T>
+float squared_norm(const T* x, int64_t D) {
+  float sq = 0.f;
+  for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+  return sq;
+}
+
 }  // namespace
 
 at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
@@ -66,39 +72,55 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
   at::Tensor out = at::zeros({B, Hkv, C}, keys.options().dtype(at::kFloat));
   float* out_data = out.data_ptr<float>();
 
+  const int64_t R = G * W;  // the window queries of one KV head's group; column r = g * W + i
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> per_query_head(G * C), reduced(C);
+    std::vector<float> inv(R), per_query_head(G * C), reduced(C);
+    at::Tensor column_max = at::empty({R}, keys.options().dtype(at::kFloat));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      // Logits of the group's G*W window queries against all N keys (BLAS), then masking:
-      // window query i sits at position C + i and sees keys 0 .. C + i; padding is invisible.
-      const at::Tensor qf = q.select(0, b).narrow(0, h * G, G).reshape({G * W, D}).to(at::kFloat);
+      // Logits as [N, R] (keys x window queries): K Q^T runs faster than Q K^T in BLAS here,
+      // and every later pass reads contiguous rows of R floats.
+      const at::Tensor qf = q.select(0, b).narrow(0, h * G, G).reshape({R, D}).to(at::kFloat);
       const at::Tensor kf = k.select(0, b).select(0, h).to(at::kFloat);
-      at::Tensor logits = qf.mul(scale).mm(kf.t());
+      at::Tensor logits = kf.mm(qf.mul(scale).t());
       float* L = logits.data_ptr<float>();
+      // Masking: window query i sits at position C + i and sees keys 0 .. C + i; padding is
+      // invisible, and a padded query sees nothing (its column is dropped below).
+      for (int64_t j = C + 1; j < N; ++j) {
+        for (int64_t g = 0; g < G; ++g) std::fill_n(L + j * R + g * W, j - C, kNegInf);
+      }
       int64_t real_queries = 0;
       for (int64_t i = 0; i < W; ++i) real_queries += real(b, C + i);
-      for (int64_t row = 0; row < G * W; ++row) {
-        float* l = L + row * N;
-        for (int64_t j = C + row % W + 1; j < N; ++j) l[j] = kNegInf;
-        if (real.all_real()) continue;
-        for (int64_t j = 0; j <= C + row % W; ++j) {
-          if (!real(b, j)) l[j] = kNegInf;
+      if (!real.all_real()) {
+        for (int64_t j = 0; j < N; ++j) {
+          if (!real(b, j)) std::fill_n(L + j * R, R, kNegInf);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          if (!real(b, C + r % W)) for (int64_t j = 0; j < N; ++j) L[j * R + r] = kNegInf;
         }
       }
-      const at::Tensor probs = at::_softmax(logits, 1, false);
-      const float* P = probs.data_ptr<float>();
-      // Mean over the real window queries of each query head, candidate columns only.
-      std::fill(per_query_head.begin(), per_query_head.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* acc = per_query_head.data() + g * C;
-        for (int64_t i = 0; i < W; ++i) {
-          if (!real(b, C + i)) continue;  // a padded query sees nothing (its row is NaN)
-          const float* p = P + (g * W + i) * N;
-          for (int64_t j = 0; j < C; ++j) acc[j] += p[j];
+      // Softmax over keys, column by column: max, exp (ATen's vectorised exp), sums.
+      float* m = column_max.data_ptr<float>();
+      std::fill_n(m, R, kNegInf);
+      for (int64_t j = 0; j < N; ++j) {
+        for (int64_t r = 0; r < R; ++r) m[r] = std::max(m[r], L[j * R + r]);
+      }
+      for (int64_t r = 0; r < R; ++r) m[r] = m[r] == kNegInf ? 0.f : m[r];  // padded query
+      logits.sub_(column_max).exp_();
+      std::fill(inv.begin(), inv.end(), 0.f);
+      for (int64_t j = 0; j < N; ++j) {
+        for (int64_t r = 0; r < R; ++r) inv[r] += L[j * R + r];
+      }
+      // 1 / (softmax denominator * real window queries): the mean over the window folded in.
+      const float queries = static_cast<float>(std::max<int64_t>(real_queries, 1));
+      for (int64_t r = 0; r < R; ++r) inv[r] = inv[r] > 0.f ? 1.f / (inv[r] * queries) : 0.f;
+      for (int64_t j = 0; j < C; ++j) {
+        const float* row = L + j * R;
+        for (int64_t g = 0; g < G; ++g) {
+          float sum = 0.f;
+          for (int64_t i = 0; i < W; ++i) sum += row[g * W + i] * inv[g * W + i];
+          per_query_head[g * C + j] = sum;
         }
-        const float inv = 1.f / static_cast<float>(std::max<int64_t>(real_queries, 1));
-        for (int64_t j = 0; j < C; ++j) acc[j] *= inv;
       }
       // GQA reduce over the group's query heads.
       for (int64_t j = 0; j < C; ++j) {
@@ -132,10 +154,7 @@ at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor&
           o[row] = 0.f;
           continue;
         }
-        const scalar_t* x = data + (bh * N + j) * D;
-        float sq = 0.f;
-        for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
-        o[row] = std::sqrt(sq);
+        o[row] = std::sqrt(squared_norm(data + (bh * N + j) * D, D));
       }
     });
   });
@@ -172,9 +191,7 @@ std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t
           for (int64_t j = start; j < std::min(N, start + kBlock); ++j) {
             if (!real(b, j)) continue;
             const scalar_t* x = kh + j * D;
-            float sq = 0.f;
-            for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
-            inv_norm[j] = 1.f / std::max(std::sqrt(sq), 1e-12f);
+            inv_norm[j] = 1.f / std::max(std::sqrt(squared_norm(x, D)), 1e-12f);
             for (int64_t d = 0; d < D; ++d) block[d] += static_cast<float>(x[d]) * inv_norm[j];
             ++n;
           }
