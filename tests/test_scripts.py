@@ -20,3 +20,9 @@ def test_demo_prints_every_method():
                    "mixkv (uniform)", "mixkv + adakv"]:
         assert method in text
     assert "64" in text.split("mixkv (uniform)")[1].splitlines()[0]  # 64 kept per head
+
+
+def test_op_benchmark_quick_run():
+    text = run("benchmarks/bench_ops.py", "--quick", "--skip-check")
+    assert "| model | N | dtype | op ms | reference ms | baseline ms |" in text
+    assert text.count("| SmolLM2-135M |") >= 2 and text.count("| Llama-3-8B |") >= 2
