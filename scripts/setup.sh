@@ -20,6 +20,8 @@ command -v ninja >/dev/null || pip_install ninja
 
 if [ "${1:-}" = "--test" ]; then
   "$PY" -c "import pytest, numpy" 2>/dev/null || pip_install pytest numpy
+  # The Hugging Face shim's tests (tiny random models built from configs; no downloads).
+  "$PY" -c "import transformers, tqdm" 2>/dev/null || pip_install "transformers>=5.17,<6" tqdm
   if [ ! -f /usr/include/gtest/gtest.h ]; then
     echo "mixkv setup: installing GoogleTest (libgtest-dev)"
     export DEBIAN_FRONTEND=noninteractive
