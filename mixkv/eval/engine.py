@@ -1,0 +1,291 @@
+"""One prefill per sample, every method and budget evaluated from a copy of its full cache.
+
+Why copies and not one patched prefill per method: prefill is the expensive step (a 2K-token
+prompt costs seconds on a CPU, an answer a few hundred milliseconds) and it is unaffected by
+compression (the shim compresses each layer only after that layer's prefill attention has run
+over the full cache, so every later layer and the prompt's logits are those of the full model).
+So the engine prefills once with the model unpatched, recording each layer's last ``W`` queries
+exactly where the shim records them (the attention function's ``query`` argument, post-RoPE and
+post-norm), then for every (method, budget):
+
+1. deep-copies the full ``DynamicCache`` (the copy is what gets compressed and extended);
+2. patches the model with ``mixkv.patch(model, method, budget=..., ...)`` and has the shim
+   compress the copy, layer by layer, with those window queries (the shim's own compression
+   routine, so the kept tokens are exactly those of a patched prefill: tests/test_eval_engine.py
+   checks this against ``model.generate`` under the patch);
+3. keeps the patch while the answer is produced (head-wise caches and padded rows need the
+   shim's attention), feeding new tokens at their true positions (``position_ids``).
+
+Answering: the question (query-agnostic mode) is fed after the compressed context; the gold
+continuation is then teacher-forced on a copy of that cache: its logits over the answer tokens
+are what the fidelity metrics compare with the full cache's (NLL, top-1 agreement, KL). Then
+the answer is decoded greedily. With ``shortcut=True`` (the default) the teacher-forced logits
+also give the start of the greedy answer for free: greedy decoding would emit the gold tokens as
+long as they are the argmax, then the first argmax that differs. If that settles the answer
+(the whole gold continuation is the argmax and a string-match metric is satisfied, or EOS or
+the token limit is reached) nothing is decoded; otherwise those tokens are fed in one step and
+greedy decoding goes on, stopping at EOS, ``max_new_tokens`` or, for the string-match metrics,
+as soon as the score reaches 1 (it can only grow). This equals plain greedy decoding up to float
+rounding (tokens fed together vs one at a time). ``shortcut=False`` decodes the plain way, one
+token at a time to EOS or ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from . import metrics
+from .models import EvalModel
+from .tasks import Sample
+
+MONOTONE_METRICS = ("contains_all", "contains_any")
+
+
+@contextlib.contextmanager
+def capture_window_queries(model, window: int):
+    """Record ``query[..., -window:, :]`` of each decoder layer's prefill attention call.
+
+    Yields a dict ``{layer_idx: [B, Hq, W, D]}`` filled during the ``with`` block. Works like the
+    shim's own capture: a wrapper around ``ALL_ATTENTION_FUNCTIONS.get_interface`` (which every
+    supported model calls for its attention function, eager included), removed on exit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ..hf.patch import find_attention_modules
+
+    _, modules = find_attention_modules(model)
+    index = {id(m): m.layer_idx for m in modules}
+    captured: Dict[int, torch.Tensor] = {}
+    had_instance = "get_interface" in vars(ALL_ATTENTION_FUNCTIONS)
+    previous = ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def get_interface(attn_implementation, default):
+        function = previous(attn_implementation, default)
+
+        def attention(module, query, key, value, attention_mask, *args, **kwargs):
+            layer = index.get(id(module))
+            if layer is not None and query.shape[-2] == key.shape[-2]:
+                captured[layer] = query[..., -min(window, query.shape[-2]):, :].detach().clone()
+            return function(module, query, key, value, attention_mask, *args, **kwargs)
+
+        return attention
+
+    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface
+    try:
+        yield captured
+    finally:
+        if had_instance:
+            ALL_ATTENTION_FUNCTIONS.get_interface = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS.get_interface
+
+
+def compress_cache(handle, cache, q_windows: Dict[int, torch.Tensor]) -> None:
+    """Have a patch handle compress ``cache`` (a full prefill cache) in place, layer by layer,
+    with the recorded window queries: what the shim does after each layer's prefill attention.
+    Sliding-window layers and layers that are not plain ``DynamicLayer`` are left as they are,
+    as the shim leaves them."""
+    from transformers.cache_utils import DynamicLayer
+
+    for module in handle.modules:
+        i = module.layer_idx
+        layer = cache.layers[i]
+        if i in handle.sliding_layers or type(layer) is not DynamicLayer:
+            continue
+        W = min(handle.method.window, layer.keys.shape[-2])
+        with torch.no_grad():
+            handle._compress(module, cache, i, layer, q_windows[i][..., -W:, :], None)
+
+
+def method_options(label: str) -> Dict:
+    """``"mixkv+adakv"`` -> dict(method="mixkv", base="adakv"); ``"snapkv"`` -> method only."""
+    name, _, base = label.partition("+")
+    options = dict(method=name)
+    if base:
+        options["base"] = base
+    return options
+
+
+@dataclasses.dataclass
+class Prepared:
+    sample: Sample
+    prefill_ids: List[int]
+    question_ids: List[int]
+    target_ids: List[int]
+
+
+@dataclasses.dataclass
+class Prefilled:
+    prepared: Prepared
+    cache: object
+    q_windows: Dict[int, torch.Tensor]
+    last_logits: torch.Tensor        # [V] logits after the prefill's last token
+    seconds: float
+    full_tf_logits: Optional[torch.Tensor] = None   # [k, V] the full cache's teacher forcing
+
+
+class Engine:
+    """Evaluate samples on one model: ``prefill(sample)`` once, then ``run(prefilled, ...)``
+    per method and budget (``method="full"`` first: the fidelity reference)."""
+
+    def __init__(self, em: EvalModel, *, window: int = 32, mode: str = "agnostic",
+                 shortcut: bool = True):
+        if mode not in ("agnostic", "aware"):
+            raise ValueError(f"mixkv.eval: mode must be 'agnostic' or 'aware', got {mode!r}")
+        self.em, self.model, self.window, self.mode = em, em.model, window, mode
+        self.shortcut = shortcut
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # -- model calls -----------------------------------------------------------------------------
+    def _forward(self, ids: List[int], cache, start: int, *, last_only: bool = False):
+        device = self.em.device
+        input_ids = torch.tensor([ids], device=device)
+        positions = torch.arange(start, start + len(ids), device=device)[None]
+        kwargs = {self._cache_kw: cache}
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True,
+                             **kwargs)
+        return out.logits[0].float()
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    # -- public ----------------------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> Prepared:
+        head, question = sample.user_parts()
+        prefix, suffix = self.em.chat_parts(head, question)
+        suffix = suffix + sample.answer_prefix
+        prefix_ids = self.em.encode(prefix, first=True)
+        suffix_ids = self.em.encode(suffix)
+        target_ids = self.em.encode(sample.target) if sample.target else []
+        if self.mode == "agnostic":
+            return Prepared(sample, prefix_ids, suffix_ids, target_ids)
+        return Prepared(sample, prefix_ids + suffix_ids, [], target_ids)
+
+    def prefill(self, prepared: Prepared) -> Prefilled:
+        start = time.perf_counter()
+        cache = self._new_cache()
+        with capture_window_queries(self.model, self.window) as q_windows:
+            logits = self._forward(prepared.prefill_ids, cache, 0, last_only=True)
+        return Prefilled(prepared, cache, dict(q_windows), logits[-1],
+                         time.perf_counter() - start)
+
+    def run(self, prefilled: Prefilled, method: str = "full", budget: Optional[int] = None,
+            ratio: Optional[float] = None, **options) -> Dict:
+        """Evaluate one method at one budget on a prefilled sample; returns a result record."""
+        prepared, sample = prefilled.prepared, prefilled.prepared.sample
+        start = time.perf_counter()
+        patch_options = method_options(method)
+        name = patch_options.pop("method")
+        if name != "full" and prefilled.full_tf_logits is None and prepared.target_ids:
+            self.run(prefilled, "full")  # the fidelity reference comes first
+            start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            handle = None
+            if name != "full":
+                import mixkv
+
+                handle = mixkv.patch(self.model, name, budget=budget, ratio=ratio,
+                                     window=self.window, **patch_options, **options)
+                stack.callback(handle.unpatch)
+
+            cache = copy.deepcopy(prefilled.cache)
+            if handle is not None:
+                compress_cache(handle, cache, prefilled.q_windows)
+            compress_seconds = time.perf_counter() - start
+            stats = handle.stats()["total"] if handle is not None else {}
+            record = self._answer(prefilled, cache)
+        record.update(
+            sample_id=sample.id, task=sample.task, method=method,
+            budget=budget if name != "full" else None, ratio=ratio if name != "full" else None,
+            mode=self.mode, window=self.window, prompt_tokens=len(prepared.prefill_ids) +
+            len(prepared.question_ids), context_tokens=len(prepared.prefill_ids),
+            kv_ratio=stats.get("ratio", 1.0), compress_seconds=compress_seconds,
+            seconds=time.perf_counter() - start, answers=sample.answers, metric=sample.metric,
+            depth=sample.meta.get("depth"))
+        return record
+
+    def _answer(self, prefilled: Prefilled, cache) -> Dict:
+        prepared, sample = prefilled.prepared, prefilled.prepared.sample
+        question, target = prepared.question_ids, prepared.target_ids
+        position = len(prepared.prefill_ids)
+        monotone = sample.metric in MONOTONE_METRICS
+        if question:
+            last = self._forward(question, cache, position)[-1]
+            position += len(question)
+        else:
+            last = prefilled.last_logits
+        if not target:
+            generated, how = self._greedy(last, cache, position, sample, monotone)
+            return self._result(sample, generated, how, {}, False)
+        # Teacher forcing on a copy: the predictions for the k gold tokens.
+        parts = [last[None]]
+        if len(target) > 1:
+            forced = copy.deepcopy(cache)
+            parts.append(self._forward(target[:-1], forced, position))
+            del forced
+        tf_logits = torch.cat(parts)
+        target_t = torch.tensor(target)
+        predicted = tf_logits.argmax(-1).cpu()
+        if prefilled.full_tf_logits is None:     # this is the full cache: the reference
+            prefilled.full_tf_logits = tf_logits
+        fid = metrics.fidelity(prefilled.full_tf_logits, tf_logits, target_t)
+        matched = int((predicted == target_t).long().cumprod(0).sum())
+        strict = matched == len(target)
+        if not self.shortcut:
+            generated, how = self._greedy(last, cache, position, sample, monotone)
+            return self._result(sample, generated, how, fid, strict)
+        # Greedy decoding would emit target[:matched], then predicted[matched]: take them as
+        # decoded (exact up to float rounding), then decode on after them.
+        generated = list(target[:matched]) + ([int(predicted[matched])] if not strict else [])
+        stop = set(self.em.stop_ids)
+        if generated and generated[-1] in stop:
+            return self._result(sample, generated[:-1], "eos", fid, strict)
+        if len(generated) >= sample.max_new_tokens:
+            return self._result(sample, generated[:sample.max_new_tokens], "max_new_tokens",
+                                fid, strict)
+        if monotone and self._answered(sample, generated):
+            return self._result(sample, generated, "teacher-forced" if strict else "answered",
+                                fid, strict)
+        last = self._forward(generated, cache, position)[-1]
+        more, how = self._greedy(last, cache, position + len(generated), sample, monotone,
+                                 generated)
+        return self._result(sample, more, how, fid, strict)
+
+    def _answered(self, sample: Sample, generated: List[int]) -> bool:
+        return metrics.score(sample.metric, self.em.decode(generated), sample.answers) == 1.0
+
+    def _result(self, sample, generated, how, fid, strict) -> Dict:
+        text = self.em.decode(generated)
+        return dict(output=text, output_tokens=len(generated), decoding=how,
+                    score=metrics.score(sample.metric, text, sample.answers, sample.meta),
+                    target_greedy=strict, **fid)
+
+    def _greedy(self, logits: torch.Tensor, cache, position: int, sample: Sample,
+                monotone: bool, generated: Optional[List[int]] = None):
+        """Greedy decoding from ``logits`` (the prediction after the last fed token) until a
+        stop id, ``max_new_tokens``, or (shortcut, string-match metrics) the answer is found."""
+        generated = list(generated or [])
+        stop = set(self.em.stop_ids)
+        while True:
+            token = int(logits.argmax())
+            if token in stop:
+                return generated, "eos"
+            generated.append(token)
+            if len(generated) >= sample.max_new_tokens:
+                return generated, "max_new_tokens"
+            if self.shortcut and monotone and self._answered(sample, generated):
+                return generated, "answered"
+            logits = self._forward([token], cache, position)[-1]
+            position += 1

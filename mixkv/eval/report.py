@@ -1,0 +1,239 @@
+"""Aggregate result records into a summary, a markdown table, CSV and a plot.
+
+Records are the dicts :meth:`mixkv.eval.engine.Engine.run` returns (one per sample, method and
+budget). The table has one row per method and one column per budget; each cell is the mean task
+score with its bootstrap 95% interval; ``n`` is the number of samples per cell. A second table
+gives the paired difference "method minus its base" (e.g. ``mixkv+adakv - adakv``) on the same
+samples, with a paired bootstrap interval, and a third the fidelity to the full cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .metrics import bootstrap_ci
+
+FIDELITY = ("kl", "top1_agree", "delta_nll")
+
+
+def budget_key(record: Dict) -> str:
+    if record.get("method") == "full":
+        return "full"
+    if record.get("budget") is not None:
+        return str(record["budget"])
+    return f"ratio={record['ratio']}"
+
+
+def _budget_order(key: str):
+    if key == "full":
+        return (2, 0.0)
+    if key.startswith("ratio="):
+        return (1, -float(key[6:]))
+    return (0, float(key))
+
+
+def base_of(method: str) -> Optional[str]:
+    """The plain method a "+MixKV" (or other score) method is compared with."""
+    name, _, base = method.partition("+")
+    if name == "full" or name in ("snapkv", "pyramidkv", "adakv"):
+        return None
+    return base or "snapkv"
+
+
+def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
+    """Per (task, method, budget) and overall (all tasks pooled) means and intervals."""
+    cells: Dict = defaultdict(list)
+    for r in records:
+        for task in (r["task"], "all"):
+            cells[(task, r["method"], budget_key(r))].append(r)
+    rows = []
+    for (task, method, budget), group in sorted(cells.items(),
+                                                key=lambda x: (x[0][0], x[0][1],
+                                                               _budget_order(x[0][2]))):
+        mean, low, high = bootstrap_ci([g["score"] for g in group], seed=seed)
+        row = dict(task=task, method=method, budget=budget, n=len(group), score=mean,
+                   low=low, high=high)
+        for key in FIDELITY:
+            values = [g[key] for g in group if g.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else math.nan
+        row["kv_ratio"] = sum(g.get("kv_ratio", 1.0) for g in group) / len(group)
+        rows.append(row)
+    return dict(rows=rows, paired=paired(records, seed=seed))
+
+
+def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
+    """Paired differences of each method against its base (same samples, same budget)."""
+    by_key = {(r["sample_id"], r["method"], budget_key(r)): r for r in records}
+    out = []
+    methods = sorted({r["method"] for r in records})
+    budgets = sorted({budget_key(r) for r in records if r["method"] != "full"},
+                     key=_budget_order)
+    for method in methods:
+        base = base_of(method)
+        if base is None or base not in methods:
+            continue
+        for budget in budgets:
+            diffs, kl_diffs = [], []
+            for (sample, m, b), r in by_key.items():
+                other = by_key.get((sample, base, b))
+                if m == method and b == budget and other is not None:
+                    diffs.append(r["score"] - other["score"])
+                    if r.get("kl") is not None and other.get("kl") is not None:
+                        kl_diffs.append(r["kl"] - other["kl"])
+            if diffs:
+                mean, low, high = bootstrap_ci(diffs, seed=seed)
+                kl = bootstrap_ci(kl_diffs, seed=seed) if kl_diffs else (math.nan,) * 3
+                out.append(dict(method=method, base=base, budget=budget, n=len(diffs),
+                                diff=mean, low=low, high=high, kl_diff=kl[0], kl_low=kl[1],
+                                kl_high=kl[2],
+                                wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs)))
+    return out
+
+
+def _fmt(mean, low, high, digits=2):
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def markdown(summary: Dict, *, task: str = "all", title: Optional[str] = None) -> str:
+    """Methods x budgets table of the task score (mean [95% CI]) for one task or "all"."""
+    rows = [r for r in summary["rows"] if r["task"] == task]
+    if not rows:
+        return ""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
+    methods = sorted({r["method"] for r in rows}, key=_method_order)
+    cell = {(r["method"], r["budget"]): r for r in rows}
+    lines = []
+    if title:
+        lines += [title, ""]
+    lines.append("| method | " + " | ".join(f"budget {b}" for b in budgets) + " | n |")
+    lines.append("|---|" + "---|" * (len(budgets) + 1))
+    for method in methods:
+        if method == "full":
+            r = cell.get(("full", "full"))
+            if r is None:
+                continue
+            text = _fmt(r["score"], r["low"], r["high"])
+            lines.append(f"| full cache | " + " | ".join(text for _ in budgets) +
+                         f" | {r['n']} |")
+            continue
+        texts, ns = [], set()
+        for b in budgets:
+            r = cell.get((method, b))
+            texts.append(_fmt(r["score"], r["low"], r["high"]) if r else "–")
+            if r:
+                ns.add(r["n"])
+        lines.append(f"| {method} | " + " | ".join(texts) + " | " +
+                     "/".join(str(n) for n in sorted(ns)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_markdown(summary: Dict, *, task: str = "all", key: str = "kl") -> str:
+    rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
+    if not rows:
+        return ""
+    budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
+    methods = sorted({r["method"] for r in rows}, key=_method_order)
+    cell = {(r["method"], r["budget"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for method in methods:
+        values = []
+        for b in budgets:
+            r = cell.get((method, b))
+            values.append("–" if r is None or math.isnan(r[key]) else f"{r[key]:.3f}")
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_markdown(summary: Dict) -> str:
+    rows = summary.get("paired") or []
+    if not rows:
+        return ""
+    lines = ["| method - base | budget | n | score diff [95% CI] | wins/losses | KL diff |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        kl = "–" if math.isnan(r["kl_diff"]) else f"{r['kl_diff']:+.3f}"
+        lines.append(f"| {r['method']} - {r['base']} | {r['budget']} | {r['n']} | "
+                     f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | "
+                     f"{r['wins']}/{r['losses']} | {kl} |")
+    return "\n".join(lines) + "\n"
+
+
+_ORDER = ("full", "snapkv", "mixkv", "pyramidkv", "mixkv+pyramidkv", "adakv", "mixkv+adakv")
+
+
+def _method_order(method: str):
+    return (_ORDER.index(method) if method in _ORDER else len(_ORDER), method)
+
+
+def write_csv(records: Iterable[Dict], path: str) -> None:
+    records = list(records)
+    keys: List[str] = []
+    for r in records:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: ("|".join(map(str, v)) if isinstance(v, list) else
+                                 json.dumps(v) if isinstance(v, dict) else v)
+                             for k, v in r.items()})
+
+
+def plot(summary: Dict, path: str, *, title: str = "") -> None:
+    """Score vs budget (one line per method, full cache dashed) and KL vs budget, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rows"] if r["task"] == "all"]
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
+    positions = {b: i for i, b in enumerate(budgets)}
+    methods = sorted({r["method"] for r in rows if r["method"] != "full"}, key=_method_order)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    families = []  # a base and its "+MixKV" variants share a colour
+    for method in methods:
+        family = base_of(method) or method
+        if family not in families:
+            families.append(family)
+    for method in methods:
+        color = palette[families.index(base_of(method) or method) % len(palette)]
+        mine = sorted((r for r in rows if r["method"] == method),
+                      key=lambda r: _budget_order(r["budget"]))
+        x = [positions[r["budget"]] for r in mine]
+        style = "-" if method.startswith("mixkv") else "--"
+        marker = "o" if method.startswith("mixkv") else "s"
+        line, = axes[0].plot(x, [r["score"] for r in mine], style, marker=marker, label=method,
+                             color=color)
+        axes[0].fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine],
+                             color=line.get_color(), alpha=0.08)
+        axes[1].plot(x, [r["kl"] for r in mine], style, marker=marker, color=line.get_color(),
+                     label=method)
+    full = [r for r in rows if r["method"] == "full"]
+    if full:
+        axes[0].axhline(full[0]["score"], color="black", linestyle=":", label="full cache")
+    for ax, label in zip(axes, ("task score (mean, 95% CI)", "KL(full || compressed), nats")):
+        ax.set_xticks(range(len(budgets)))
+        ax.set_xticklabels(budgets)
+        ax.set_xlabel("KV budget (tokens per head, window included)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.02, 1.02)
+    if any(r["kl"] > 0 for r in rows if not math.isnan(r["kl"])):
+        axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,237 @@
+"""The evaluation grid: methods x budgets x tasks on one model, resumable, with reports.
+
+Every sample is prefilled once; ``full`` (the reference) and then every (method, budget) is
+evaluated from a copy of that cache (see :mod:`mixkv.eval.engine`). Each result is appended to
+``<out>/results.jsonl`` as soon as it exists, keyed by (model, mode, window, haystack, sample,
+method, budget): rerunning the same command skips what is done (a sample whose results are all
+there is not even prefilled). At the end the records of this configuration are summarised into
+``summary.json``, ``results.csv``, ``table.md`` and ``plot.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import report
+from .tasks import TASKS, Haystack, Sample, load_jsonl, make_samples
+
+DEFAULT_TASKS = ("niah_single", "niah_multikey")
+DEFAULT_METHODS = ("snapkv", "mixkv", "pyramidkv", "mixkv+pyramidkv", "adakv", "mixkv+adakv")
+DEFAULT_BUDGETS = (64, 128, 256, 512)
+DEFAULT_LENGTHS = (1024,)
+DEFAULT_SAMPLES = 10
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: Optional[str] = None
+    tasks: Sequence[str] = DEFAULT_TASKS
+    lengths: Sequence[int] = DEFAULT_LENGTHS
+    samples: int = DEFAULT_SAMPLES
+    methods: Sequence[str] = DEFAULT_METHODS
+    budgets: Sequence[int] = DEFAULT_BUDGETS
+    ratios: Sequence[float] = ()
+    window: int = 32
+    mode: str = "agnostic"
+    seed: int = 0
+    haystack: str = "task"            # "task" (each task's own), "essay" or "noise"
+    haystack_dir: Optional[str] = None
+    data: Sequence[str] = ()
+    limit: Optional[int] = None
+    out: str = "eval-results"
+    shortcut: bool = True
+    threads: Optional[int] = None
+    redundancy: Optional[str] = None  # offline profile file for mixkv methods
+    dtype: str = "float32"
+    progress: bool = True
+    quiet: bool = False
+
+
+def record_key(record: Dict) -> str:
+    return json.dumps([record.get("model"), record.get("mode"), record.get("window"),
+                       record.get("haystack"), record["sample_id"], record["method"],
+                       report.budget_key(record)])
+
+
+def load_records(path: Path) -> List[Dict]:
+    records = []
+    if path.exists():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by an interrupted run
+                    continue
+    return records
+
+
+def build_samples(config: RunConfig, em) -> List[Sample]:
+    samples: List[Sample] = []
+    haystack = None
+    if config.haystack_dir:
+        haystack = Haystack(directory=config.haystack_dir)
+    elif config.haystack != "task":
+        haystack = Haystack(config.haystack)
+    for task in config.tasks:
+        for length in config.lengths:
+            samples += make_samples(task, config.samples, length=length, seed=config.seed,
+                                    count_tokens=em.count_tokens, haystack=haystack)
+    for path in config.data:
+        samples += load_jsonl(path, limit=config.limit,
+                              length=max(config.lengths) if config.lengths else None,
+                              count_tokens=em.count_tokens)
+    return samples
+
+
+def plan(config: RunConfig) -> List[Dict]:
+    """(method, budget, ratio) combinations, ``full`` first."""
+    combos = [dict(method="full", budget=None, ratio=None)]
+    for method in config.methods:
+        if method == "full":
+            continue
+        combos += [dict(method=method, budget=b, ratio=None) for b in config.budgets]
+        combos += [dict(method=method, budget=None, ratio=r) for r in config.ratios]
+    return combos
+
+
+def threads_for(requested: Optional[int]) -> int:
+    """CPU threads: as requested, else 1 on machines with at most 2 cores (there a second
+    OpenMP thread gains ~15% when the machine is idle and costs 4x when anything else runs:
+    spin-waiting threads), else torch's default."""
+    if requested:
+        return requested
+    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
+def _log(config: RunConfig, *args):
+    if not config.quiet:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def run(config: RunConfig, *, em=None) -> Dict:
+    """Run (or resume) the grid and write the reports; returns the summary dict."""
+    from .engine import Engine
+    from .models import load_model
+
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
+    torch.set_num_threads(threads_for(config.threads))
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if em is None:
+        _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} ...")
+        em = load_model(config.model, dtype=getattr(torch, config.dtype))
+        _log(config, f"mixkv.eval: loaded {em.name} in {em.load_seconds:.1f} s"
+             + (f"; tokenizer fixes: {'; '.join(em.fixes)}" if em.fixes else ""))
+    engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut)
+    samples = build_samples(config, em)
+    combos = plan(config)
+    haystack = config.haystack_dir or config.haystack
+    common = dict(model=em.name, mode=config.mode, window=config.window, haystack=haystack)
+    results_path = out / "results.jsonl"
+    done = {record_key(r) for r in load_records(results_path)}
+
+    def key_of(sample, combo):
+        return record_key(dict(common, sample_id=sample.id, **combo))
+
+    total = len(samples) * len(combos)
+    already = sum(key_of(s, c) in done for s in samples for c in combos)
+    options = {}
+    if config.redundancy:
+        options["redundancy"] = config.redundancy
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=already, desc="mixkv.eval", unit="eval",
+                   dynamic_ncols=True)
+    prefill_seconds = eval_seconds = 0.0
+    with open(results_path, "a+b") as tail:  # a run killed mid-line left no newline: add it
+        if tail.tell() > 0:
+            tail.seek(-1, os.SEEK_END)
+            if tail.read(1) != b"\n":
+                tail.write(b"\n")
+    with open(results_path, "a", encoding="utf-8") as sink:
+        for sample in samples:
+            pending = [c for c in combos if key_of(sample, c) not in done]
+            if not pending:
+                continue
+            prefilled = engine.prefill(engine.prepare(sample))
+            prefill_seconds += prefilled.seconds
+            for combo in combos:  # full first: the fidelity reference, recomputed if done
+                if combo not in pending and combo["method"] != "full":
+                    continue
+                extra = options if combo["method"].startswith("mixkv") else {}
+                record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
+                                    **extra)
+                eval_seconds += record["seconds"]
+                if combo not in pending:
+                    continue
+                record.update(common, prefill_seconds=prefilled.seconds, seed=config.seed,
+                              length=sample.meta.get("length"))
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                done.add(key_of(sample, combo))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{sample.task} {combo['method']} "
+                                        f"{combo['budget'] or combo['ratio'] or ''}".strip())
+    if bar is not None:
+        bar.close()
+    wanted = {key_of(s, c) for s in samples for c in combos}
+    records = [r for r in load_records(results_path) if record_key(r) in wanted]
+    summary = write_reports(records, out, config=config, em=em,
+                            timing=dict(total_seconds=time.perf_counter() - started,
+                                        load_seconds=em.load_seconds,
+                                        prefill_seconds=prefill_seconds,
+                                        eval_seconds=eval_seconds))
+    return summary
+
+
+def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
+                  timing: Optional[Dict] = None) -> Dict:
+    summary = report.summarize(records, seed=config.seed)
+    inputs = list(config.tasks) + [Path(d).name for d in config.data]
+    title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
+             f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
+    tables = [report.markdown(summary, title=f"**Task score, all tasks** ({title})")]
+    tasks = sorted({r["task"] for r in records})
+    if len(tasks) > 1:
+        for task in tasks:
+            tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
+    tables.append("**Paired difference against the base method (same samples)**\n\n" +
+                  (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+    tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
+                  report.fidelity_markdown(summary, key="kl"))
+    tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
+                  report.fidelity_markdown(summary, key="top1_agree"))
+    text = "\n".join(t for t in tables if t)
+    (out / "table.md").write_text(text, encoding="utf-8")
+    report.write_csv(records, str(out / "results.csv"))
+    if records:
+        report.plot(summary, str(out / "plot.png"), title=title)
+    payload = dict(config=dataclasses.asdict(config), summary=summary, timing=timing or {},
+                   records=len(records),
+                   model=dict(name=em.name, source=em.source, fixes=em.fixes,
+                              stop_ids=em.stop_ids, adds_bos=em.adds_bos) if em else None,
+                   machine=dict(platform=platform.platform(), torch=torch.__version__,
+                                threads=torch.get_num_threads(), cpus=os.cpu_count()))
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
+                                      encoding="utf-8")
+    summary["markdown"] = text
+    return summary

