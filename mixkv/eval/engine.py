@@ -89,15 +89,12 @@ def capture_window_queries(model, window: int):
 def compress_cache(handle, cache, q_windows: Dict[int, torch.Tensor]) -> None:
     """Have a patch handle compress ``cache`` (a full prefill cache) in place, layer by layer,
     with the recorded window queries: what the shim does after each layer's prefill attention.
-    Sliding-window layers and layers that are not plain ``DynamicLayer`` are left as they are,
-    as the shim leaves them."""
-    from transformers.cache_utils import DynamicLayer
-
+    Layers the shim would not compress (``handle.compressible``) are left as they are."""
     for module in handle.modules:
         i = module.layer_idx
-        layer = cache.layers[i]
-        if i in handle.sliding_layers or type(layer) is not DynamicLayer:
+        if not handle.compressible(cache, i):
             continue
+        layer = cache.layers[i]
         W = min(handle.method.window, layer.keys.shape[-2])
         with torch.no_grad():
             handle._compress(module, cache, i, layer, q_windows[i][..., -W:, :], None)

@@ -233,25 +233,33 @@ class MixKVPatch:
         if cache is None or self.method.name == "full":
             return
         layer = self._layer(cache, state.layer_idx)
-        if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer)) or getattr(layer, "is_sliding", False):
+        if not self.compressible(cache, state.layer_idx):
             return
-        if state.layer_idx in self.sliding_layers:
-            if type(layer) is DynamicLayer:  # a DynamicCache() built without the model's config
-                raise NotImplementedError(
-                    f"mixkv: layer {state.layer_idx} uses sliding-window attention but the cache "
-                    "holds it as a plain DynamicLayer; build the cache as "
-                    "DynamicCache(config=model.config) (generate does)")
-            return
-        if type(layer) is not DynamicLayer:
-            raise NotImplementedError(
-                f"mixkv: cannot compress a {type(cache).__name__} with {type(layer).__name__} "
-                "layers; static, quantized and offloaded caches are not supported (use the "
-                "default DynamicCache)")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if q_window is None or layer.keys.shape[-2] != hidden.shape[1]:
             return  # not a prefill: the layer held tokens before this call
         with torch.no_grad():
             self._compress(module, cache, state.layer_idx, layer, q_window, key_mask)
+
+    def compressible(self, cache, idx: int) -> bool:
+        """Whether layer `idx` of `cache` is one the shim compresses: False for sliding-window
+        and already head-wise layers; a clear error for caches it cannot shrink."""
+        layer = self._layer(cache, idx)
+        if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer)) or getattr(layer, "is_sliding", False):
+            return False
+        if idx in self.sliding_layers:
+            if type(layer) is DynamicLayer:  # a DynamicCache() built without the model's config
+                raise NotImplementedError(
+                    f"mixkv: layer {idx} uses sliding-window attention but the cache "
+                    "holds it as a plain DynamicLayer; build the cache as "
+                    "DynamicCache(config=model.config) (generate does)")
+            return False
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(
+                f"mixkv: cannot compress a {type(cache).__name__} with {type(layer).__name__} "
+                "layers; static, quantized and offloaded caches are not supported (use the "
+                "default DynamicCache)")
+        return True
 
     # -- compression -------------------------------------------------------------------------
     def _compress(self, module, cache, idx, layer, q_window, key_mask):
