@@ -148,3 +148,21 @@ def test_non_finite_user_scores_are_rejected_but_ignored_at_padding():
     mask[0, :4] = False
     _, _, idx = ops.select_kv(scores, k, k, 2, W, mask)
     assert all(j >= 4 for j in idx[0, 0, :2].tolist())
+
+
+def test_long_left_padding_with_very_negative_logits_stays_finite():
+    # The CPU kernel runs its softmax block by block (512 keys) against a running max: a
+    # block of padding only, followed by real keys with logits near -150, must give the
+    # reference's importance and never inf * 0 = NaN.
+    torch.manual_seed(3)
+    N, pad, D = 1300, 700, 16
+    direction = torch.randn(D)
+    keys = (direction + 0.05 * torch.randn(1, 2, N, D)) * 4.0
+    q_window = -(direction + 0.05 * torch.randn(1, 4, W, D)) * 4.0 * 4.0  # logits ~ -150 * 4
+    mask = torch.ones(1, N, dtype=torch.bool)
+    mask[:, :pad] = False
+    got = ops.window_importance(q_window, keys, mask)
+    want = R.window_importance(q_window, keys, mask)
+    assert torch.isfinite(got).all()
+    assert (got[..., :pad] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

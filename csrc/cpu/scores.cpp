@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu/kernels.h"
@@ -73,52 +74,82 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
   float* out_data = out.data_ptr<float>();
 
   const int64_t R = G * W;  // the window queries of one KV head's group; column r = g * W + i
+  // Keys are processed in blocks whose [kKeyBlock, R] logits stay in the L2 cache: each block's
+  // logits are masked and exponentiated right after its GEMM against the running column max
+  // (online softmax), so the [N, R] logits are read back from memory once, for the final sums.
+  constexpr int64_t kKeyBlock = 512;
+  const int64_t blocks = (N + kKeyBlock - 1) / kKeyBlock;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> inv(R), per_query_head(G * C), reduced(C);
-    at::Tensor column_max = at::empty({R}, keys.options().dtype(at::kFloat));
+    std::vector<float> running_max(R), running_sum(R), block_shift(blocks * R);
+    std::vector<float> block_max(R), weight(R), per_query_head(G * C), reduced(C);
+    at::Tensor logits = at::empty({N, R}, keys.options().dtype(at::kFloat));
+    at::Tensor shift = at::empty({R}, keys.options().dtype(at::kFloat));
+    float* const L = logits.data_ptr<float>();
+    float* const sh = shift.data_ptr<float>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       // Logits as [N, R] (keys x window queries): K Q^T runs faster than Q K^T in BLAS here,
       // and every later pass reads contiguous rows of R floats.
-      const at::Tensor qf = q.select(0, b).narrow(0, h * G, G).reshape({R, D}).to(at::kFloat);
-      const at::Tensor kf = k.select(0, b).select(0, h).to(at::kFloat);
-      at::Tensor logits = kf.mm(qf.mul(scale).t());
-      float* L = logits.data_ptr<float>();
-      // Masking: window query i sits at position C + i and sees keys 0 .. C + i; padding is
-      // invisible, and a padded query sees nothing (its column is dropped below).
-      for (int64_t j = C + 1; j < N; ++j) {
-        for (int64_t g = 0; g < G; ++g) std::fill_n(L + j * R + g * W, j - C, kNegInf);
-      }
+      const at::Tensor q_t =
+          q.select(0, b).narrow(0, h * G, G).reshape({R, D}).to(at::kFloat).mul(scale).t();
+      const at::Tensor k_head = k.select(0, b).select(0, h);
       int64_t real_queries = 0;
       for (int64_t i = 0; i < W; ++i) real_queries += real(b, C + i);
-      if (!real.all_real()) {
-        for (int64_t j = 0; j < N; ++j) {
-          if (!real(b, j)) std::fill_n(L + j * R, R, kNegInf);
+      std::fill(running_max.begin(), running_max.end(), kNegInf);
+      std::fill(running_sum.begin(), running_sum.end(), 0.f);
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j0 = blk * kKeyBlock, rows = std::min(kKeyBlock, N - j0);
+        at::Tensor block = logits.narrow(0, j0, rows);
+        at::mm_out(block, k_head.narrow(0, j0, rows).to(at::kFloat), q_t);
+        // Masking: window query i sits at position C + i and sees keys 0 .. C + i; padding is
+        // invisible, and a padded query sees nothing (its column ends up all zero).
+        for (int64_t j = std::max(j0, C + 1); j < j0 + rows; ++j) {
+          for (int64_t g = 0; g < G; ++g) std::fill_n(L + j * R + g * W, j - C, kNegInf);
+        }
+        if (!real.all_real()) {
+          for (int64_t j = j0; j < j0 + rows; ++j) {
+            if (!real(b, j)) std::fill_n(L + j * R, R, kNegInf);
+            for (int64_t r = 0; r < R; ++r) {
+              if (!real(b, C + r % W)) L[j * R + r] = kNegInf;
+            }
+          }
+        }
+        std::fill(block_max.begin(), block_max.end(), kNegInf);
+        for (int64_t j = j0; j < j0 + rows; ++j) {
+          for (int64_t r = 0; r < R; ++r) block_max[r] = std::max(block_max[r], L[j * R + r]);
         }
         for (int64_t r = 0; r < R; ++r) {
-          if (!real(b, C + r % W)) for (int64_t j = 0; j < N; ++j) L[j * R + r] = kNegInf;
+          const float new_max = std::max(running_max[r], block_max[r]);
+          const float used = new_max == kNegInf ? 0.f : new_max;  // a column with no key yet
+          running_sum[r] *= std::exp(running_max[r] - used);      // exp(-inf) = 0: no NaN
+          running_max[r] = new_max;
+          sh[r] = used;
+          block_shift[blk * R + r] = new_max;  // -inf: the column had no visible key yet
+        }
+        block.sub_(shift).exp_();  // ATen's vectorised exp
+        for (int64_t j = j0; j < j0 + rows; ++j) {
+          for (int64_t r = 0; r < R; ++r) running_sum[r] += L[j * R + r];
         }
       }
-      // Softmax over keys, column by column: max, exp (ATen's vectorised exp), sums.
-      float* m = column_max.data_ptr<float>();
-      std::fill_n(m, R, kNegInf);
-      for (int64_t j = 0; j < N; ++j) {
-        for (int64_t r = 0; r < R; ++r) m[r] = std::max(m[r], L[j * R + r]);
-      }
-      for (int64_t r = 0; r < R; ++r) m[r] = m[r] == kNegInf ? 0.f : m[r];  // padded query
-      logits.sub_(column_max).exp_();
-      std::fill(inv.begin(), inv.end(), 0.f);
-      for (int64_t j = 0; j < N; ++j) {
-        for (int64_t r = 0; r < R; ++r) inv[r] += L[j * R + r];
-      }
-      // 1 / (softmax denominator * real window queries): the mean over the window folded in.
+      // Softmax weights: the block holds exp(x - shift); times exp(shift - max) / (sum * real
+      // window queries) gives the softmax with the mean over the window folded in.
       const float queries = static_cast<float>(std::max<int64_t>(real_queries, 1));
-      for (int64_t r = 0; r < R; ++r) inv[r] = inv[r] > 0.f ? 1.f / (inv[r] * queries) : 0.f;
       for (int64_t j = 0; j < C; ++j) {
+        if (j % kKeyBlock == 0) {
+          const float* shift_blk = block_shift.data() + (j / kKeyBlock) * R;
+          for (int64_t r = 0; r < R; ++r) {
+            const float final_max = running_max[r] == kNegInf ? 0.f : running_max[r];
+            // shift <= final max (-inf for a block the column saw nothing in), so the factor
+            // is at most 1: never inf * 0.
+            weight[r] = running_sum[r] > 0.f
+                            ? std::exp(shift_blk[r] - final_max) / (running_sum[r] * queries)
+                            : 0.f;
+          }
+        }
         const float* row = L + j * R;
         for (int64_t g = 0; g < G; ++g) {
           float sum = 0.f;
-          for (int64_t i = 0; i < W; ++i) sum += row[g * W + i] * inv[g * W + i];
+          for (int64_t i = 0; i < W; ++i) sum += row[g * W + i] * weight[g * W + i];
           per_query_head[g * C + j] = sum;
         }
       }
