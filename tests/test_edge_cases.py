@@ -166,3 +166,14 @@ def test_long_left_padding_with_very_negative_logits_stays_finite():
     assert torch.isfinite(got).all()
     assert (got[..., :pad] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_inputs_that_require_grad_are_accepted():
+    # Models run without torch.no_grad() hand the ops tensors that require grad; the scores
+    # carry none, and the ops must not refuse them.
+    q, k, v, _ = make_inputs(1, 4, 2, 40, 16, torch.float32, padded=False, window=W)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    keys, values, idx = torch.ops.mixkv.compress(q, k, v, None, 12, W)
+    want_keys, _, want_idx = torch.ops.mixkv.compress(
+        q.detach(), k.detach(), v.detach(), None, 12, W)
+    assert torch.equal(idx, want_idx) and torch.equal(keys.detach(), want_keys)

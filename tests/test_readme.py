@@ -1,7 +1,12 @@
-"""The README's "Patch a model" example runs as written, on a local folder holding a tiny random
-Llama and a word-level tokenizer built here (no downloads)."""
+"""The README: exactly two commands for a fresh machine (`make eval`, the default evaluation, and
+`make test`), what the Makefile runs for them, the table and plot shown being the committed output
+of `make eval`, the command lines it shows parse, and the "Patch a model" example runs as written
+on a local folder holding a tiny random Llama and a word-level tokenizer built here."""
 
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,85 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EVAL_DEFAULT = ROOT / "benchmarks" / "eval-default"
+
+
+def _section(title):
+    text = README.read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _bash_lines():
+    """Every command line of the README's bash blocks (comments dropped)."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def test_exactly_two_commands_main_job_and_tests():
+    block = re.search(r"```bash\n(.*?)```", _section("The two commands"), re.S).group(1)
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["make eval", "make test"]
+
+
+def test_makefile_targets_install_then_run():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def recipe(target):
+        out = subprocess.run(["make", "-n", target, "PYTHON=python3"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    assert recipe("eval") == ["bash scripts/setup.sh --eval",
+                              "python3 -m mixkv.eval --out results/default"]
+    assert recipe("test") == ["bash scripts/setup.sh --test", "bash scripts/test.sh"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_readme_shows_the_committed_default_evaluation():
+    committed = (EVAL_DEFAULT / "table.md").read_text()
+    table = committed.split("\n\n")[1].strip()  # the methods x budgets table, all tasks
+    assert table.startswith("| method | budget 64 | budget 128 | budget 256 | budget 512 | n |")
+    shown = _section("The two commands")
+    assert "<!-- readme-eval-table -->\n" + table + "\n" in shown
+    assert "(benchmarks/eval-default/plot.png)" in shown
+    assert (EVAL_DEFAULT / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ... and that output came from `make eval`'s command: every default, only --out differs.
+    import json
+
+    from mixkv.eval import runner
+
+    config = json.loads((EVAL_DEFAULT / "summary.json").read_text())["config"]
+    defaults = {k: v for k, v in vars(runner.RunConfig()).items() if k not in ("out", "progress",
+                                                                                "quiet")}
+    for key, value in defaults.items():
+        value = list(value) if isinstance(value, tuple) else value
+        assert config[key] == value, key
+
+
+def test_command_lines_shown_parse():
+    from mixkv.eval import __main__ as eval_cli
+    from mixkv.eval import calibrate
+
+    seen = set()
+    for line in _bash_lines():
+        words = shlex.split(line)
+        if words[:3] == ["python", "-m", "mixkv.eval"] or words[0] == "mixkv-eval":
+            eval_cli.parser().parse_args(words[3:] if words[0] == "python" else words[1:])
+            seen.add("eval")
+        elif words[:3] == ["python", "-m", "mixkv.eval.calibrate"] or \
+                words[0] == "mixkv-calibrate":
+            calibrate.parser().parse_args(words[3:] if words[0] == "python" else words[1:])
+            seen.add("calibrate")
+    assert seen == {"eval", "calibrate"}
 
 
 def _example(name):

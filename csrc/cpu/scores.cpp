@@ -69,7 +69,9 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
   const int64_t Hq = q_window.size(1), W = q_window.size(2), G = Hq / Hkv, C = N - W;
   const double scale = scaling.value_or(1.0 / std::sqrt(static_cast<double>(D)));
   const RealTokens real(key_mask);
-  const at::Tensor q = q_window.contiguous(), k = keys.contiguous();
+  // Scores carry no gradient; detached inputs let the GEMM write into the logits buffer (out=
+  // variants refuse inputs that require grad).
+  const at::Tensor q = q_window.detach().contiguous(), k = keys.detach().contiguous();
   at::Tensor out = at::zeros({B, Hkv, C}, keys.options().dtype(at::kFloat));
   float* out_data = out.data_ptr<float>();
 

@@ -44,6 +44,9 @@ class HeadwiseLayer(DynamicLayer):
         self.valid = torch.zeros(total, dtype=torch.bool, device=self.device)
         self._starts32 = self.starts.int().view(self.batch, self.kv_heads)
         self._max_length = int(lengths.max()) if lengths.numel() else 0
+        # Room left in the fullest segment, tracked on the host: every append adds the same q
+        # tokens to every segment, so decoding never waits on the device to know it fits.
+        self._spare = int((capacity - lengths).min()) if lengths.numel() else 0
 
     def _rows(self, begin: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Buffer rows starts[s] + begin[s] + (0 .. count[s]-1) of every segment s, in order."""
@@ -69,15 +72,18 @@ class HeadwiseLayer(DynamicLayer):
         if (B, H) != (self.batch, self.kv_heads):
             raise RuntimeError(f"mixkv: head-wise cache holds [{self.batch}, {self.kv_heads}] "
                                f"(rows, KV heads) but the model appended [{B}, {H}]")
-        if int((self.lengths + q - self.capacity).max()) > 0:
+        if q > self._spare:
             self._grow(q)
-        count = torch.full_like(self.lengths, q)
-        rows = self._rows(self.lengths, count)
+        # Segment s takes rows starts[s] + lengths[s] + (0 .. q-1): the (b, h, t) order of
+        # key_states, computed without a host sync.
+        rows = ((self.starts + self.lengths).unsqueeze(1)
+                + torch.arange(q, device=self.device)).reshape(-1)
         self.key_buffer[rows] = key_states.reshape(B * H * q, D).to(self.key_buffer.dtype)
         self.value_buffer[rows] = value_states.reshape(B * H * q, D).to(self.value_buffer.dtype)
         self.valid[rows] = True
         self.lengths = self.lengths + q
         self._max_length += q
+        self._spare -= q
         return key_states, value_states
 
     def attend(self, query: torch.Tensor, scaling) -> tuple[torch.Tensor, None]:
