@@ -13,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 import mixkv  # noqa: E402
 from mixkv.eval import engine as engine_mod  # noqa: E402
-from mixkv.eval.engine import Engine, capture_window_queries, compress_cache, method_options  # noqa: E402
+from mixkv.eval.engine import Engine, capture_window_queries, method_options  # noqa: E402
 from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 from mixkv.eval.tasks import Sample  # noqa: E402
@@ -82,7 +82,7 @@ def test_compressing_a_copy_equals_the_patched_prefill(label):
     before = [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
     cache = copy.deepcopy(full)
     with mixkv.patch(model, name, budget=40, window=W, **options) as handle:
-        compress_cache(handle, cache, q_windows)
+        handle.compress_cache(cache, q_windows)
         assert handle.stats()["total"]["ratio"] < 1.0
         tokens, logits = greedy_loop(model, cache, last, ids.shape[1], 6)
     assert tokens == ref_tokens

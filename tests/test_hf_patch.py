@@ -312,3 +312,38 @@ def test_headwise_cache_grows_when_headroom_runs_out():
                   use_cache=True)
     assert out.shape == (1, 140)
     assert torch.equal(cache.layers[0].kept_tokens(), before + 70)
+
+
+@pytest.mark.parametrize("base", ["snapkv", "adakv"])
+def test_compress_cache_of_a_padded_batch_equals_the_patched_prefill(monkeypatch, base):
+    # handle.compress_cache(full prefill cache, window queries, key_mask) must leave exactly
+    # the cache the patched forward builds, padding included.
+    model = tiny_llama()
+    seen = _record_attention(monkeypatch)
+    batch = torch.cat([prompt(70, seed=4), prompt(70, seed=5)])
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :25] = 0
+    with mixkv.patch(model, "mixkv", budget=24, window=W, base=base):
+        patched = DynamicCache(config=model.config)
+        model(batch, attention_mask=mask, past_key_values=patched, use_cache=True)
+    full = DynamicCache(config=model.config)
+    model(batch, attention_mask=mask, past_key_values=full, use_cache=True)
+    queries = {i: q for i, (q, _, _, _) in seen.items()}
+    another = _prefilled(model, batch)
+    with mixkv.patch(model, "mixkv", budget=24, window=W, base=base) as handle:
+        handle.compress_cache(full, queries, key_mask=mask.bool())
+        with pytest.raises(KeyError, match="no window queries for layer 1"):
+            handle.compress_cache(another, {0: queries[0]})
+    for got, want in zip(full.layers, patched.layers):
+        assert type(got) is type(want)
+        if base == "snapkv":
+            assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+        else:
+            assert torch.equal(got.lengths, want.lengths) and torch.equal(got.valid, want.valid)
+            assert torch.equal(got.key_buffer, want.key_buffer)
+
+
+def _prefilled(model, ids):
+    cache = DynamicCache(config=model.config)
+    model(ids, past_key_values=cache, use_cache=True)
+    return cache

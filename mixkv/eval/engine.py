@@ -86,20 +86,6 @@ def capture_window_queries(model, window: int):
             del ALL_ATTENTION_FUNCTIONS.get_interface
 
 
-def compress_cache(handle, cache, q_windows: Dict[int, torch.Tensor]) -> None:
-    """Have a patch handle compress ``cache`` (a full prefill cache) in place, layer by layer,
-    with the recorded window queries: what the shim does after each layer's prefill attention.
-    Layers the shim would not compress (``handle.compressible``) are left as they are."""
-    for module in handle.modules:
-        i = module.layer_idx
-        if not handle.compressible(cache, i):
-            continue
-        layer = cache.layers[i]
-        W = min(handle.method.window, layer.keys.shape[-2])
-        with torch.no_grad():
-            handle._compress(module, cache, i, layer, q_windows[i][..., -W:, :], None)
-
-
 def method_options(label: str) -> Dict:
     """``"mixkv+adakv"`` -> dict(method="mixkv", base="adakv"); ``"snapkv"`` -> method only."""
     name, _, base = label.partition("+")
@@ -199,7 +185,7 @@ class Engine:
 
             cache = copy.deepcopy(prefilled.cache)
             if handle is not None:
-                compress_cache(handle, cache, prefilled.q_windows)
+                handle.compress_cache(cache, prefilled.q_windows)
             compress_seconds = time.perf_counter() - start
             stats = handle.stats()["total"] if handle is not None else {}
             record = self._answer(prefilled, cache)

@@ -337,6 +337,26 @@ class MixKVPatch:
         return scores[:, None, :].expand(B, Hkv, C).contiguous()
 
     # -- public ------------------------------------------------------------------------------
+    def compress_cache(self, cache, window_queries: dict, key_mask=None) -> None:
+        """Compress a full prefill ``cache`` in place, as the patched forward would have.
+
+        ``window_queries`` maps each decoder layer index to that layer's post-RoPE queries
+        [B, Hq, >= W, D] (their last W are used); ``key_mask`` [B, N] marks real tokens. This
+        lets one prefill serve many methods and budgets (the evaluation harness does this):
+        compress a copy of the full cache per method. Layers the shim leaves alone
+        (sliding-window, already compressed) stay as they are."""
+        for module in self.modules:
+            idx = module.layer_idx
+            if not self.compressible(cache, idx):
+                continue
+            if idx not in window_queries:
+                raise KeyError(f"mixkv: compress_cache got no window queries for layer {idx}")
+            layer = cache.layers[idx]
+            W = min(self.method.window, layer.keys.shape[-2])
+            with torch.no_grad():
+                self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
+                               key_mask)
+
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
         totals under "total"."""
