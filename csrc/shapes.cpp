@@ -99,9 +99,9 @@ Shape check_importance_args(const char* op, const at::Tensor& q_window, const at
                     " but keys has ", B);
   MIXKV_CHECK_VALUE(q_window.sym_size(3) == keys.sym_size(3), op, "q_window head dim ",
                     q_window.sym_size(3), " differs from keys head dim ", keys.sym_size(3));
-  MIXKV_CHECK_VALUE(Hkv > 0 && q_window.sym_size(1) % Hkv == 0, op,
+  MIXKV_CHECK_VALUE(Hkv > 0 && q_window.sym_size(1) > 0 && q_window.sym_size(1) % Hkv == 0, op,
                     "q_window heads Hq = ", q_window.sym_size(1),
-                    " must be a multiple of keys heads Hkv = ", Hkv);
+                    " must be a positive multiple of keys heads Hkv = ", Hkv);
   MIXKV_CHECK_VALUE(pool_kernel >= 1 && pool_kernel % 2 == 1, op,
                     "pool_kernel must be a positive odd number, got ", pool_kernel);
   parse_pooling(op, pooling);
@@ -270,8 +270,8 @@ Shape ragged_attention_shape(const at::Tensor& query, const at::Tensor& keys,
   const SymInt& Hkv = starts.sym_size(1);
   check_head_table(op, "starts", starts, B, Hkv, query, "query");
   check_head_table(op, "lengths", lengths, B, Hkv, query, "query");
-  MIXKV_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, op, "query heads Hq = ", Hq,
-                    " must be a multiple of the KV heads Hkv = starts.size(1) = ", Hkv);
+  MIXKV_CHECK_VALUE(Hkv > 0 && Hq > 0 && Hq % Hkv == 0, op, "query heads Hq = ", Hq,
+                    " must be a positive multiple of the KV heads Hkv = starts.size(1) = ", Hkv);
   if (valid) {
     const at::Tensor& m = *valid;
     MIXKV_CHECK_VALUE(m.dim() == 1 && m.sym_size(0) == keys.sym_size(0), op,

@@ -41,10 +41,12 @@ def test_wrong_rank(qkv):
 
 def test_heads_not_divisible(qkv):
     q, k, v = qkv
-    with raises("window_importance", "Hq = 3 must be a multiple of keys heads Hkv = 2"):
+    with raises("window_importance", "Hq = 3 must be a positive multiple of keys heads Hkv = 2"):
         ops.window_importance(q[:, :3], k)
-    with raises("compress", "Hq = 3 must be a multiple"):
+    with raises("compress", "Hq = 3 must be a positive multiple"):
         ops.compress(q[:, :3], k, v, budget=10, window=W)
+    with raises("window_importance", "Hq = 0 must be a positive multiple"):  # no query head
+        ops.window_importance(q[:, :0], k)
 
 
 def test_dtype_and_device_mismatch(qkv):

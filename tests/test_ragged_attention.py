@@ -179,7 +179,7 @@ def test_bad_shapes(cache):
         ops.ragged_attention(query, keys, values[:-1], starts, lens)
     with raises("keys head dim 7 differs from query head dim D = 8"):
         ops.ragged_attention(query, keys[:, :7], values[:, :7], starts, lens)
-    with raises("query heads Hq = 4 must be a multiple of the KV heads "
+    with raises("query heads Hq = 4 must be a positive multiple of the KV heads "
                 "Hkv = starts.size\\(1\\) = 3"):
         ops.ragged_attention(query, keys, values, starts[:, [0, 1, 1]], lens[:, [0, 1, 1]])
     with raises("starts must be \\[B, Hkv\\] = \\[2, 2\\], got \\[1, 2\\]"):

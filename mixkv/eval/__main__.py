@@ -58,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="always decode max_new_tokens greedily (no teacher-forced shortcut, no "
                         "stop once the answer is found)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's "
-                        "default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, all cores; use 1 on a machine "
+                        "busy with other work)")
     p.add_argument("--redundancy", default=None,
                    help="offline redundancy profile (torch.save file) for the mixkv methods")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -265,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None,
                    help="heatmap PNG (default: the profile's path with .png)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on machines with <= 2 cores)")
+                   help="torch CPU threads (default: torch's, all cores)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the output paths")
