@@ -16,7 +16,7 @@ from mixkv.eval import calibrate  # noqa: E402
 from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run as run_eval  # noqa: E402
 
-from hf_models import cache_kwarg, llama  # noqa: E402
+from hf_models import CharTokenizer, cache_kwarg, llama  # noqa: E402
 
 VOCAB = 128
 W = 8
@@ -29,19 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class CharTokenizer:
-    chat_template = None
-    bos_token_id = None
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [min(VOCAB - 1, max(3, ord(c) - 29)) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i + 29) for i in ids if i >= 3)
 
 
 def tiny_em(seed=0):

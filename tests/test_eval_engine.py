@@ -18,6 +18,8 @@ from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 from mixkv.eval.tasks import Sample  # noqa: E402
 
+from hf_models import CharTokenizer  # noqa: E402
+
 W = 8
 VOCAB = 128
 METHODS = ["snapkv", "mixkv", "adakv", "pyramidkv", "mixkv+adakv", "mixkv+pyramidkv",
@@ -99,20 +101,6 @@ def test_capture_restores_the_attention_lookup():
         model(input_ids=torch.randint(3, VOCAB, (1, 20)))
     assert sorted(q) == [0, 1, 2] and q[0].shape == (1, 4, W, 16)
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
-
-
-# --- a character-level tokenizer so the whole harness runs on the tiny model -------------------
-class CharTokenizer:
-    chat_template = None
-    bos_token_id = None
-    eos_token_id = None
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [min(VOCAB - 1, max(3, ord(c) - 29)) for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i + 29) for i in ids if i >= 3)
 
 
 def tiny_eval_model():

@@ -3,36 +3,20 @@
 #include <ATen/core/Tensor.h>
 
 #include "cpu/kernels.h"
-#include "mixkv/options.h"
+#include "mixkv/compose.h"
 
 namespace mixkv::cpu {
 namespace {
 
-struct Scored {
-  at::Tensor importance;  // A, [B, Hkv, C]
-  at::Tensor score;       // S, [B, Hkv, C]
+struct CpuOps {  // the CPU kernels, called directly (no dispatcher round trip)
+  static constexpr auto window_importance = &cpu::window_importance;
+  static constexpr auto value_norm = &cpu::value_norm;
+  static constexpr auto key_diversity = &cpu::key_diversity;
+  static constexpr auto mix_scores = &cpu::mix_scores;
+  static constexpr auto head_budgets = &cpu::head_budgets;
+  static constexpr auto select_kv = &cpu::select_kv;
+  static constexpr auto select_kv_ragged = &cpu::select_kv_ragged;
 };
-
-// Steps 1-5 of the algorithm: importance, the statistics the mode needs, and the mix.
-Scored score_candidates(const at::Tensor& q_window, const at::Tensor& keys,
-                        const at::Tensor& values, const OptTensor& key_mask, int64_t window,
-                        c10::string_view mode_name, const OptTensor& redundancy,
-                        int64_t pool_kernel, c10::string_view pooling,
-                        c10::string_view gqa_reduce, std::optional<double> scaling) {
-  const Mode mode = parse_mode("compress", mode_name);
-  Scored out;
-  out.importance =
-      window_importance(q_window, keys, key_mask, pool_kernel, pooling, gqa_reduce, scaling);
-  OptTensor vnorm, diversity, red = redundancy;
-  if (mode_uses_value_norm(mode)) vnorm = value_norm(values, window, key_mask);
-  if (mode_uses_diversity(mode)) {
-    auto [d, online] = key_diversity(keys, window, key_mask);
-    diversity = d;
-    if (!red) red = online;
-  }
-  out.score = mix_scores(out.importance, vnorm, diversity, red, mode_name, key_mask);
-  return out;
-}
 
 }  // namespace
 
@@ -41,11 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
     const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
     const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
     c10::string_view gqa_reduce, std::optional<double> scaling) {
-  compress_shape(q_window, keys, values, key_mask, budget, window, mode, redundancy, pool_kernel,
-                 pooling, gqa_reduce);
-  const Scored s = score_candidates(q_window, keys, values, key_mask, window, mode, redundancy,
-                                    pool_kernel, pooling, gqa_reduce, scaling);
-  return select_kv(s.score, keys, values, budget - window, window, key_mask);
+  return compress_with<CpuOps>(q_window, keys, values, key_mask, budget, window, mode,
+                               redundancy, pool_kernel, pooling, gqa_reduce, scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
@@ -55,14 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
     c10::string_view gqa_reduce, std::optional<double> scaling, c10::string_view policy,
     double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
     const OptTensor& profile) {
-  compress_check("compress_ragged", q_window, keys, values, key_mask, budget, window, mode,
-                 redundancy, pool_kernel, pooling, gqa_reduce);
-  const Scored s = score_candidates(q_window, keys, values, key_mask, window, mode, redundancy,
-                                    pool_kernel, pooling, gqa_reduce, scaling);
-  const at::Tensor capacity =
-      head_budgets(s.importance, budget - window, policy, floor_alpha, normalize, key_mask, layer,
-                   num_layers, pyramid_beta, profile);
-  return select_kv_ragged(s.score, keys, values, capacity, window, key_mask);
+  return compress_ragged_with<CpuOps>(q_window, keys, values, key_mask, budget, window, mode,
+                                      redundancy, pool_kernel, pooling, gqa_reduce, scaling,
+                                      policy, floor_alpha, normalize, layer, num_layers,
+                                      pyramid_beta, profile);
 }
 
 }  // namespace mixkv::cpu

@@ -9,25 +9,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/glue.h"
 #include "cuda/kernels.cuh"
 #include "mixkv/checks.h"
 #include "mixkv/shapes.h"
 
 namespace mixkv::cuda {
 namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return DType::Half;
-    case at::kBFloat16: return DType::BFloat16;
-    default: return DType::Float;
-  }
-}
-
-// key_mask as a contiguous bool tensor on the device (undefined when absent).
-at::Tensor bool_mask(const OptTensor& key_mask) {
-  return key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
-}
 
 at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask) {
   value_norm_shape(values, window, key_mask);

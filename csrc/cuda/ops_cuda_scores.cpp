@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/glue.h"
 #include "cuda/scores.cuh"
 #include "mixkv/checks.h"
 #include "mixkv/options.h"
@@ -18,23 +19,6 @@
 
 namespace mixkv::cuda {
 namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return DType::Half;
-    case at::kBFloat16: return DType::BFloat16;
-    default: return DType::Float;
-  }
-}
-
-// key_mask as a contiguous bool tensor on the device (undefined when absent).
-at::Tensor bool_mask(const OptTensor& key_mask) {
-  return key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
-}
-
-const bool* mask_ptr(const at::Tensor& mask) {
-  return mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-}
 
 at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
                              const OptTensor& key_mask, int64_t pool_kernel,

@@ -25,22 +25,15 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "cuda/glue.h"
 #include "cuda/select.cuh"
+#include "mixkv/compose.h"
 #include "mixkv/checks.h"
 #include "mixkv/options.h"
 #include "mixkv/shapes.h"
 
 namespace mixkv::cuda {
 namespace {
-
-// key_mask as a contiguous bool tensor on the device (undefined when absent).
-at::Tensor bool_mask(const OptTensor& key_mask) {
-  return key_mask ? key_mask->to(at::kBool).contiguous() : at::Tensor();
-}
-
-const bool* mask_ptr(const at::Tensor& mask) {
-  return mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-}
 
 void check_positions_fit(const char* op, int64_t N) {
   MIXKV_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), op,
@@ -210,44 +203,26 @@ at::Tensor call_mix_scores(const at::Tensor& importance, const OptTensor& value_
   return op.call(importance, value_norm, diversity, redundancy, mode, key_mask);
 }
 
-struct Scored {
-  at::Tensor importance;  // A, [B, Hkv, C]
-  at::Tensor score;       // S, [B, Hkv, C]
+// The fused ops through the shared flow (mixkv/compose.h) with this file's selection kernels
+// and the score ops' CUDA kernels.
+struct CudaOps {
+  static constexpr auto window_importance = &call_window_importance;
+  static constexpr auto value_norm = &call_value_norm;
+  static constexpr auto key_diversity = &call_key_diversity;
+  static constexpr auto mix_scores = &call_mix_scores;
+  static constexpr auto head_budgets = &cuda::head_budgets;
+  static constexpr auto select_kv = &cuda::select_kv;
+  static constexpr auto select_kv_ragged = &cuda::select_kv_ragged;
 };
-
-// Steps 1-5 of the algorithm, as the CPU compress: importance, the statistics the mode needs
-// (online redundancy unless one is given), and the mix.
-Scored score_candidates(const at::Tensor& q_window, const at::Tensor& keys,
-                        const at::Tensor& values, const OptTensor& key_mask, int64_t window,
-                        c10::string_view mode_name, const OptTensor& redundancy,
-                        int64_t pool_kernel, c10::string_view pooling,
-                        c10::string_view gqa_reduce, std::optional<double> scaling) {
-  const Mode mode = parse_mode("compress", mode_name);
-  Scored out;
-  out.importance =
-      call_window_importance(q_window, keys, key_mask, pool_kernel, pooling, gqa_reduce, scaling);
-  OptTensor vnorm, diversity, red = redundancy;
-  if (mode_uses_value_norm(mode)) vnorm = call_value_norm(values, window, key_mask);
-  if (mode_uses_diversity(mode)) {
-    auto [d, online] = call_key_diversity(keys, window, key_mask);
-    diversity = d;
-    if (!red) red = online;
-  }
-  out.score = call_mix_scores(out.importance, vnorm, diversity, red, mode_name, key_mask);
-  return out;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
     const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
     const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
     const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
     c10::string_view gqa_reduce, std::optional<double> scaling) {
-  compress_shape(q_window, keys, values, key_mask, budget, window, mode, redundancy, pool_kernel,
-                 pooling, gqa_reduce);
   const c10::cuda::CUDAGuard guard(keys.device());
-  const Scored s = score_candidates(q_window, keys, values, key_mask, window, mode, redundancy,
-                                    pool_kernel, pooling, gqa_reduce, scaling);
-  return select_kv(s.score, keys, values, budget - window, window, key_mask);
+  return compress_with<CudaOps>(q_window, keys, values, key_mask, budget, window, mode,
+                                redundancy, pool_kernel, pooling, gqa_reduce, scaling);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
@@ -257,15 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
     c10::string_view gqa_reduce, std::optional<double> scaling, c10::string_view policy,
     double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
     const OptTensor& profile) {
-  compress_check("compress_ragged", q_window, keys, values, key_mask, budget, window, mode,
-                 redundancy, pool_kernel, pooling, gqa_reduce);
   const c10::cuda::CUDAGuard guard(keys.device());
-  const Scored s = score_candidates(q_window, keys, values, key_mask, window, mode, redundancy,
-                                    pool_kernel, pooling, gqa_reduce, scaling);
-  const at::Tensor capacity =
-      head_budgets(s.importance, budget - window, policy, floor_alpha, normalize, key_mask, layer,
-                   num_layers, pyramid_beta, profile);
-  return select_kv_ragged(s.score, keys, values, capacity, window, key_mask);
+  return compress_ragged_with<CudaOps>(q_window, keys, values, key_mask, budget, window, mode,
+                                       redundancy, pool_kernel, pooling, gqa_reduce, scaling,
+                                       policy, floor_alpha, normalize, layer, num_layers,
+                                       pyramid_beta, profile);
 }
 
 }  // namespace
