@@ -3,6 +3,7 @@
 of `make eval`, the command lines it shows parse, and the "Patch a model" example runs as written
 on a local folder holding a tiny random Llama and a word-level tokenizer built here."""
 
+import os
 import re
 import shlex
 import shutil
@@ -46,8 +47,10 @@ def test_makefile_targets_install_then_run():
         pytest.skip("make is not installed")
 
     def recipe(target):
-        out = subprocess.run(["make", "-n", target, "PYTHON=python3"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
+        # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL are inherited: drop them.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        out = subprocess.run(["make", "--no-print-directory", "-n", target, "PYTHON=python3"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     assert recipe("eval") == ["bash scripts/setup.sh --eval",
