@@ -69,3 +69,12 @@ def assert_same_selection(op_kept, ref_kept, ref_scores, C, rel=1e-4):
     highest_op = max(ref_scores[j].item() for j in only_op)
     assert abs(lowest_ref - highest_op) <= rel * scale, (
         f"selection differs beyond a tie: op kept {sorted(only_op)}, reference {sorted(only_ref)}")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

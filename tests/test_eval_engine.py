@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import mixkv  # noqa: E402
-from mixkv.eval import engine as engine_mod  # noqa: E402
 from mixkv.eval.engine import Engine, capture_window_queries, method_options  # noqa: E402
 from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
@@ -26,13 +25,7 @@ METHODS = ["snapkv", "mixkv", "adakv", "pyramidkv", "mixkv+adakv", "mixkv+pyrami
            "streamingllm", "knorm", "keydiff"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP spin-waits (7x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0):

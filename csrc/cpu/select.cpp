@@ -74,10 +74,6 @@ HeadGather make_gather(const at::Tensor& scores, const at::Tensor& keys, const a
                     keys.size(3) * keys.element_size(), real, all_finite};
 }
 
-void check_finite(bool all_finite, const char* op) {
-  MIXKV_CHECK_VALUE(all_finite, op, "scores must be finite at real candidates (found NaN or inf)");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& scores,
@@ -101,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& score
       gather(bh, k, idx.data_ptr<int32_t>() + bh * L, bh * L, order);
     }
   });
-  check_finite(all_finite, "select_kv");
+  check_scores_finite("select_kv", all_finite);
   return {out_k, out_v, idx};
 }
 
@@ -120,11 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
   off[0] = 0;
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     const int32_t c = caps.const_data_ptr<int32_t>()[bh];
-    MIXKV_CHECK_VALUE(c >= 0, op, "capacity must be >= 0, got ", c, " at [", bh / Hkv, ", ",
-                      bh % Hkv, "]");
+    check_head_capacity(op, c, bh, Hkv);
     total += std::min<int64_t>(c, C) + window;
-    MIXKV_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), op,
-                      "the kept tokens overflow int32 offsets");
+    check_offsets_fit(op, total);
     off[bh + 1] = static_cast<int32_t>(total);
   }
   const at::Tensor s = scores.contiguous(), kc = keys.contiguous(), vc = values.contiguous();
@@ -139,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
       gather(bh, off[bh + 1] - off[bh] - window, idx.data_ptr<int32_t>() + off[bh], off[bh], order);
     }
   });
-  check_finite(all_finite, op);
+  check_scores_finite(op, all_finite);
   return {out_k, out_v, idx, offsets};
 }
 

@@ -40,10 +40,6 @@ void check_positions_fit(const char* op, int64_t N) {
                     "the prompt length N = ", N, " does not fit the int32 kept positions");
 }
 
-void raise_if_nonfinite(bool nonfinite, const char* op) {
-  MIXKV_CHECK_VALUE(!nonfinite, op, "scores must be finite at real candidates (found NaN or inf)");
-}
-
 // head_budgets: the capacities are computed by the CPU kernel on a host copy of the (small)
 // inputs and copied back. Reason: the adaptive policy sums each head's top-c scores in double in
 // an order that std::nth_element chooses, and that sum scales the head's scores before the
@@ -116,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& score
   const at::Tensor flag = at::zeros({1}, keys.options().dtype(at::kLong));
   select_into(s, kc, vc, mask, at::Tensor(), k, window, B * Hkv * L, flag.data_ptr<int64_t>(),
               out_k, out_v, idx);
-  raise_if_nonfinite(flag.cpu().const_data_ptr<int64_t>()[0] != 0, op);
+  check_scores_finite(op, flag.cpu().const_data_ptr<int64_t>()[0] == 0);
   return {out_k, out_v, idx};
 }
 
@@ -146,13 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
   const int64_t total = host.const_data_ptr<int64_t>()[0];
   const int64_t negative = host.const_data_ptr<int64_t>()[1];
   if (negative >= 0) {  // the CPU op's message: the first negative capacity in (row, head) order
-    const int32_t c = caps.cpu().const_data_ptr<int32_t>()[negative];
-    MIXKV_CHECK_VALUE(false, op, "capacity must be >= 0, got ", c, " at [", negative / Hkv, ", ",
-                      negative % Hkv, "]");
+    check_head_capacity(op, caps.cpu().const_data_ptr<int32_t>()[negative], negative, Hkv);
   }
-  MIXKV_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), op,
-                    "the kept tokens overflow int32 offsets");
-  raise_if_nonfinite(host.const_data_ptr<int64_t>()[2] != 0, op);
+  check_offsets_fit(op, total);
+  check_scores_finite(op, host.const_data_ptr<int64_t>()[2] == 0);
 
   at::Tensor out_k = at::empty({total, D}, keys.options());
   at::Tensor out_v = at::empty({total, D}, values.options());

@@ -1,6 +1,9 @@
 // Error helpers: every message starts with "mixkv::<op>: " and names the offending argument.
 #pragma once
 
+#include <cstdint>
+#include <limits>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -34,6 +37,22 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& ref, const char* ref_name) {
   MIXKV_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, name, " has dtype ", t.scalar_type(),
                    " but ", ref_name, " has ", ref.scalar_type());
+}
+
+// Data checks of the selection ops, shared by the CPU and CUDA kernels (same messages).
+inline void check_scores_finite(const char* op, bool all_finite) {
+  MIXKV_CHECK_VALUE(all_finite, op, "scores must be finite at real candidates (found NaN or inf)");
+}
+
+// Capacity of head `bh` (in (row, head) order over Hkv heads).
+inline void check_head_capacity(const char* op, int64_t capacity, int64_t bh, int64_t Hkv) {
+  MIXKV_CHECK_VALUE(capacity >= 0, op, "capacity must be >= 0, got ", capacity, " at [",
+                    bh / Hkv, ", ", bh % Hkv, "]");
+}
+
+inline void check_offsets_fit(const char* op, int64_t total) {
+  MIXKV_CHECK_VALUE(total <= std::numeric_limits<int32_t>::max(), op,
+                    "the kept tokens overflow int32 offsets");
 }
 
 }  // namespace mixkv
