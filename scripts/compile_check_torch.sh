@@ -18,7 +18,9 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 [ -d "$CUDA_HOME/include" ] && INC+=(-I"$CUDA_HOME/include")
 status=0
 for f in csrc/*.cpp csrc/cpu/*.cpp csrc/meta/*.cpp csrc/cuda/*.cpp; do
-  g++ -std=gnu++20 -O1 -fPIC -DMIXKV_WITH_CUDA -Wall -Wno-unused-parameter -Werror "${INC[@]}" \
+  isa=()
+  [[ $f == *_avx2.cpp ]] && isa=(-mavx2 -mfma)  # as CMakeLists.txt compiles it
+  g++ -std=gnu++20 -O1 -fPIC -DMIXKV_WITH_CUDA -Wall -Wno-unused-parameter -Werror "${isa[@]}" "${INC[@]}" \
     -c "$f" -o "$CACHE/obj/$(basename "$f").o" || { echo "FAILED: $f"; status=1; }
 done
 if command -v nvcc >/dev/null; then

@@ -5,13 +5,12 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu/kernels.h"
+#include "cpu/row_kernels.h"
 #include "mixkv/options.h"
 
 namespace mixkv::cpu {
@@ -49,13 +48,6 @@ void pool_candidates(const float* in, float* out, int64_t C, int64_t kernel, Poo
   }
 }
 
-template <typename T>
-float squared_norm(const T* x, int64_t D) {
-  float sq = 0.f;
-  for (int64_t d = 0; d < D; ++d) sq += static_cast<float>(x[d]) * static_cast<float>(x[d]);
-  return sq;
-}
-
 }  // namespace
 
 at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
@@ -69,31 +61,30 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
   const int64_t Hq = q_window.size(1), W = q_window.size(2), G = Hq / Hkv, C = N - W;
   const double scale = scaling.value_or(1.0 / std::sqrt(static_cast<double>(D)));
   const RealTokens real(key_mask);
-  // Scores carry no gradient; detached inputs let the GEMM write into the logits buffer (out=
-  // variants refuse inputs that require grad).
+  const RowKernels& kern = row_kernels();
+  // Scores carry no gradient; detached inputs let ATen write into our buffers.
   const at::Tensor q = q_window.detach().contiguous(), k = keys.detach().contiguous();
   at::Tensor out = at::zeros({B, Hkv, C}, keys.options().dtype(at::kFloat));
   float* out_data = out.data_ptr<float>();
 
   const int64_t R = G * W;  // the window queries of one KV head's group; column r = g * W + i
-  // Keys are processed in blocks whose [kKeyBlock, R] logits stay in the L2 cache: each block's
+  const int64_t Rp = padded_width(R);
+  // Keys are processed in blocks whose [kKeyBlock, Rp] logits stay in the L2 cache: each block's
   // logits are masked and exponentiated right after its GEMM against the running column max
-  // (online softmax), so the [N, R] logits are read back from memory once, for the final sums.
+  // (online softmax), so the [N, Rp] logits are read back from memory once, for the final sums.
   constexpr int64_t kKeyBlock = 512;
   const int64_t blocks = (N + kKeyBlock - 1) / kKeyBlock;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> running_max(R), running_sum(R), block_shift(blocks * R);
-    std::vector<float> block_max(R), weight(R), per_query_head(G * C), reduced(C);
-    at::Tensor logits = at::empty({N, R}, keys.options().dtype(at::kFloat));
-    at::Tensor shift = at::empty({R}, keys.options().dtype(at::kFloat));
+    std::vector<float> running_max(Rp), running_sum(Rp), block_shift(blocks * Rp);
+    std::vector<float> block_max(Rp), shift(Rp), weight(R), per_query_head(G * C), reduced(C);
+    std::vector<float> packed(packed_floats(R, D));
+    at::Tensor logits = at::empty({N, Rp}, keys.options().dtype(at::kFloat));
     float* const L = logits.data_ptr<float>();
-    float* const sh = shift.data_ptr<float>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      // Logits as [N, R] (keys x window queries): K Q^T runs faster than Q K^T in BLAS here,
-      // and every later pass reads contiguous rows of R floats.
-      const at::Tensor q_t =
-          q.select(0, b).narrow(0, h * G, G).reshape({R, D}).to(at::kFloat).mul(scale).t();
+      const at::Tensor q_scaled = q.select(0, b).narrow(0, h * G, G).reshape({R, D})
+                                      .to(at::kFloat).mul(scale).contiguous();
+      kern.pack_queries(q_scaled.const_data_ptr<float>(), R, D, packed.data());
       const at::Tensor k_head = k.select(0, b).select(0, h);
       int64_t real_queries = 0;
       for (int64_t i = 0; i < W; ++i) real_queries += real(b, C + i);
@@ -101,59 +92,49 @@ at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
       std::fill(running_sum.begin(), running_sum.end(), 0.f);
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t j0 = blk * kKeyBlock, rows = std::min(kKeyBlock, N - j0);
-        at::Tensor block = logits.narrow(0, j0, rows);
-        at::mm_out(block, k_head.narrow(0, j0, rows).to(at::kFloat), q_t);
+        float* const block = L + j0 * Rp;
+        const at::Tensor k_block = k_head.narrow(0, j0, rows).to(at::kFloat).contiguous();
+        kern.logits(k_block.const_data_ptr<float>(), rows, D, packed.data(), Rp, block);
         // Masking: window query i sits at position C + i and sees keys 0 .. C + i; padding is
         // invisible, and a padded query sees nothing (its column ends up all zero).
         for (int64_t j = std::max(j0, C + 1); j < j0 + rows; ++j) {
-          for (int64_t g = 0; g < G; ++g) std::fill_n(L + j * R + g * W, j - C, kNegInf);
+          for (int64_t g = 0; g < G; ++g) std::fill_n(L + j * Rp + g * W, j - C, kNegInf);
         }
         if (!real.all_real()) {
           for (int64_t j = j0; j < j0 + rows; ++j) {
-            if (!real(b, j)) std::fill_n(L + j * R, R, kNegInf);
+            if (!real(b, j)) std::fill_n(L + j * Rp, R, kNegInf);
             for (int64_t r = 0; r < R; ++r) {
-              if (!real(b, C + r % W)) L[j * R + r] = kNegInf;
+              if (!real(b, C + r % W)) L[j * Rp + r] = kNegInf;
             }
           }
         }
         std::fill(block_max.begin(), block_max.end(), kNegInf);
-        for (int64_t j = j0; j < j0 + rows; ++j) {
-          for (int64_t r = 0; r < R; ++r) block_max[r] = std::max(block_max[r], L[j * R + r]);
-        }
-        for (int64_t r = 0; r < R; ++r) {
+        kern.column_max(block, rows, Rp, block_max.data());
+        for (int64_t r = 0; r < Rp; ++r) {
           const float new_max = std::max(running_max[r], block_max[r]);
           const float used = new_max == kNegInf ? 0.f : new_max;  // a column with no key yet
           running_sum[r] *= std::exp(running_max[r] - used);      // exp(-inf) = 0: no NaN
           running_max[r] = new_max;
-          sh[r] = used;
-          block_shift[blk * R + r] = new_max;  // -inf: the column had no visible key yet
+          shift[r] = used;
+          block_shift[blk * Rp + r] = new_max;  // -inf: the column had no visible key yet
         }
-        block.sub_(shift).exp_();  // ATen's vectorised exp
-        for (int64_t j = j0; j < j0 + rows; ++j) {
-          for (int64_t r = 0; r < R; ++r) running_sum[r] += L[j * R + r];
-        }
+        kern.exp_sum(block, rows, Rp, shift.data(), running_sum.data());
       }
-      // Softmax weights: the block holds exp(x - shift); times exp(shift - max) / (sum * real
+      // Softmax weights: a block holds exp(x - shift); times exp(shift - max) / (sum * real
       // window queries) gives the softmax with the mean over the window folded in.
       const float queries = static_cast<float>(std::max<int64_t>(real_queries, 1));
-      for (int64_t j = 0; j < C; ++j) {
-        if (j % kKeyBlock == 0) {
-          const float* shift_blk = block_shift.data() + (j / kKeyBlock) * R;
-          for (int64_t r = 0; r < R; ++r) {
-            const float final_max = running_max[r] == kNegInf ? 0.f : running_max[r];
-            // shift <= final max (-inf for a block the column saw nothing in), so the factor
-            // is at most 1: never inf * 0.
-            weight[r] = running_sum[r] > 0.f
-                            ? std::exp(shift_blk[r] - final_max) / (running_sum[r] * queries)
-                            : 0.f;
-          }
+      for (int64_t j0 = 0; j0 < C; j0 += kKeyBlock) {
+        const float* shift_blk = block_shift.data() + (j0 / kKeyBlock) * Rp;
+        for (int64_t r = 0; r < R; ++r) {
+          const float final_max = running_max[r] == kNegInf ? 0.f : running_max[r];
+          // shift <= final max (-inf for a block the column saw nothing in), so the factor is
+          // at most 1: never inf * 0.
+          weight[r] = running_sum[r] > 0.f
+                          ? std::exp(shift_blk[r] - final_max) / (running_sum[r] * queries)
+                          : 0.f;
         }
-        const float* row = L + j * R;
-        for (int64_t g = 0; g < G; ++g) {
-          float sum = 0.f;
-          for (int64_t i = 0; i < W; ++i) sum += row[g * W + i] * weight[g * W + i];
-          per_query_head[g * C + j] = sum;
-        }
+        kern.group_dots(L + j0 * Rp, std::min(kKeyBlock, C - j0), Rp, weight.data(), G, W,
+                        per_query_head.data() + j0, C);
       }
       // GQA reduce over the group's query heads.
       for (int64_t j = 0; j < C; ++j) {
@@ -175,21 +156,23 @@ at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor&
   const int64_t B = values.size(0), Hkv = values.size(1), N = values.size(2), D = values.size(3);
   const int64_t C = N - window;
   const RealTokens real(key_mask);
-  const at::Tensor v = values.contiguous();
+  const RowKernels& kern = row_kernels();
+  const at::Tensor v = values.detach().contiguous().view({B * Hkv, N, D});
   at::Tensor out = at::empty({B, Hkv, C}, values.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_norm", [&] {
-    const scalar_t* data = v.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * Hkv * C, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bh = row / C, j = row % C;
-        if (!real(bh / Hkv, j)) {
-          o[row] = 0.f;
-          continue;
-        }
-        o[row] = std::sqrt(squared_norm(data + (bh * N + j) * D, D));
+  constexpr int64_t kRows = 1024;  // tokens per task, converted to float32 together
+  const int64_t blocks = (C + kRows - 1) / kRows;
+  at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, j0 = (task % blocks) * kRows;
+      const int64_t rows = std::min(kRows, C - j0);
+      const at::Tensor x = v.select(0, bh).narrow(0, j0, rows).to(at::kFloat).contiguous();
+      float* norms = o + bh * C + j0;
+      kern.row_norms(x.const_data_ptr<float>(), rows, D, norms);
+      for (int64_t j = 0; j < rows; ++j) {
+        if (!real(bh / Hkv, j0 + j)) norms[j] = 0.f;
       }
-    });
+    }
   });
   return out;
 }
@@ -200,58 +183,65 @@ std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t
   const int64_t B = keys.size(0), Hkv = keys.size(1), N = keys.size(2), D = keys.size(3);
   const int64_t C = N - window;
   const RealTokens real(key_mask);
-  const at::Tensor k = keys.contiguous();
+  const RowKernels& kern = row_kernels();
+  const at::Tensor k = keys.detach().contiguous().view({B * Hkv, N, D});
   at::Tensor diversity = at::empty({B, Hkv, C}, keys.options().dtype(at::kFloat));
   at::Tensor redundancy = at::empty({B, Hkv}, keys.options().dtype(at::kFloat));
   float* div = diversity.data_ptr<float>();
   float* red = redundancy.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_diversity", [&] {
-    const scalar_t* data = k.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      // Unit keys are summed in float32 blocks of kBlock tokens, blocks in double: exact enough
-      // for 128K tokens while the inner loops stay in float32 (vectorised).
-      constexpr int64_t kBlock = 256;
-      std::vector<double> total(D);
-      std::vector<float> block(D), mean(D), inv_norm(N);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / Hkv;
-        const scalar_t* kh = data + bh * N * D;
-        // Pass 1: mean direction m of the unit keys of all real tokens (window included).
-        std::fill(total.begin(), total.end(), 0.0);
-        int64_t n = 0;
-        for (int64_t start = 0; start < N; start += kBlock) {
-          std::fill(block.begin(), block.end(), 0.f);
-          for (int64_t j = start; j < std::min(N, start + kBlock); ++j) {
-            if (!real(b, j)) continue;
-            const scalar_t* x = kh + j * D;
-            inv_norm[j] = 1.f / std::max(std::sqrt(squared_norm(x, D)), 1e-12f);
-            for (int64_t d = 0; d < D; ++d) block[d] += static_cast<float>(x[d]) * inv_norm[j];
-            ++n;
-          }
-          for (int64_t d = 0; d < D; ++d) total[d] += block[d];
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    // Unit keys are summed in float32 blocks of kBlock tokens (converted to float32 together),
+    // blocks in double: exact enough for 128K tokens while the inner loops stay in float32.
+    constexpr int64_t kBlock = 256;
+    std::vector<double> total(D);
+    std::vector<float> block_sum(D), mean(D), inv_norm(N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv;
+      const at::Tensor kh = k.select(0, bh);
+      // Pass 1: mean direction m of the unit keys of all real tokens (window included).
+      std::fill(total.begin(), total.end(), 0.0);
+      int64_t n = 0;
+      for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
+        const int64_t rows = std::min(kBlock, N - j0);
+        const at::Tensor x = kh.narrow(0, j0, rows).to(at::kFloat).contiguous();
+        float* inv = inv_norm.data() + j0;
+        kern.row_norms(x.const_data_ptr<float>(), rows, D, inv);
+        for (int64_t j = 0; j < rows; ++j) {
+          const bool is_real = real(b, j0 + j);
+          inv[j] = is_real ? 1.f / std::max(inv[j], 1e-12f) : 0.f;  // 0: padding adds nothing
+          n += is_real;
         }
-        double mean_sq = 0.0;
-        for (int64_t d = 0; d < D; ++d) {
-          const double m = total[d] / static_cast<double>(std::max<int64_t>(n, 1));
-          mean[d] = static_cast<float>(m);
-          mean_sq += m * m;
+        // Summed run by run of real tokens: a padded row adds nothing, not even 0 * inf.
+        std::fill(block_sum.begin(), block_sum.end(), 0.f);
+        for (int64_t j = 0; j < rows;) {
+          int64_t stop = j;
+          while (stop < rows && real(b, j0 + stop)) ++stop;
+          kern.weighted_row_sum(x.const_data_ptr<float>() + j * D, stop - j, D, inv + j,
+                                block_sum.data());
+          j = stop + 1;
         }
-        // Mean pairwise cosine similarity, from |m|^2 in O(nD): (n |m|^2 - 1) / (n - 1).
-        const double r = n >= 2 ? (static_cast<double>(n) * mean_sq - 1.0) / static_cast<double>(n - 1) : 0.0;
-        red[bh] = static_cast<float>(std::clamp(r, 0.0, 1.0));
-        // Pass 2: diversity = -cos(k_j, m) for candidates.
-        for (int64_t j = 0; j < C; ++j) {
-          if (!real(b, j)) {
-            div[bh * C + j] = 0.f;
-            continue;
-          }
-          const scalar_t* x = kh + j * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(x[d]) * mean[d];
-          div[bh * C + j] = -dot * inv_norm[j];
+        for (int64_t d = 0; d < D; ++d) total[d] += block_sum[d];
+      }
+      double mean_sq = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double m = total[d] / static_cast<double>(std::max<int64_t>(n, 1));
+        mean[d] = static_cast<float>(m);
+        mean_sq += m * m;
+      }
+      // Mean pairwise cosine similarity, from |m|^2 in O(nD): (n |m|^2 - 1) / (n - 1).
+      const double r = n >= 2 ? (static_cast<double>(n) * mean_sq - 1.0) / static_cast<double>(n - 1) : 0.0;
+      red[bh] = static_cast<float>(std::clamp(r, 0.0, 1.0));
+      // Pass 2: diversity = -cos(k_j, m) for candidates (0 for padding).
+      for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
+        const int64_t rows = std::min(kBlock, C - j0);
+        const at::Tensor x = kh.narrow(0, j0, rows).to(at::kFloat).contiguous();
+        float* d_out = div + bh * C + j0;
+        kern.row_dots(x.const_data_ptr<float>(), rows, D, mean.data(), d_out);
+        for (int64_t j = 0; j < rows; ++j) {
+          d_out[j] = real(b, j0 + j) ? -d_out[j] * inv_norm[j0 + j] : 0.f;
         }
       }
-    });
+    }
   });
   return {diversity, redundancy};
 }
