@@ -78,3 +78,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["auto", "generic"])
+def cpu_kernels(request, monkeypatch):
+    """The CPU ops' inner loops: the run-time choice (AVX2+FMA where the CPU has it) and the
+    portable ones (csrc/cpu/row_kernels.h); modules opt in with usefixtures."""
+    monkeypatch.setenv("MIXKV_CPU_KERNELS", request.param)
+    return request.param

@@ -1,5 +1,6 @@
 """Defined behaviour on adversarial inputs: ties, all-equal scores, huge/tiny magnitudes, one
-candidate, rows shorter than the window, prompt shorter than the budget. No NaN ever leaks."""
+candidate, rows shorter than the window, prompt shorter than the budget. No NaN ever leaks.
+Every test runs with the CPU's fast row kernels and with the portable ones."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from mixkv import ops, reference as R
 from conftest import make_inputs
 
 W = 4
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def test_all_equal_scores_keep_the_earliest_positions():

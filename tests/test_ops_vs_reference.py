@@ -1,5 +1,6 @@
 """Every op against mixkv.reference on random inputs: odd lengths, head dims 64/80/128, GQA groups
-1/2/4/8, batch 1 and 3, float32/bfloat16/float16, with and without left padding."""
+1/2/4/8, batch 1 and 3, float32/bfloat16/float16, with and without left padding. Every test runs
+with the CPU's fast row kernels (AVX2+FMA where available) and with the portable ones."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from mixkv import ops, reference as R
 from conftest import WINDOW, assert_same_selection, close, make_inputs, shape_cases
 
 W = WINDOW
+
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,dtype,padded", shape_cases())
@@ -27,6 +30,42 @@ def test_window_importance_kernel_and_scaling(pool_kernel, scaling):
     q, k, _, mask = make_inputs(3, 8, 2, 97, 64, torch.float32, True)
     close(ops.window_importance(q, k, mask, pool_kernel, "avg", "mean", scaling),
           R.window_importance(q, k, mask, pool_kernel, "avg", "mean", scaling))
+
+
+# Shapes the covering set above does not reach: window-query columns R = G * W that are not a
+# multiple of 8 (zero-padded columns) or leave a 8/16/24-wide last panel of the tiled GEMM, head
+# dims with a scalar tail (D % 8 != 0), and key counts past one 512-key block with a row tail.
+ODD_WIDTHS = [  # (Hq, Hkv, window, N, D)
+    (3, 1, 5, 1030, 72),     # R = 15 -> 16 columns
+    (14, 2, 7, 600, 100),    # R = 49 -> 56 = 32 + 24
+    (6, 2, 3, 514, 36),      # R = 9 -> 16
+    (32, 4, 5, 1537, 128),   # R = 40 -> 32 + 8
+    (9, 3, 33, 700, 64),     # R = 99 -> 104 = 3 * 32 + 8
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,window,N,D", ODD_WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_ops_odd_widths(Hq, Hkv, window, N, D, dtype):
+    q, k, v, mask = make_inputs(2, Hq, Hkv, N, D, dtype, True, window=window, seed=N)
+    close(ops.window_importance(q, k, mask, 5, "avg", "mean"),
+          R.window_importance(q, k, mask, 5, "avg", "mean"))
+    close(ops.window_importance(q, k, mask, 3, "max", "max"),
+          R.window_importance(q, k, mask, 3, "max", "max"))
+    close(ops.value_norm(v, window, mask), R.value_norm(v, window, mask), rel=1e-5)
+    diversity, redundancy = ops.key_diversity(k, window, mask)
+    want_div, want_red = R.key_diversity(k, window, mask)
+    close(diversity, want_div)
+    torch.testing.assert_close(redundancy, want_red, rtol=1e-4, atol=1e-6)
+
+
+def test_window_importance_far_tail_logits():
+    """Logits spread over +-150 (scaling 4): most softmax weights underflow, the exp's cut-off
+    below -87.3 included, and the result still matches the reference with nothing non-finite."""
+    q, k, _, mask = make_inputs(2, 8, 2, 900, 64, torch.float32, True, window=6)
+    got = ops.window_importance(q, k, mask, 5, "avg", "mean", 4.0)
+    assert torch.isfinite(got).all()
+    close(got, R.window_importance(q, k, mask, 5, "avg", "mean", 4.0))
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,dtype,padded", shape_cases())
@@ -186,3 +225,31 @@ def test_budget_at_least_prompt_keeps_everything():
         assert torch.equal(keys, k) and torch.equal(values, v)
         assert torch.equal(idx, torch.arange(50, dtype=torch.int32).expand(2, 2, 50))
         assert keys.data_ptr() != k.data_ptr()  # a copy: the op never aliases its inputs
+
+
+def test_fast_and_portable_kernels_agree(monkeypatch):
+    """AVX2+FMA against the portable row kernels on one Llama-like layer (skips where the CPU or
+    the build lacks AVX2+FMA: asking for it then is an error naming the variable)."""
+    q, k, v, mask = make_inputs(2, 12, 3, 2100, 128, torch.float32, True, window=16)
+
+    def scores():
+        return (ops.window_importance(q, k, mask, 5, "avg", "mean"), ops.value_norm(v, 16, mask),
+                *ops.key_diversity(k, 16, mask))
+
+    monkeypatch.setenv("MIXKV_CPU_KERNELS", "generic")
+    portable = scores()
+    monkeypatch.setenv("MIXKV_CPU_KERNELS", "avx2")
+    try:
+        fast = scores()
+    except RuntimeError as err:
+        assert "MIXKV_CPU_KERNELS=avx2" in str(err)
+        pytest.skip("no AVX2+FMA here")
+    for got, want in zip(fast, portable):
+        close(got, want, rel=2e-6)
+
+
+def test_unknown_cpu_kernels_setting_is_refused(monkeypatch):
+    q, k, _, _ = make_inputs(1, 2, 1, 40, 16, torch.float32, False)
+    monkeypatch.setenv("MIXKV_CPU_KERNELS", "sse9")
+    with pytest.raises(RuntimeError, match="MIXKV_CPU_KERNELS must be 'auto', 'generic' or 'avx2'"):
+        ops.window_importance(q, k, None, 5, "avg", "mean")
