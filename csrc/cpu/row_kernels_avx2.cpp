@@ -165,7 +165,10 @@ void group_dots(const float* L, int64_t rows, int64_t Rp, const float* weight, i
 }
 
 void row_norms(const float* x, int64_t rows, int64_t D, float* out) {
-  for (int64_t j = 0; j < rows; ++j) out[j] = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(dot(x + j * D, x + j * D, D))));
+  for (int64_t j = 0; j < rows; ++j) {
+    const float sq = dot(x + j * D, x + j * D, D);
+    out[j] = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(sq)));
+  }
 }
 
 // acc[:8 VECS] += sum_j w[j] x[j, :8 VECS] (row stride D), the sums held in registers.
@@ -178,7 +181,9 @@ inline void weighted_slice_sum(const float* x, int64_t rows, int64_t D, const fl
   for (int64_t j = 0; j < rows; ++j) {
     const __m256 wj = _mm256_broadcast_ss(w + j);
 #pragma GCC unroll 8
-    for (int v = 0; v < VECS; ++v) a[v] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x + j * D + 8 * v), a[v]);
+    for (int v = 0; v < VECS; ++v) {
+      a[v] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x + j * D + 8 * v), a[v]);
+    }
   }
 #pragma GCC unroll 8
   for (int v = 0; v < VECS; ++v) _mm256_storeu_ps(acc + 8 * v, a[v]);
