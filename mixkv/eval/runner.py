@@ -2,15 +2,17 @@
 
 Every sample is prefilled once; ``full`` (the reference) and then every (method, budget) is
 evaluated from a copy of that cache (see :mod:`mixkv.eval.engine`). Each result is appended to
-``<out>/results.jsonl`` as soon as it exists, keyed by (model, mode, window, haystack, sample,
-method, budget): rerunning the same command skips what is done (a sample whose results are all
-there is not even prefilled). At the end the records of this configuration are summarised into
-``summary.json``, ``results.csv``, ``table.md`` and ``plot.png``.
+``<out>/results.jsonl`` as soon as it exists, with the ``settings`` that define it (see
+:func:`settings_of`): rerunning skips every result whose settings match (a sample whose results
+are all there is not even prefilled). Rows written with other settings stay in the file, are
+named in a message and never enter this run's reports: ``summary.json``, ``results.csv``,
+``table.md`` and ``plot.png`` hold only results of this configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -56,10 +58,74 @@ class RunConfig:
     quiet: bool = False
 
 
-def record_key(record: Dict) -> str:
-    return json.dumps([record.get("model"), record.get("mode"), record.get("window"),
-                       record.get("haystack"), record["sample_id"], record["method"],
-                       report.budget_key(record)])
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def run_settings(config: RunConfig, em) -> Dict:
+    """The settings of a run that change its results besides the sample and the method/budget:
+    the model (name and file), dtype, regime, window, answer shortcut, seed (the ``random``
+    method draws from it) and the redundancy profile (by content, so an edited file counts)."""
+    profile = None
+    if config.redundancy:
+        profile = _digest(Path(config.redundancy).read_bytes())
+    return dict(model=em.name, model_source=str(em.source), dtype=config.dtype,
+                mode=config.mode, window=config.window, shortcut=config.shortcut,
+                seed=config.seed, redundancy=profile)
+
+
+def uses_redundancy(method: str) -> bool:
+    """Whether --redundancy reaches `method` (the MixKV mixes; their bases ignore it)."""
+    return method.startswith("mixkv")
+
+
+def settings_of(run: Dict, sample: Sample, combo: Dict) -> Dict:
+    """Everything that defines one result. The sample is pinned by its content (context,
+    question, answers, metric, needle depth...): task, length, sample index, samples count,
+    haystack, --data file and truncation length, and any change to the prompt builder's code
+    all change that digest, so none can be mistaken for another."""
+    content = json.dumps(dataclasses.asdict(sample), sort_keys=True, default=str)
+    settings = dict(run, sample_id=sample.id, task=sample.task, prompt=_digest(content.encode()),
+                    method=combo["method"], budget=combo["budget"], ratio=combo["ratio"])
+    if not uses_redundancy(combo["method"]):
+        settings["redundancy"] = None
+    return settings
+
+
+def record_key(record: Dict) -> Optional[str]:
+    """The resume key of a results.jsonl row; None for rows written before settings existed."""
+    settings = record.get("settings")
+    return json.dumps(settings, sort_keys=True) if settings else None
+
+
+def describe_other_rows(records: List[Dict], run: Dict, wanted: Dict[str, Dict]) -> Optional[str]:
+    """A message naming how the rows of results.jsonl that this run does not use differ from
+    its settings (`wanted`: key -> settings of this run's results; None when no row differs)."""
+    others = [r for r in records if record_key(r) not in wanted]
+    if not others:
+        return None
+    legacy = sum(1 for r in others if not r.get("settings"))
+    prompts = {s["sample_id"]: s["prompt"] for s in wanted.values()}
+    differing, changed_prompts = {}, set()
+    for record in others:
+        settings = record.get("settings") or {}
+        for name, value in settings.items():
+            if name in run and value != run[name] and \
+                    not (name == "redundancy" and not uses_redundancy(settings["method"])):
+                differing.setdefault(name, set()).add(json.dumps(value))
+        if prompts.get(settings.get("sample_id"), settings.get("prompt")) != settings.get("prompt"):
+            changed_prompts.add(settings["sample_id"])
+    parts = [f"{name} {' / '.join(sorted(values))} (this run: {json.dumps(run[name])})"
+             for name, values in sorted(differing.items())]
+    if changed_prompts:
+        parts.append(f"the prompt of {len(changed_prompts)} sample(s) (samples count, length, "
+                     "haystack, data file or prompt builder changed)")
+    if legacy:
+        parts.append(f"{legacy} written without settings by an older mixkv")
+    if not parts:
+        parts.append("other samples, methods or budgets")
+    return (f"mixkv.eval: {len(others)} row(s) of results.jsonl were written with other "
+            f"settings and are left out of this run's reports: {'; '.join(parts)}")
 
 
 def load_records(path: Path) -> List[Dict]:
@@ -142,11 +208,18 @@ def run(config: RunConfig, *, em=None) -> Dict:
     combos = plan(config)
     haystack = config.haystack_dir or config.haystack
     common = dict(model=em.name, mode=config.mode, window=config.window, haystack=haystack)
+    settings = run_settings(config, em)
     results_path = out / "results.jsonl"
-    done = {record_key(r) for r in load_records(results_path)}
+    existing = load_records(results_path)
+    done = {record_key(r) for r in existing}
 
     def key_of(sample, combo):
-        return record_key(dict(common, sample_id=sample.id, **combo))
+        return record_key(dict(settings=settings_of(settings, sample, combo)))
+
+    wanted = {key_of(s, c): settings_of(settings, s, c) for s in samples for c in combos}
+    message = describe_other_rows(existing, settings, wanted)
+    if message:
+        print(message, file=sys.stderr, flush=True)
 
     total = len(samples) * len(combos)
     already = sum(key_of(s, c) in done for s in samples for c in combos)
@@ -175,14 +248,15 @@ def run(config: RunConfig, *, em=None) -> Dict:
             for combo in combos:  # full first: the fidelity reference, recomputed if done
                 if combo not in pending and combo["method"] != "full":
                     continue
-                extra = options if combo["method"].startswith("mixkv") else {}
+                extra = options if uses_redundancy(combo["method"]) else {}
                 record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
                                     **extra)
                 eval_seconds += record["seconds"]
                 if combo not in pending:
                     continue
                 record.update(common, prefill_seconds=prefilled.seconds, seed=config.seed,
-                              length=sample.meta.get("length"))
+                              length=sample.meta.get("length"),
+                              settings=settings_of(settings, sample, combo))
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 done.add(key_of(sample, combo))
@@ -192,7 +266,6 @@ def run(config: RunConfig, *, em=None) -> Dict:
                                         f"{combo['budget'] or combo['ratio'] or ''}".strip())
     if bar is not None:
         bar.close()
-    wanted = {key_of(s, c) for s in samples for c in combos}
     records = [r for r in load_records(results_path) if record_key(r) in wanted]
     summary = write_reports(records, out, config=config, em=em,
                             timing=dict(total_seconds=time.perf_counter() - started,
