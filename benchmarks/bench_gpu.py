@@ -1,4 +1,5 @@
-"""GPU benchmarks (DESIGN.md section 7): every figure a ratio measured side by side in one run.
+"""GPU benchmarks (docs/design.md section 10): every figure a ratio measured side by side in one
+run.
 
 (a) ops: one Llama-3-8B layer's prefill cache (Hq 32, Hkv 8, D 128, bf16, B=1) compressed by
     ``torch.ops.mixkv.compress`` (MixKV, uniform capacity, budget 2048 with W=32) at N = 32768

@@ -13,7 +13,7 @@ mean) run side by side in one process, on the same inputs, interleaved round by 
 Each figure is the median over the repeats, after one warm-up call. Before timing, the kept
 indices of all three are compared (as sets per head) on a small input; a mismatch aborts the run.
 
-    python benchmarks/bench_ops.py                      # full CPU run (DESIGN.md section 7)
+    python benchmarks/bench_ops.py                      # full CPU run (docs/design.md section 10)
     python benchmarks/bench_ops.py --quick              # tiny smoke run (tests)
     python benchmarks/bench_ops.py --device cuda --json out.json
 """
@@ -71,7 +71,7 @@ IMPLS = ("op", "reference", "baseline")
 
 # --------------------------------------------------------------------------------------------
 # The official-style baseline. Written after the structure of SnapKVCluster.update_kv in the
-# official MixKV repository (mixkv/mixkv_utils.py), with the semantics of DESIGN.md section 4:
+# official MixKV repository (mixkv/mixkv_utils.py), with the semantics of docs/design.md section 4:
 # guarded normalisation instead of +1e-8, online redundancy instead of the Qwen2-VL JSON, the
 # "mixkv" mix r*D + (1-r)*(A + V), and a stable sort so ties go to the lower position.
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (DESIGN.md section 7): environment, build for sm_90, the CUDA tests,
-# the GPU benchmarks, and a short summary table printed LAST.
+# The one prepared GPU run (docs/design.md section 10): environment, build for sm_90, the CUDA
+# tests, the GPU benchmarks, and a short summary table printed LAST.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR        # on the device machine: bash benchmarks/gpu_check.sh $OUT
 #

@@ -2,8 +2,8 @@
 
     python -m mixkv.demo [--tokens 4096] [--budget 512] [--layers 30]
 
-Until the evaluation harness exists this is the README's main job: it runs every mix mode with
-uniform budgets and MixKV with head-wise (AdaKV) budgets through ``torch.ops.mixkv``.
+No model needed (``make demo``): it runs every mix mode with uniform budgets and MixKV with
+head-wise (AdaKV) budgets through ``torch.ops.mixkv``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """What a user picks: a compression method and its budget, resolved into op options.
 
-Methods (DESIGN.md section 4): ``full`` (no compression), ``random``, ``streamingllm`` (attention
-sinks + the most recent tokens), ``knorm`` (lowest key norm), ``vnorm`` (importance + value
-norm), ``snapkv``, ``pyramidkv``, ``adakv`` (attention importance with uniform, pyramid or
+Methods (docs/design.md section 6): ``full`` (no compression), ``random``, ``streamingllm``
+(attention sinks + the most recent tokens), ``knorm`` (lowest key norm), ``vnorm`` (importance +
+value norm), ``snapkv``, ``pyramidkv``, ``adakv`` (attention importance with uniform, pyramid or
 adaptive budgets), ``keydiff`` (diversity only), ``mix3`` and ``mixkv``. ``mixkv`` and the
 score-only methods (vnorm, keydiff, mix3) run on a ``base`` that decides how many tokens each
-head keeps: "snapkv" (uniform), "pyramidkv", "adakv" or "explicit" (a capacity profile), so any
-base runs plain (``method=base``) or "+MixKV" (``method="mixkv", base=...``).
+head keeps: "snapkv" (uniform), "pyramidkv", "adakv" or "explicit" (per-head capacity weights
+from a profile), so any base runs plain (``method=base``) or "+MixKV" (``method="mixkv",
+base=...``).
 """
 
 from __future__ import annotations

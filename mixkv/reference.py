@@ -1,8 +1,8 @@
 """Pure-PyTorch float32 reference of every mixkv op: the executable spec and the test oracle.
 
 Each function mirrors the op of the same name in ``torch.ops.mixkv`` (same arguments, same
-outputs, scores in float32) and is written for clarity, not speed. DESIGN.md section 4 is the
-prose version of this file.
+outputs, scores in float32) and is written for clarity, not speed. docs/design.md section 4
+("The algorithm") is the prose version of this file.
 
 Shapes: B batch, Hq query heads, Hkv KV heads (G = Hq // Hkv), N prompt length, W window,
 D head dim, C = N - W candidates (positions 0 .. C-1; the last W positions are always kept).

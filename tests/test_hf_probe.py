@@ -1,5 +1,5 @@
 """Version probe: fails loudly when transformers changes one of the facts the shim relies on
-(see ../shared/NOTES-transformers.md and mixkv/hf/patch.py). Each assertion names the fact."""
+(see docs/design.md section 7 and mixkv/hf/patch.py). Each assertion names the fact."""
 
 import inspect
 

@@ -1,5 +1,5 @@
 // Launchers of the mixkv CUDA kernels: raw pointers and sizes only, no torch headers, so the
-// .cu files compile fast and ops_cuda.cpp holds all torch-facing glue.
+// .cu files compile fast and the ops_cuda*.cpp files hold all torch-facing glue.
 #pragma once
 
 #include <cstdint>

@@ -1,8 +1,8 @@
 """``python -m mixkv.eval.calibrate`` / ``mixkv-calibrate``: a model's offline redundancy profile.
 
 MixKV mixes, per KV head, importance and diversity by how *redundant* the head's keys are: the
-mean pairwise cosine similarity r of its post-RoPE keys (DESIGN.md section 4, step 3). By default
-r is measured "online" on each prompt; an *offline* profile ``[num_layers, num_kv_heads]``
+mean pairwise cosine similarity r of its post-RoPE keys (docs/design.md section 4, step 3). By
+default r is measured "online" on each prompt; an *offline* profile ``[num_layers, num_kv_heads]``
 calibrated once on sample text can replace it (``mixkv.patch(model, "mixkv", ...,
 redundancy="profile.pt")``, ``python -m mixkv.eval --redundancy profile.pt``).
 

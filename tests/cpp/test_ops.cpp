@@ -2,8 +2,8 @@
 //
 // Every op is called through the dispatcher (the way torch.ops.mixkv calls it), so these tests
 // also check the schemas in csrc/registration.cpp against the kernels' C++ signatures. The
-// expected values are computed by hand (see the comments next to each case; DESIGN.md section 4
-// is the spec). One test calls mixkv::cpu directly, which also makes the binary depend on
+// expected values are computed by hand (see the comments next to each case; docs/design.md
+// section 4 is the spec). One test calls mixkv::cpu directly, which also makes the binary depend on
 // libmixkv_ops, whose static initialisers register the ops.
 #include <cmath>
 #include <functional>
