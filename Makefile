@@ -5,11 +5,13 @@ export PYTHON
 # Where `make eval` writes table.md, summary.json, results.csv, plot.png and the resumable
 # results.jsonl (rerunning the command resumes; a finished run only rebuilds the reports).
 EVAL_OUT ?= results/default
+# Extra mixkv-eval options for `make eval` (CI's smoke: EVAL_ARGS="--samples 1 --budgets 256").
+EVAL_ARGS ?=
 
 .PHONY: eval test demo notebook setup
 eval:
 	bash scripts/setup.sh --eval
-	$(PYTHON) -m mixkv.eval --out $(EVAL_OUT)
+	$(PYTHON) -m mixkv.eval --out $(EVAL_OUT) $(EVAL_ARGS)
 
 test:
 	bash scripts/setup.sh --test
