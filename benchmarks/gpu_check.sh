@@ -18,20 +18,25 @@
 # Knobs for a dry run of the script itself on a machine without a GPU (the tests then skip):
 #   GPU_CHECK_SKIP_BUILD=1                       keep the op library already built
 #   GPU_CHECK_BENCH_ARGS="--device cpu --tiny"   appended to both benchmark commands
+#   GPU_CHECK_PYTEST_ARGS="--collect-only"       appended to the three pytest commands
+#   GPU_CHECK_TIME_SCALE=10                      every stage cap, reserve and the budget x10 (a
+#                                                busy CPU; the H200 run keeps the default 1)
+# tests/test_bench_gpu.py runs such a dry run in every `make test`, so the script cannot rot.
 set -u
 OUTDIR=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-470}
+SCALE=${GPU_CHECK_TIME_SCALE:-1}
+BUDGET=$((${GPU_CHECK_BUDGET:-470} * SCALE))
 START=$(date +%s)
-export PY OUTDIR BUDGET START PYTHONUNBUFFERED=1
+export PY OUTDIR BUDGET SCALE START PYTHONUNBUFFERED=1
 : >"$OUTDIR/stages.tsv"
 
 # stage NAME CAP RESERVE CMD...: run CMD with timeout min(CAP, budget left - RESERVE).
 stage() {
-  local name=$1 cap=$2 reserve=$3
+  local name=$1 cap=$(($2 * SCALE)) reserve=$(($3 * SCALE))
   shift 3
   local now left limit t0 rc
   now=$(date +%s)
@@ -141,6 +146,8 @@ pytest_args() {  # parallel workers and a per-test timeout when the plugins are 
   local args=(-q -rfE -p no:cacheprovider)
   "$PY" -c "import xdist" 2>/dev/null && [ "$1" -gt 1 ] && args+=(-n "$1")
   "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=90 --timeout-method=thread)
+  # shellcheck disable=SC2206
+  args+=(${GPU_CHECK_PYTEST_ARGS:-})
   echo "${args[@]}"
 }
 
@@ -156,7 +163,7 @@ bench_e2e() {
 export -f env_info report_kernels build_fallback build bench_e2e
 stage env 30 440 bash -c env_info
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
-  stage build 240 200 bash -c 'echo "build skipped (GPU_CHECK_SKIP_BUILD=1)"; "$PY" -c "import mixkv; print(mixkv.LIBRARY_PATH)"'
+  stage build 240 200 bash -c 'echo "build skipped (GPU_CHECK_SKIP_BUILD=1)"; report_kernels'
 else
   stage build 240 200 bash -c build
 fi
@@ -196,7 +203,8 @@ for name in ("test_cuda_ops", "test_ragged_attention", "test_hf_multidevice"):
     text = log(name)
     counts = {}
     for line in reversed(text.splitlines()):  # pytest's final "N passed, M failed in Xs" line
-        found = re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)", line)
+        found = re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|tests? collected)",
+                           line)
         if found and (" in " in line):
             counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in found}
             break

@@ -50,3 +50,33 @@ def test_targets_are_judged_in_the_right_direction():
     assert [t["met"] for t in bench_gpu.evaluate_targets([], [])] == [None] * 5
     table = bench_gpu.format_targets(bench_gpu.evaluate_targets(ops, e2e))
     assert "| 1.50x | <= 2.0x | yes |" in table and "5.00%" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh, the one prepared GPU run, end to end on the CPU: every stage
+    runs and succeeds (the CUDA tests are collected, the benchmarks run tiny on the CPU), and
+    the summary table comes last, so the script cannot rot between GPU sessions."""
+    import os
+    import subprocess
+
+    bench = ("--device cpu --tiny --op-n 256 --op-repeats 1 --slow-repeats 1 --contexts 160 "
+             "--decode-steps 2 --decode-warmup 1 --warmup-context 0 --skip-check")
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_SKIP_BUILD="1",
+               GPU_CHECK_BENCH_ARGS=bench, GPU_CHECK_PYTEST_ARGS="--collect-only",
+               GPU_CHECK_TIME_SCALE="10")  # stage limits are sized for the H200 machine
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stages = [line.split("\t") for line in (tmp_path / "stages.tsv").read_text().splitlines()]
+    assert [s[0] for s in stages] == ["env", "build", "test_cuda_ops", "test_ragged_attention",
+                                      "test_hf_multidevice", "bench_ops", "bench_e2e"]
+    assert all(s[1] == "0" for s in stages), stages
+    summary = done.stdout[done.stdout.rindex("SUMMARY"):]
+    assert "CUDA kernels: 0/10 ops" in summary  # the CPU build has none, and says so
+    tests = summary[summary.index("\ntests:"):]
+    for name in ("test_cuda_ops", "test_ragged_attention", "test_hf_multidevice"):
+        line = next(l for l in tests.splitlines() if l.strip().startswith(name))
+        assert "collected" in line and int(line.split()[1]) > 0, line
+    assert "N=   256: op" in summary and "160 headwise" in summary
+    assert summary.count("MET]") == 5 and done.stdout.rstrip().endswith(str(tmp_path))
