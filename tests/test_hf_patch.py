@@ -11,6 +11,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import mixkv  # noqa: E402
 
+import hf_models  # noqa: E402
+
 W = 8
 VOCAB = 99
 
@@ -57,25 +59,11 @@ def test_unpatch_restores_bit_identical_logits():
     mixkv.unpatch(model)  # second unpatch is a no-op
 
 
-def _record_attention(monkeypatch):
-    """Record each layer's prefill query and keys as the attention function sees them."""
-    seen = {}
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def recorder(module, query, key, value, attention_mask, *args, **kwargs):
-        if query.shape[-2] == key.shape[-2]:
-            seen[module.layer_idx] = (query.clone(), key.clone(), value.clone(), attention_mask)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recorder)
-    return seen
-
-
 @pytest.mark.parametrize("method", ["mixkv", "snapkv", "keydiff", "vnorm", "mix3", "knorm",
                                     "streamingllm", "random"])
 def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
     model = tiny_llama()
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     ids = prompt(90)
     budget = 30
     with mixkv.patch(model, method, budget=budget, window=W) as handle:
@@ -247,7 +235,7 @@ def test_headwise_cache_keeps_the_ops_selection_and_saves_memory(monkeypatch, ba
     from mixkv.hf import HeadwiseLayer
 
     model = tiny_llama(layers=3)
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     ids, budget = prompt(200), 40
     profile = torch.tensor([[1.0, 3.0], [2.0, 1.0], [1.0, 1.0]])
     policy = {"adakv": "adaptive", "pyramidkv": "pyramid", "explicit": "explicit"}[base]
@@ -319,7 +307,7 @@ def test_compress_cache_of_a_padded_batch_equals_the_patched_prefill(monkeypatch
     # handle.compress_cache(full prefill cache, window queries, key_mask) must leave exactly
     # the cache the patched forward builds, padding included.
     model = tiny_llama()
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     batch = torch.cat([prompt(70, seed=4), prompt(70, seed=5)])
     mask = torch.ones(2, 70, dtype=torch.long)
     mask[1, :25] = 0
