@@ -107,8 +107,8 @@ class AttentionRecording(dict):
 
 
 def record_attention(monkeypatch, implementation: str = "sdpa") -> AttentionRecording:
-    """Record every call of the `implementation` attention function. It sits below the shim's
-    wrapper, so it sees the queries and keys the shim sees and the mask the shim passes on."""
+    """Record every decoder call of the `implementation` attention function. It sits below the
+    shim's wrapper, so it sees the queries and keys the shim sees and the mask the shim passes on."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     recording = AttentionRecording()
@@ -116,6 +116,8 @@ def record_attention(monkeypatch, implementation: str = "sdpa") -> AttentionReco
 
     def recorder(module, query, key, value, attention_mask, *args, **kwargs):
         out = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if not hasattr(module, "layer_idx"):  # a vision tower's attention
+            return out
         if query.shape[-2] == key.shape[-2]:
             recording[module.layer_idx] = (query.clone(), key.clone(), value.clone(),
                                            attention_mask)
