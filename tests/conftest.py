@@ -73,6 +73,12 @@ def assert_same_selection(op_kept, ref_kept, ref_scores, C, rel=1e-4):
         f"selection differs beyond a tie: op kept {sorted(only_op)}, reference {sorted(only_ref)}")
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global RNG state, so any unseeded draw is reproducible."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP spin-waits."""
