@@ -73,8 +73,15 @@ def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
     for i, layer in enumerate(cache.layers):
         q, k, v, _ = seen[i]
         assert layer.keys.shape == (1, 2, budget, 16)
+        if method == "knorm":  # independent definition: the lowest key L2 norms, in order
+            C = 90 - W
+            for h in range(2):
+                lowest = k[0, h, :C].norm(dim=-1).argsort()[:budget - W].sort().values
+                kept = torch.cat([lowest, torch.arange(C, 90)])
+                assert torch.equal(layer.keys[0, h], k[0, h, kept])
+                assert torch.equal(layer.values[0, h], v[0, h, kept])
         if method in ("random", "streamingllm", "knorm"):
-            continue  # their scores do not involve the ops' scoring; checked below
+            continue  # their scores do not involve the ops' scoring
         mode = {"snapkv": "attn"}.get(method, method)
         want_k, want_v, _ = torch.ops.mixkv.compress(q[..., -W:, :], k, v, None, budget, W, mode,
                                                      None, 5, "avg", "mean", 0.25)
@@ -84,6 +91,38 @@ def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
         _, k, _, _ = seen[0]
         sinks_and_recent = list(range(4)) + list(range(90 - budget + 4, 90))
         assert torch.equal(cache.layers[0].keys[0, 0], k[0, 0, sinks_and_recent])
+
+
+def _kept_positions(cache, seen):
+    """[L, Hkv, K] prompt positions of each layer's kept keys (row 0), found by value."""
+    positions = []
+    for i, layer in enumerate(cache.layers):
+        k = seen[i][1][0]
+        match = (layer.keys[0][:, :, None, :] == k[:, None, :, :]).all(-1)
+        assert bool((match.sum(-1) == 1).all())
+        positions.append(match.float().argmax(-1))
+    return torch.stack(positions)
+
+
+def test_random_keeps_seeded_content_independent_positions(monkeypatch):
+    """method='random': which positions are kept depends on the seed, the layer and the head,
+    never on the prompt; the window is always kept."""
+    model = tiny_llama()
+    seen = hf_models.record_attention(monkeypatch)
+    budget = 30
+    runs = {}
+    for seed, prompt_seed in [(0, 1), (0, 2), (1, 1)]:
+        with mixkv.patch(model, "random", budget=budget, window=W, seed=seed):
+            cache = DynamicCache(config=model.config)
+            model(prompt(90, seed=prompt_seed), past_key_values=cache, use_cache=True)
+        runs[seed, prompt_seed] = _kept_positions(cache, seen)
+    kept = runs[0, 1]
+    assert torch.equal(kept, runs[0, 2])       # another prompt: same positions
+    assert not torch.equal(kept, runs[1, 1])   # another seed: other positions
+    assert not torch.equal(kept[0], kept[1])   # layers draw independently
+    assert not torch.equal(kept[:, 0], kept[:, 1])  # so do heads
+    assert bool((kept[..., -W:] == torch.arange(90 - W, 90)).all())
+    assert bool((kept.diff(dim=-1) > 0).all())
 
 
 def test_generate_equals_hand_written_loop():
