@@ -96,6 +96,40 @@ def gemma3(attn="sdpa", seed=0, sliding_window=24):
     return model, _text_inputs
 
 
+class AttentionRecording(dict):
+    """What the model's attention function saw: ``self[layer_idx]`` is that layer's last
+    prefill call ``(query, key, value, mask)``; ``calls`` lists every call as a dict (layer,
+    query, key, value, mask, scaling, output [B, q, H, D])."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+
+def record_attention(monkeypatch, implementation: str = "sdpa") -> AttentionRecording:
+    """Record every decoder call of the `implementation` attention function. It sits below the
+    shim's wrapper, so it sees the queries and keys the shim sees and the mask the shim passes on."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    recording = AttentionRecording()
+    original = ALL_ATTENTION_FUNCTIONS[implementation]
+
+    def recorder(module, query, key, value, attention_mask, *args, **kwargs):
+        out = original(module, query, key, value, attention_mask, *args, **kwargs)
+        if not hasattr(module, "layer_idx"):  # a vision tower's attention
+            return out
+        if query.shape[-2] == key.shape[-2]:
+            recording[module.layer_idx] = (query.clone(), key.clone(), value.clone(),
+                                           attention_mask)
+        recording.calls.append(dict(layer=module.layer_idx, query=query.clone(),
+                                    key=key.clone(), value=value.clone(), mask=attention_mask,
+                                    scaling=kwargs.get("scaling"), output=out[0].clone()))
+        return out
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, implementation, recorder)
+    return recording
+
+
 # ---- vision-language models -----------------------------------------------------------------
 
 QWEN2VL_PATCH, QWEN2VL_GRID = 4, (1, 4, 4)  # 16 patches, merged 2x2 -> 4 image tokens

@@ -11,6 +11,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import mixkv  # noqa: E402
 
+import hf_models  # noqa: E402
+
 W = 8
 VOCAB = 99
 
@@ -57,25 +59,11 @@ def test_unpatch_restores_bit_identical_logits():
     mixkv.unpatch(model)  # second unpatch is a no-op
 
 
-def _record_attention(monkeypatch):
-    """Record each layer's prefill query and keys as the attention function sees them."""
-    seen = {}
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-    def recorder(module, query, key, value, attention_mask, *args, **kwargs):
-        if query.shape[-2] == key.shape[-2]:
-            seen[module.layer_idx] = (query.clone(), key.clone(), value.clone(), attention_mask)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recorder)
-    return seen
-
-
 @pytest.mark.parametrize("method", ["mixkv", "snapkv", "keydiff", "vnorm", "mix3", "knorm",
                                     "streamingllm", "random"])
 def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
     model = tiny_llama()
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     ids = prompt(90)
     budget = 30
     with mixkv.patch(model, method, budget=budget, window=W) as handle:
@@ -85,8 +73,15 @@ def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
     for i, layer in enumerate(cache.layers):
         q, k, v, _ = seen[i]
         assert layer.keys.shape == (1, 2, budget, 16)
+        if method == "knorm":  # independent definition: the lowest key L2 norms, in order
+            C = 90 - W
+            for h in range(2):
+                lowest = k[0, h, :C].norm(dim=-1).argsort()[:budget - W].sort().values
+                kept = torch.cat([lowest, torch.arange(C, 90)])
+                assert torch.equal(layer.keys[0, h], k[0, h, kept])
+                assert torch.equal(layer.values[0, h], v[0, h, kept])
         if method in ("random", "streamingllm", "knorm"):
-            continue  # their scores do not involve the ops' scoring; checked below
+            continue  # their scores do not involve the ops' scoring
         mode = {"snapkv": "attn"}.get(method, method)
         want_k, want_v, _ = torch.ops.mixkv.compress(q[..., -W:, :], k, v, None, budget, W, mode,
                                                      None, 5, "avg", "mean", 0.25)
@@ -96,6 +91,38 @@ def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
         _, k, _, _ = seen[0]
         sinks_and_recent = list(range(4)) + list(range(90 - budget + 4, 90))
         assert torch.equal(cache.layers[0].keys[0, 0], k[0, 0, sinks_and_recent])
+
+
+def _kept_positions(cache, seen):
+    """[L, Hkv, K] prompt positions of each layer's kept keys (row 0), found by value."""
+    positions = []
+    for i, layer in enumerate(cache.layers):
+        k = seen[i][1][0]
+        match = (layer.keys[0][:, :, None, :] == k[:, None, :, :]).all(-1)
+        assert bool((match.sum(-1) == 1).all())
+        positions.append(match.float().argmax(-1))
+    return torch.stack(positions)
+
+
+def test_random_keeps_seeded_content_independent_positions(monkeypatch):
+    """method='random': which positions are kept depends on the seed, the layer and the head,
+    never on the prompt; the window is always kept."""
+    model = tiny_llama()
+    seen = hf_models.record_attention(monkeypatch)
+    budget = 30
+    runs = {}
+    for seed, prompt_seed in [(0, 1), (0, 2), (1, 1)]:
+        with mixkv.patch(model, "random", budget=budget, window=W, seed=seed):
+            cache = DynamicCache(config=model.config)
+            model(prompt(90, seed=prompt_seed), past_key_values=cache, use_cache=True)
+        runs[seed, prompt_seed] = _kept_positions(cache, seen)
+    kept = runs[0, 1]
+    assert torch.equal(kept, runs[0, 2])       # another prompt: same positions
+    assert not torch.equal(kept, runs[1, 1])   # another seed: other positions
+    assert not torch.equal(kept[0], kept[1])   # layers draw independently
+    assert not torch.equal(kept[:, 0], kept[:, 1])  # so do heads
+    assert bool((kept[..., -W:] == torch.arange(90 - W, 90)).all())
+    assert bool((kept.diff(dim=-1) > 0).all())
 
 
 def test_generate_equals_hand_written_loop():
@@ -247,7 +274,7 @@ def test_headwise_cache_keeps_the_ops_selection_and_saves_memory(monkeypatch, ba
     from mixkv.hf import HeadwiseLayer
 
     model = tiny_llama(layers=3)
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     ids, budget = prompt(200), 40
     profile = torch.tensor([[1.0, 3.0], [2.0, 1.0], [1.0, 1.0]])
     policy = {"adakv": "adaptive", "pyramidkv": "pyramid", "explicit": "explicit"}[base]
@@ -319,7 +346,7 @@ def test_compress_cache_of_a_padded_batch_equals_the_patched_prefill(monkeypatch
     # handle.compress_cache(full prefill cache, window queries, key_mask) must leave exactly
     # the cache the patched forward builds, padding included.
     model = tiny_llama()
-    seen = _record_attention(monkeypatch)
+    seen = hf_models.record_attention(monkeypatch)
     batch = torch.cat([prompt(70, seed=4), prompt(70, seed=5)])
     mask = torch.ones(2, 70, dtype=torch.long)
     mask[1, :25] = 0

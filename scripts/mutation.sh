@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Mutation testing of the Python layers above the ops (mutmut): mutate a file, run the tests
+# that should notice, list the mutants that survive. Slow, so not part of `make test`.
+#   scripts/mutation.sh                      every default target (long: hours on 2 cores)
+#   scripts/mutation.sh mixkv/hf/headwise.py  one file, with its tests from the table below
+#   TESTS="tests/a.py tests/b.py" scripts/mutation.sh mixkv/hf/patch.py   other tests
+# Runs in a scratch copy (build/mutation) so the tree is never mutated; prints the survivors and
+# the score (killed / (killed + survived)). MAX_CHILDREN sets the parallel workers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c "import mutmut" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "mutmut>=3.3,<4"
+
+tests_for() {
+  case "$1" in
+    mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
+    mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py" ;;
+    mixkv/eval/engine.py|mixkv/eval/runner.py) echo "tests/test_eval_engine.py" ;;
+    *) echo "tests" ;;
+  esac
+}
+
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/patch.py mixkv/eval/engine.py mixkv/eval/runner.py)
+SCRATCH=build/mutation
+for target in "${TARGETS[@]}"; do
+  selection=${TESTS:-$(tests_for "$target")}
+  rm -rf "$SCRATCH" && mkdir -p "$SCRATCH"
+  # The tracked tree plus the built op library; mutmut copies it again into mutants/.
+  git ls-files -z | xargs -0 cp --parents -t "$SCRATCH"
+  cp mixkv/_C*.so "$SCRATCH/mixkv/"
+  rm -f "$SCRATCH/pyproject.toml"  # its [tool.*] sections are not mutmut's; setup.cfg is
+  {  # list options: one item per (indented) line
+    echo "[mutmut]"
+    echo "source_paths = mixkv/"
+    echo "only_mutate = $target"
+    echo "also_copy = mixkv/"
+    # mutmut's timeout is a CPU-time limit scaled from the clean run; torch's threads and
+    # import cost make short tests exceed it (SIGXCPU), so give every mutant a fixed margin.
+    echo "timeout_constant = 60"
+    printf 'pytest_add_cli_args =\n  -p\n  no:cacheprovider\n'
+    echo "pytest_add_cli_args_test_selection ="
+    for t in $selection; do echo "  $t"; done
+  } > "$SCRATCH/setup.cfg"
+  echo "== mutmut: $target against $selection"
+  (cd "$SCRATCH" && "$PY" -m mutmut run --max-children "${MAX_CHILDREN:-2}" >/dev/null 2>&1 || true
+   "$PY" -m mutmut results --all true > results.txt || true)
+  killed=$(grep -c ": killed$" "$SCRATCH/results.txt" || true)
+  survived=$(grep -c ": survived$" "$SCRATCH/results.txt" || true)
+  other=$(grep -vc ": killed$\|: survived$" "$SCRATCH/results.txt" || true)
+  echo "killed $killed, survived $survived, other (timeout, not checked, ...) $other"
+  [ $((killed + survived)) -gt 0 ] && echo "score $(( 100 * killed / (killed + survived) ))%"
+  grep ": survived$" "$SCRATCH/results.txt" | sed 's/: survived$//' | while read -r name; do
+    echo "-- survivor $name"
+    (cd "$SCRATCH" && "$PY" -m mutmut show "$name" | grep '^[-+][^-+]' || true)
+  done
+  cp "$SCRATCH/results.txt" "build/mutation-$(basename "$target" .py).txt"
+done
