@@ -79,7 +79,9 @@ def find(tool: str) -> str:
 def configure(build_dir, *definitions: str) -> None:
     """Configure the CMake build of record in `build_dir` with Ninja when a good one exists.
 
-    A cache written by another cmake or generator is removed first: CMake refuses to reuse it."""
+    A cache written by another cmake version or generator is removed first: CMake refuses to
+    reuse it (a pip-installed cmake records its real binary, not the wrapper found here, so the
+    version is what is compared)."""
     import torch  # here, so that `find` works without torch
 
     build_dir = Path(build_dir)
@@ -91,7 +93,9 @@ def configure(build_dir, *definitions: str) -> None:
     cache = build_dir / "CMakeCache.txt"
     if cache.exists():
         text = cache.read_text(errors="replace")
-        if f"CMAKE_COMMAND:INTERNAL={cmake}\n" not in text or \
+        written_by = tuple(int(v) for v in re.findall(
+            r"^CMAKE_CACHE_(?:MAJOR|MINOR|PATCH)_VERSION:INTERNAL=(\d+)$", text, re.M))
+        if written_by != version_of(cmake)[:3] or \
                 f"CMAKE_GENERATOR:INTERNAL={generator[1]}\n" not in text:
             shutil.rmtree(build_dir)
     subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *generator,

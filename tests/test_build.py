@@ -125,3 +125,14 @@ def test_debian_cmake_never_configures_the_cuda_check(tmp_path):
     new = subprocess.run([chosen, "-S", str(ROOT), "-B", str(tmp_path / "new"), prefix, *cuda],
                          capture_output=True, text=True)
     assert new.returncode == 0, new.stderr[-3000:]
+
+
+def test_a_build_folder_is_reused_by_the_same_cmake(tmp_path):
+    """setup.py and scripts/test.sh share build/cmake: configuring it again with the same cmake
+    keeps what was built (a pip-installed cmake records its real binary in the cache, not the
+    wrapper script buildtools finds, so paths must not be compared)."""
+    build = tmp_path / "build"
+    buildtools.configure(build)
+    (build / "kept.marker").write_text("built objects live here")
+    buildtools.configure(build)
+    assert (build / "kept.marker").exists()
