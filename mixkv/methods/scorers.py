@@ -181,3 +181,81 @@ class Mix3(Mixer):
     """Equal mix: S = (A + V~ + D~) / 3."""
 
     mode = "mix3"
+
+
+@register_scorer("tova")
+class TOVA(Scorer):
+    """TOVA (Oren et al., 2024): the attention of the last prompt token's query alone,
+    averaged over all query heads of the layer (so every KV head ranks alike)."""
+
+    def score(self, p: Prefill) -> Tensor:
+        last = p.queries[..., -1:, :]
+        # window_importance with a one-query window: candidates 0 .. N-2, no pooling.
+        attention = torch.ops.mixkv.window_importance(last, p.keys, p.key_mask, 1, "avg",
+                                                      "mean", p.scaling)[..., :p.candidates]
+        return attention.mean(1, keepdim=True).expand_as(attention).contiguous()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@register_scorer("expected_attention")
+class ExpectedAttention(Scorer):
+    """Query-agnostic: the attention each key would get from the *future* queries, estimated
+    without them (after kvpress's ExpectedAttentionPress, mean term only, no covariance).
+
+    The mean pre-RoPE query of the prompt (the layer's hidden states through ``q_proj`` and
+    ``q_norm``; the first ``skip_first`` real tokens, attention sinks, left out) is rotated by
+    the RoPE rotation averaged over the next ``future_positions`` positions; its softmax
+    attention over the real keys, averaged over each KV head's query heads, is weighted by the
+    value norm (``(a + epsilon) * |V|``)."""
+
+    needs_hidden_states = True
+
+    def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0):
+        self.future_positions, self.skip_first, self.epsilon = \
+            future_positions, skip_first, epsilon
+
+    def score(self, p: Prefill) -> Tensor:
+        B, Hkv, N, D = p.keys.shape
+        mean_query = self._mean_future_query(p)                          # [B, Hq, D]
+        Hq = mean_query.shape[1]
+        keys = p.keys.float().repeat_interleave(Hq // Hkv, dim=1)       # [B, Hq, N, D]
+        scale = D ** -0.5 if p.scaling is None else p.scaling
+        logits = (keys @ mean_query[..., None]).squeeze(-1) * scale      # [B, Hq, N]
+        if p.key_mask is not None:
+            logits = logits.masked_fill(~p.key_mask[:, None, :].bool(), float("-inf"))
+        attention = logits.softmax(-1).view(B, Hkv, Hq // Hkv, N).mean(2)[..., :p.candidates]
+        norms = p.values[:, :, :p.candidates].float().norm(dim=-1)
+        return torch.where(p.real_candidates()[:, None, :], (attention + self.epsilon) * norms,
+                           0.0)
+
+    def _mean_future_query(self, p: Prefill) -> Tensor:
+        module, decoder, hidden = p.module, p.decoder, p.hidden_states
+        rotary = getattr(decoder, "rotary_emb", None)
+        if getattr(module, "q_proj", None) is None or rotary is None or hidden is None:
+            raise NotImplementedError(
+                f"mixkv: scorer {self.label!r} needs the layer's hidden states, an attention "
+                "module with q_proj and a decoder with rotary_emb (Llama, Mistral, Qwen2/3, "
+                "Gemma)")
+        B, N = hidden.shape[:2]
+        D = p.keys.shape[-1]
+        queries = module.q_proj(hidden).view(B, N, -1, D)
+        if getattr(module, "q_norm", None) is not None:
+            queries = module.q_norm(queries)
+        real = torch.ones(B, N, dtype=torch.bool, device=hidden.device) if p.key_mask is None \
+            else p.key_mask.bool().to(hidden.device)
+        rank = real.long().cumsum(-1)                                    # 1-based among real
+        used = (real & (rank > self.skip_first)).float()
+        used = torch.where(used.sum(-1, keepdim=True) > 0, used, real.float())
+        mean = (queries.float() * used[..., None, None]).sum(1) / used.sum(1)[:, None, None]
+        # Future positions continue each row's real tokens (left padding has no positions).
+        future = rank[:, -1:] + torch.arange(self.future_positions, device=hidden.device)
+        kwargs = {}
+        if isinstance(getattr(rotary, "rope_type", None), dict):  # one RoPE per layer type
+            kwargs["layer_type"] = decoder.config.layer_types[p.layer]
+        cos, sin = rotary(hidden, future, **kwargs)                      # [B, F, D]
+        cos, sin = cos.float().mean(1)[:, None, :], sin.float().mean(1)[:, None, :]
+        return (mean * cos + _rotate_half(mean) * sin).to(p.keys.device)
