@@ -283,7 +283,7 @@ class MixKVPatch:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for module, state in self._states.items():
+        for module in self._states:
             capture.release(module)
         self._states.clear()
         if self._original_generate is not None:
