@@ -37,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=runner.DEFAULT_SAMPLES,
                    help="samples per task and length")
     p.add_argument("--methods", type=_list(str), default=list(runner.DEFAULT_METHODS),
-                   help="methods; 'NAME+BASE' runs NAME on a base's budgets (mixkv+adakv)")
+                   help="methods, by registered name (mixkv.methods): NAME, NAME+BASE (a "
+                        "base's budgets: snapkv, pyramidkv, adakv, explicit) or "
+                        "MIXER(NAME)+BASE, e.g. snapkv,mixkv+adakv,tova,mixkv(tova)+adakv")
     p.add_argument("--budgets", type=_list(int), default=list(runner.DEFAULT_BUDGETS),
                    help="tokens kept per KV head, window included")
     p.add_argument("--ratios", type=_list(float), default=[],

@@ -50,49 +50,19 @@ MONOTONE_METRICS = ("contains_all", "contains_any")
 
 @contextlib.contextmanager
 def capture_window_queries(model, window: int):
-    """Record ``query[..., -window:, :]`` of each decoder layer's prefill attention call.
+    """Record ``query[..., -window:, :]`` of each decoder layer's prefill attention call: a dict
+    ``{layer_idx: [B, Hq, W, D]}`` filled during the ``with`` block, captured exactly where the
+    shim captures them (:func:`mixkv.hf.capture.capture_prefill`)."""
+    from ..hf.capture import capture_prefill
 
-    Yields a dict ``{layer_idx: [B, Hq, W, D]}`` filled during the ``with`` block. Works like the
-    shim's own capture: a wrapper around ``ALL_ATTENTION_FUNCTIONS.get_interface`` (which every
-    supported model calls for its attention function, eager included), removed on exit."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from ..hf.patch import find_attention_modules
-
-    _, modules = find_attention_modules(model)
-    index = {id(m): m.layer_idx for m in modules}
-    captured: Dict[int, torch.Tensor] = {}
-    had_instance = "get_interface" in vars(ALL_ATTENTION_FUNCTIONS)
-    previous = ALL_ATTENTION_FUNCTIONS.get_interface
-
-    def get_interface(attn_implementation, default):
-        function = previous(attn_implementation, default)
-
-        def attention(module, query, key, value, attention_mask, *args, **kwargs):
-            layer = index.get(id(module))
-            if layer is not None and query.shape[-2] == key.shape[-2]:
-                captured[layer] = query[..., -min(window, query.shape[-2]):, :].detach().clone()
-            return function(module, query, key, value, attention_mask, *args, **kwargs)
-
-        return attention
-
-    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface
-    try:
-        yield captured
-    finally:
-        if had_instance:
-            ALL_ATTENTION_FUNCTIONS.get_interface = previous
-        else:
-            del ALL_ATTENTION_FUNCTIONS.get_interface
+    with capture_prefill(model, window) as captured:
+        yield captured.queries
 
 
 def method_options(label: str) -> Dict:
-    """``"mixkv+adakv"`` -> dict(method="mixkv", base="adakv"); ``"snapkv"`` -> method only."""
-    name, _, base = label.partition("+")
-    options = dict(method=name)
-    if base:
-        options["base"] = base
-    return options
+    """The ``mixkv.patch`` arguments of a method name: the name carries its base
+    ("mixkv+adakv", "tova+pyramidkv", "mixkv(tova)"), parsed by :mod:`mixkv.methods`."""
+    return dict(method=label)
 
 
 @dataclasses.dataclass
@@ -108,6 +78,7 @@ class Prefilled:
     prepared: Prepared
     cache: object
     q_windows: Dict[int, torch.Tensor]
+    hidden_states: Dict[int, torch.Tensor]   # layer -> attention input (when methods need it)
     last_logits: torch.Tensor        # [V] logits after the prefill's last token
     seconds: float
     full_tf_logits: Optional[torch.Tensor] = None   # [k, V] the full cache's teacher forcing
@@ -118,11 +89,12 @@ class Engine:
     per method and budget (``method="full"`` first: the fidelity reference)."""
 
     def __init__(self, em: EvalModel, *, window: int = 32, mode: str = "agnostic",
-                 shortcut: bool = True):
+                 shortcut: bool = True, hidden_states: bool = False):
         if mode not in ("agnostic", "aware"):
             raise ValueError(f"mixkv.eval: mode must be 'agnostic' or 'aware', got {mode!r}")
         self.em, self.model, self.window, self.mode = em, em.model, window, mode
         self.shortcut = shortcut
+        self.hidden_states = hidden_states   # capture them at prefill (methods that read them)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
@@ -157,11 +129,14 @@ class Engine:
         return Prepared(sample, prefix_ids + suffix_ids, [], target_ids)
 
     def prefill(self, prepared: Prepared) -> Prefilled:
+        from ..hf.capture import capture_prefill
+
         start = time.perf_counter()
         cache = self._new_cache()
-        with capture_window_queries(self.model, self.window) as q_windows:
+        with capture_prefill(self.model, self.window,
+                             hidden_states=self.hidden_states) as captured:
             logits = self._forward(prepared.prefill_ids, cache, 0, last_only=True)
-        return Prefilled(prepared, cache, dict(q_windows), logits[-1],
+        return Prefilled(prepared, cache, captured.queries, captured.hidden_states, logits[-1],
                          time.perf_counter() - start)
 
     def run(self, prefilled: Prefilled, method: str = "full", budget: Optional[int] = None,
@@ -169,8 +144,7 @@ class Engine:
         """Evaluate one method at one budget on a prefilled sample; returns a result record."""
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
         start = time.perf_counter()
-        patch_options = method_options(method)
-        name = patch_options.pop("method")
+        name = method
         if name != "full" and prefilled.full_tf_logits is None and prepared.target_ids:
             self.run(prefilled, "full")  # the fidelity reference comes first
             start = time.perf_counter()
@@ -180,12 +154,16 @@ class Engine:
                 import mixkv
 
                 handle = mixkv.patch(self.model, name, budget=budget, ratio=ratio,
-                                     window=self.window, **patch_options, **options)
+                                     window=self.window, **options)
                 stack.callback(handle.unpatch)
+                if handle.method.needs_hidden_states and not prefilled.hidden_states:
+                    raise ValueError(f"mixkv.eval: method {name!r} reads the layers' hidden "
+                                     "states: build the Engine with hidden_states=True")
 
             cache = copy.deepcopy(prefilled.cache)
             if handle is not None:
-                handle.compress_cache(cache, prefilled.q_windows)
+                handle.compress_cache(cache, prefilled.q_windows,
+                                      hidden_states=prefilled.hidden_states)
             compress_seconds = time.perf_counter() - start
             stats = handle.stats()["total"] if handle is not None else {}
             record = self._answer(prefilled, cache)

@@ -3,8 +3,8 @@
 Records are the dicts :meth:`mixkv.eval.engine.Engine.run` returns (one per sample, method and
 budget). The table has one row per method and one column per budget; each cell is the mean task
 score with its bootstrap 95% interval; ``n`` is the number of samples per cell. A second table
-gives the paired difference "method minus its base" (e.g. ``mixkv+adakv - adakv``) on the same
-samples, with a paired bootstrap interval, and a third the fidelity to the full cache.
+gives the paired difference "method minus its base" (e.g. ``mixkv+adakv - adakv``: a mix
+against its inner method under the same policy, ``mixkv.methods.base_of``) on the same samples, with a paired bootstrap interval, and a third the fidelity to the full cache.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ..methods import base_of, is_mix, order_key
 from .metrics import bootstrap_ci
 
 FIDELITY = ("kl", "top1_agree", "delta_nll")
@@ -34,14 +35,6 @@ def _budget_order(key: str):
     if key.startswith("ratio="):
         return (1, -float(key[6:]))
     return (0, float(key))
-
-
-def base_of(method: str) -> Optional[str]:
-    """The plain method a "+MixKV" (or other score) method is compared with."""
-    name, _, base = method.partition("+")
-    if name == "full" or name in ("snapkv", "pyramidkv", "adakv"):
-        return None
-    return base or "snapkv"
 
 
 def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
@@ -165,11 +158,7 @@ def paired_markdown(summary: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_ORDER = ("full", "snapkv", "mixkv", "pyramidkv", "mixkv+pyramidkv", "adakv", "mixkv+adakv")
-
-
-def _method_order(method: str):
-    return (_ORDER.index(method) if method in _ORDER else len(_ORDER), method)
+_method_order = order_key  # full, then each base method followed by its mixes
 
 
 def write_csv(records: Iterable[Dict], path: str) -> None:
@@ -211,8 +200,8 @@ def plot(summary: Dict, path: str, *, title: str = "") -> None:
         mine = sorted((r for r in rows if r["method"] == method),
                       key=lambda r: _budget_order(r["budget"]))
         x = [positions[r["budget"]] for r in mine]
-        style = "-" if method.startswith("mixkv") else "--"
-        marker = "o" if method.startswith("mixkv") else "s"
+        style = "-" if is_mix(method) else "--"
+        marker = "o" if is_mix(method) else "s"
         line, = axes[0].plot(x, [r["score"] for r in mine], style, marker=marker, label=method,
                              color=color)
         axes[0].fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine],

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import methods as registry
 from . import report
 from .tasks import TASKS, Haystack, Sample, load_jsonl, make_samples
 
@@ -75,8 +76,9 @@ def run_settings(config: RunConfig, em) -> Dict:
 
 
 def uses_redundancy(method: str) -> bool:
-    """Whether --redundancy reaches `method` (the MixKV mixes; their bases ignore it)."""
-    return method.startswith("mixkv")
+    """Whether --redundancy reaches `method` (a part of it takes a redundancy profile: the
+    MixKV mixes; their bases ignore it)."""
+    return registry.uses_option(method, "redundancy")
 
 
 def settings_of(run: Dict, sample: Sample, combo: Dict) -> Dict:
@@ -193,6 +195,8 @@ def run(config: RunConfig, *, em=None) -> Dict:
     for task in config.tasks:
         if task not in TASKS:
             raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
+    for method in config.methods:  # a misspelt method fails before the model loads
+        registry.parse(method)
     torch.set_num_threads(threads_for(config.threads))
     torch.manual_seed(config.seed)
     out = Path(config.out)
@@ -203,7 +207,9 @@ def run(config: RunConfig, *, em=None) -> Dict:
         em = load_model(config.model, dtype=getattr(torch, config.dtype))
         _log(config, f"mixkv.eval: loaded {em.name} in {em.load_seconds:.1f} s"
              + (f"; tokenizer fixes: {'; '.join(em.fixes)}" if em.fixes else ""))
-    engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut)
+    engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut,
+                    hidden_states=any(registry.needs_hidden_states(m)
+                                      for m in config.methods))
     samples = build_samples(config, em)
     combos = plan(config)
     haystack = config.haystack_dir or config.haystack

@@ -1,6 +1,12 @@
-"""The Hugging Face shim: ``patch(model, method=..., budget=...)`` and ``unpatch(model)``."""
+"""The Hugging Face shim: ``patch(model, method=..., budget=...)`` and ``unpatch(model)``.
 
-from .headwise import HeadwiseLayer
+``capture.py``: the attention-lookup wrapper (query capture); ``layers.py``: the compressed
+cache layers; ``patch.py``: hooks, refusals, statistics.
+"""
+
+from .capture import capture_prefill
+from .layers import CompressedLayer, HeadwiseLayer
 from .patch import MixKVPatch, find_attention_modules, patch, unpatch
 
-__all__ = ["patch", "unpatch", "MixKVPatch", "HeadwiseLayer", "find_attention_modules"]
+__all__ = ["patch", "unpatch", "MixKVPatch", "HeadwiseLayer", "CompressedLayer",
+           "find_attention_modules", "capture_prefill"]

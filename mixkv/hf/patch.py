@@ -1,15 +1,17 @@
 """Patch a Hugging Face decoder model so that each layer's KV cache is compressed after prefill.
 
-Integration by hooks only (no model code is copied):
-- every model's attention module asks ``ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)`` for
-  its attention function at each call; one wrapper around that lookup sees the final queries
-  (post-RoPE, post-q_norm, post-mrope) and the cache's K/V of every layer, whatever the
-  implementation (sdpa, eager, ...). At prefill it stashes the window queries and which keys are
-  padding; on a compressed padded layer it rebuilds the mask; on a head-wise layer it runs
-  ``torch.ops.mixkv.ragged_attention`` instead.
-- a forward pre-hook on each decoder attention module notes the cache of this call, and a forward
-  hook compresses ``cache.layers[i]`` once the prefill attention has run.
+Integration by hooks only (no model code is copied), three per patched attention module:
+- the attention call, through the query-capture wrapper (``capture.py``): at prefill it stashes
+  the window queries and which keys are padding; on a padded compressed layer it passes the
+  layer's own decode mask; on a head-wise layer it runs ``torch.ops.mixkv.ragged_attention``;
+- a forward pre-hook notes the cache of this call (and the module's input hidden states, for
+  scorers that need them);
+- a forward hook compresses ``cache.layers[i]`` once the prefill attention has run: the
+  method (``mixkv.methods``) turns the captured :class:`~mixkv.methods.Prefill` into kept K/V,
+  installed as a :class:`CompressedLayer` or a :class:`HeadwiseLayer` (``layers.py``).
 Prefill is "the layer holds exactly this call's tokens"; ``cache_position`` is never read.
+This file also holds the refusals (caches and generate options that cannot be compressed) and
+the byte statistics.
 """
 
 from __future__ import annotations
@@ -17,20 +19,16 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..methods import PLAIN_SCORES, Method, resolve
-from .headwise import HeadwiseLayer
+from ..methods import Method, Prefill, resolve
+from . import capture
+from .layers import CompressedLayer, HeadwiseLayer
 
-# Patched attention module -> its _LayerState; the lookup wrapper is installed while any exists.
-_PATCHED: "weakref.WeakKeyDictionary[nn.Module, _LayerState]" = weakref.WeakKeyDictionary()
-_WRAPPED: dict = {}
 _REFUSED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized",
                                   "sliding_window", "hybrid", "mamba", "paged")
 
@@ -44,88 +42,24 @@ class _LayerState:
         self.cache = None         # the Cache of the current call (set by the pre-hook)
         self.q_window = None      # [B, Hq, W, D] window queries at prefill
         self.key_mask = None      # [B, N] bool real tokens at prefill (None: no padding)
+        self.hidden = None        # [B, N, hidden] the module's input, if the method needs it
 
-
-def _real_keys(attention_mask, batch: int, length: int) -> Optional[torch.Tensor]:
-    """Which of the prefill's keys are real, read off the mask row of the last query (which
-    sees every real key under a causal, left-padded mask). None when nothing is padding."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise NotImplementedError(
-            f"mixkv: attention masks of type {type(attention_mask).__name__} are not supported; "
-            "use attn_implementation='sdpa' or 'eager'")
-    if attention_mask.dim() == 2:
-        row = attention_mask[:, -length:].bool()
-    else:
-        row = attention_mask[:, 0, -1, -length:]
-        if row.dtype != torch.bool:
-            row = row > torch.finfo(row.dtype).min / 2
-    row = row.expand(batch, length)
-    return None if bool(row.all()) else row
-
-
-def _decode_mask(kept_real: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                 additive_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Mask [B, 1, q, kv] for a compressed, padded layer: kept real tokens plus the causal
-    appended ones (bool for sdpa, additive in `additive_dtype` for eager)."""
-    B, q, kv = query.shape[0], query.shape[-2], key.shape[-2]
-    kept = kept_real.shape[1]
-    real = torch.cat([kept_real, kept_real.new_ones(B, kv - kept)], dim=1)
-    position = torch.arange(kv, device=key.device)
-    causal = position[None, :] <= (kv - q + torch.arange(q, device=key.device))[:, None]
-    allowed = real[:, None, None, :] & causal[None, None]
-    if additive_dtype is None:
-        return allowed
-    zero = torch.zeros((), dtype=additive_dtype, device=key.device)
-    return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
-
-
-def _wrap(attention_fn):
-    """The attention function wrapper handed to patched modules (cached per function)."""
-    if attention_fn in _WRAPPED:
-        return _WRAPPED[attention_fn]
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        state = _PATCHED.get(module)
-        if state is None:
-            return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        layer = state.handle._layer(state.cache, state.layer_idx)
+    def attend(self, function, module, query, key, value, attention_mask, *args, **kwargs):
+        """The attention call of this module (the capture wrapper's interceptor)."""
+        layer = self.handle._layer(self.cache, self.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             if kwargs.get("softcap") is not None:
                 raise NotImplementedError("mixkv: head-wise budgets do not support attention "
                                           "logit soft-capping; use base='snapkv'")
             return layer.attend(query, kwargs.get("scaling", getattr(module, "scaling", None)))
-        if query.shape[-2] == key.shape[-2]:  # prefill: this call's keys are the whole cache
-            W = min(state.handle.method.window, query.shape[-2])
-            state.q_window = query[..., -W:, :]
-            state.key_mask = _real_keys(attention_mask, key.shape[0], key.shape[-2])
-        else:
-            kept_real = getattr(state.cache, "_mixkv_kept_real", {}).get(state.layer_idx)
-            if kept_real is not None:
-                eager = getattr(module.config, "_attn_implementation", None) == "eager"
-                attention_mask = _decode_mask(kept_real, query, key, query.dtype if eager else None)
-        return attention_fn(module, query, key, value, attention_mask, *args, **kwargs)
-
-    _WRAPPED[attention_fn] = attention
-    return attention
-
-
-def _install_lookup_wrapper():
-    if "get_interface" in vars(ALL_ATTENTION_FUNCTIONS):
-        return
-    original = ALL_ATTENTION_FUNCTIONS.get_interface
-
-    def get_interface(attn_implementation, default):
-        return _wrap(original(attn_implementation, default))
-
-    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface
-
-
-def _remove_lookup_wrapper():
-    if len(_PATCHED) == 0 and "get_interface" in vars(ALL_ATTENTION_FUNCTIONS):
-        del ALL_ATTENTION_FUNCTIONS.get_interface
-        _WRAPPED.clear()
+        if capture.is_prefill(query, key):
+            W = min(self.handle.method.window, query.shape[-2])
+            self.q_window = query[..., -W:, :]
+            self.key_mask = capture.real_keys(attention_mask, key.shape[0], key.shape[-2])
+        elif isinstance(layer, CompressedLayer) and layer.kept_real is not None:
+            eager = getattr(module.config, "_attn_implementation", None) == "eager"
+            attention_mask = layer.decode_mask(query, key, query.dtype if eager else None)
+        return function(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _caller_stacklevel() -> int:
@@ -161,8 +95,8 @@ class MixKVPatch:
 
     def __init__(self, model: nn.Module, method: Method):
         self.model, self.method = model, method
-        decoder, self.modules = find_attention_modules(model)
-        config = decoder.config
+        self.decoder, self.modules = find_attention_modules(model)
+        config = self.decoder.config
         self.num_layers = len(self.modules)
         layer_types = getattr(config, "layer_types", None) or []
         self.sliding_layers = sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
@@ -179,17 +113,21 @@ class MixKVPatch:
         self._check_generation_config(getattr(model, "generation_config", None))
         self._stats: dict = {}
         self._hooks = []
+        self._states = {}
+        self._original_generate = None
+        try:
+            for module in self.modules:
+                state = _LayerState(self, module.layer_idx)
+                capture.intercept(module, state.attend)
+                self._states[module] = state
+        except RuntimeError:
+            self.unpatch()
+            raise
         for module in self.modules:
-            if module in _PATCHED:
-                raise RuntimeError("mixkv: this model is already patched; unpatch it first")
-        _install_lookup_wrapper()
-        for module in self.modules:
-            _PATCHED[module] = _LayerState(self, module.layer_idx)
             self._hooks.append(module.register_forward_pre_hook(self._before_attention,
                                                                 with_kwargs=True))
             self._hooks.append(module.register_forward_hook(self._after_attention,
                                                             with_kwargs=True))
-        self._original_generate = None
         if hasattr(model, "generate"):
             self._original_generate = model.generate
             model.generate = self._generate
@@ -215,9 +153,11 @@ class MixKVPatch:
 
     # -- hooks -------------------------------------------------------------------------------
     def _before_attention(self, module, args, kwargs):
-        state = _PATCHED[module]
+        state = self._states[module]
         state.cache = _cache_of(kwargs)
         state.q_window = state.key_mask = None
+        if self.method.needs_hidden_states:
+            state.hidden = capture.hidden_states_of(args, kwargs)
         if state.cache is not None and getattr(state.cache, "offloading", False):
             raise NotImplementedError("mixkv: offloaded caches cannot be compressed")
 
@@ -227,25 +167,27 @@ class MixKVPatch:
         return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
 
     def _after_attention(self, module, args, kwargs, output):
-        state = _PATCHED[module]
-        q_window, key_mask, cache = state.q_window, state.key_mask, state.cache
-        state.q_window = state.key_mask = state.cache = None
-        if cache is None or self.method.name == "full":
+        state = self._states[module]
+        q_window, key_mask, cache, hidden = state.q_window, state.key_mask, state.cache, \
+            state.hidden
+        state.q_window = state.key_mask = state.cache = state.hidden = None
+        if cache is None or self.method.scorer is None:
             return
         layer = self._layer(cache, state.layer_idx)
         if not self.compressible(cache, state.layer_idx):
             return
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if q_window is None or layer.keys.shape[-2] != hidden.shape[1]:
+        tokens = capture.hidden_states_of(args, kwargs).shape[1]
+        if q_window is None or layer.keys.shape[-2] != tokens:
             return  # not a prefill: the layer held tokens before this call
         with torch.no_grad():
-            self._compress(module, cache, state.layer_idx, layer, q_window, key_mask)
+            self._compress(module, cache, state.layer_idx, layer, q_window, key_mask, hidden)
 
     def compressible(self, cache, idx: int) -> bool:
         """Whether layer `idx` of `cache` is one the shim compresses: False for sliding-window
-        and already head-wise layers; a clear error for caches it cannot shrink."""
+        and already compressed layers; a clear error for caches it cannot shrink."""
         layer = self._layer(cache, idx)
-        if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer)) or getattr(layer, "is_sliding", False):
+        if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer, CompressedLayer)) or \
+                getattr(layer, "is_sliding", False):
             return False
         if idx in self.sliding_layers:
             if type(layer) is DynamicLayer:  # a DynamicCache() built without the model's config
@@ -262,7 +204,7 @@ class MixKVPatch:
         return True
 
     # -- compression -------------------------------------------------------------------------
-    def _compress(self, module, cache, idx, layer, q_window, key_mask):
+    def _compress(self, module, cache, idx, layer, q_window, key_mask, hidden=None):
         m = self.method
         keys, values = layer.keys, layer.values
         B, Hkv, N, D = keys.shape
@@ -274,74 +216,45 @@ class MixKVPatch:
             return
         if key_mask is not None:
             key_mask = key_mask.to(keys.device)
-        W = m.window
-        if m.name in PLAIN_SCORES:
-            scores = self._plain_scores(keys, key_mask, W, idx)
-            kept_k, kept_v, kept_pos = torch.ops.mixkv.select_kv(scores, keys, values, budget - W,
-                                                                 W, key_mask)
-        else:
-            redundancy = None
-            if m.redundancy is not None:
-                if m.redundancy.shape != (self.num_layers, Hkv):
-                    raise ValueError(f"mixkv: redundancy profile has shape "
-                                     f"{tuple(m.redundancy.shape)}, the model needs "
-                                     f"[{self.num_layers}, {Hkv}]")
-                redundancy = m.redundancy[idx].to(keys.device).expand(B, Hkv)
-            scaling = getattr(module, "scaling", None)
-            common = (q_window.to(keys.device), keys, values, key_mask, budget, W, m.mode,
-                      redundancy, m.pool_kernel, m.pooling, m.gqa_reduce,
-                      None if scaling is None else float(scaling))
-            if m.headwise:
-                profile = None if m.profile is None else m.profile.to(keys.device)
-                if profile is not None and profile.shape != (self.num_layers, Hkv):
-                    raise ValueError(f"mixkv: capacity profile has shape {tuple(profile.shape)}, "
-                                     f"the model needs [{self.num_layers}, {Hkv}]")
-                flat_k, flat_v, positions, offsets = torch.ops.mixkv.compress_ragged(
-                    *common, m.policy, m.floor_alpha, True, idx, self.num_layers,
-                    m.pyramid_beta, profile)
-                valid = torch.ones_like(positions, dtype=torch.bool)
-                if key_mask is not None:
-                    row = torch.repeat_interleave(
-                        torch.arange(B, device=keys.device).repeat_interleave(Hkv),
-                        offsets.diff().long())
-                    valid = key_mask[row, positions.long()]
-                cache.layers[idx] = HeadwiseLayer(flat_k, flat_v, offsets, valid, B, Hkv)
-                self._stats[idx] = dict(kept=offsets.diff().view(B, Hkv).cpu(),
-                                        bytes_before=before,
-                                        bytes_after=flat_k.nbytes + flat_v.nbytes, prompt=N)
-                return
-            kept_k, kept_v, kept_pos = torch.ops.mixkv.compress(*common)
-        layer.keys, layer.values = kept_k, kept_v
-        if key_mask is not None:  # same for every head: padded slots come first in each row
-            if not hasattr(cache, "_mixkv_kept_real"):
-                cache._mixkv_kept_real = {}
-            cache._mixkv_kept_real[idx] = key_mask.gather(1, kept_pos[:, 0].long())
-        self._stats[idx] = dict(kept=torch.full((B, Hkv), kept_k.shape[-2]), bytes_before=before,
-                                bytes_after=kept_k.nbytes + kept_v.nbytes, prompt=N)
-
-    def _plain_scores(self, keys, key_mask, W, idx):
-        """Scores of the methods that need no queries: higher is kept."""
-        m = self.method
-        B, Hkv, N, _ = keys.shape
-        C = N - W
-        if m.name == "knorm":  # low key norm ~ high attention (Devoto et al., 2024)
-            return -keys[:, :, :C].float().norm(dim=-1)
-        if m.name == "random":
-            g = torch.Generator().manual_seed(m.seed * 100003 + idx)
-            return torch.rand(B, Hkv, C, generator=g).to(keys.device)
-        # streamingllm: the first `sinks` real tokens, then the most recent ones
-        pads = torch.zeros(B, 1, device=keys.device) if key_mask is None else \
-            (~key_mask[:, :C]).sum(-1, keepdim=True).float()
-        relative = torch.arange(C, device=keys.device)[None, :] - pads
-        scores = torch.where(relative < m.sinks, 2.0, relative / max(C, 1))
-        return scores[:, None, :].expand(B, Hkv, C).contiguous()
+        if m.needs_hidden_states and hidden is None:
+            raise ValueError(f"mixkv: method {m.label!r} needs the layer's hidden states; "
+                             "pass hidden_states= to compress_cache")
+        scaling = getattr(module, "scaling", None)
+        prefill = Prefill(queries=q_window.to(keys.device), keys=keys, values=values,
+                          key_mask=key_mask, window=m.window, layer=idx,
+                          num_layers=self.num_layers,
+                          scaling=None if scaling is None else float(scaling), module=module,
+                          decoder=self.decoder, hidden_states=hidden)
+        kept = m.compress(prefill, budget)
+        if kept.offsets is not None:
+            valid = torch.ones_like(kept.positions, dtype=torch.bool)
+            if key_mask is not None:
+                row = torch.repeat_interleave(
+                    torch.arange(B, device=keys.device).repeat_interleave(Hkv),
+                    kept.offsets.diff().long())
+                valid = key_mask[row, kept.positions.long()]
+            cache.layers[idx] = HeadwiseLayer(kept.keys, kept.values, kept.offsets, valid, B,
+                                              Hkv)
+            self._stats[idx] = dict(kept=kept.offsets.diff().view(B, Hkv).cpu(),
+                                    bytes_before=before,
+                                    bytes_after=kept.keys.nbytes + kept.values.nbytes, prompt=N)
+            return
+        # Same for every head: padded slots come first in each row.
+        kept_real = None if key_mask is None else key_mask.gather(1, kept.positions[:, 0].long())
+        cache.layers[idx] = CompressedLayer(kept.keys, kept.values, kept_real)
+        self._stats[idx] = dict(kept=torch.full((B, Hkv), kept.keys.shape[-2]),
+                                bytes_before=before,
+                                bytes_after=kept.keys.nbytes + kept.values.nbytes, prompt=N)
 
     # -- public ------------------------------------------------------------------------------
-    def compress_cache(self, cache, window_queries: dict, key_mask=None) -> None:
+    def compress_cache(self, cache, window_queries: dict, key_mask=None,
+                       hidden_states: Optional[dict] = None) -> None:
         """Compress a full prefill ``cache`` in place, as the patched forward would have.
 
         ``window_queries`` maps each decoder layer index to that layer's post-RoPE queries
-        [B, Hq, >= W, D] (their last W are used); ``key_mask`` [B, N] marks real tokens. This
+        [B, Hq, >= W, D] (their last W are used); ``key_mask`` [B, N] marks real tokens;
+        ``hidden_states`` maps each layer to its attention module's input [B, N, hidden]
+        (needed by methods whose scorers read them, see ``capture.capture_prefill``). This
         lets one prefill serve many methods and budgets (the evaluation harness does this):
         compress a copy of the full cache per method. Layers the shim leaves alone
         (sliding-window, already compressed) stay as they are."""
@@ -355,7 +268,7 @@ class MixKVPatch:
             W = min(self.method.window, layer.keys.shape[-2])
             with torch.no_grad():
                 self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
-                               key_mask)
+                               key_mask, (hidden_states or {}).get(idx))
 
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
@@ -370,12 +283,12 @@ class MixKVPatch:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for module in self.modules:
-            _PATCHED.pop(module, None)
+        for module in self._states:
+            capture.release(module)
+        self._states.clear()
         if self._original_generate is not None:
             del self.model.generate  # the instance attribute; the class method shows again
             self._original_generate = None
-        _remove_lookup_wrapper()
         if getattr(self.model, "_mixkv_patch", None) is self:
             del self.model._mixkv_patch
 
@@ -395,23 +308,19 @@ class _KwargsView:
         self.prefill_chunk_size = kwargs.get("prefill_chunk_size")
 
 
-def patch(model: nn.Module, method: str = "mixkv", *, budget: Optional[int] = None,
-          ratio: Optional[float] = None, window: int = 32, pool_kernel: int = 5,
-          pooling: str = "avg", gqa_reduce: str = "mean", base: str = "snapkv",
-          redundancy="online", profile=None, floor_alpha: float = 0.2, pyramid_beta: int = 20,
-          sinks: int = 4, seed: int = 0) -> MixKVPatch:
+def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
     """Compress the KV cache of `model` after every prefill with `method`.
 
-    ``budget`` counts the tokens kept per KV head, window included (or ``ratio``: fraction of the
-    prompt removed). ``base`` picks how many tokens each head keeps for mixkv/vnorm/keydiff/mix3:
-    "snapkv" (uniform), "pyramidkv", "adakv" or "explicit" (``profile`` [L, Hkv] weights).
-    ``redundancy`` is "online" or an [L, Hkv] profile (tensor or torch.save file). Returns a
-    handle that is also a context manager; ``mixkv.unpatch(model)`` restores the model exactly.
+    `method` is a name ("mixkv", "mixkv+adakv", "tova+pyramidkv", "mixkv(tova)", ...) or an
+    object (``MixKV(AdaKV(SnapKV()))``), see :mod:`mixkv.methods`. ``budget`` counts the tokens
+    kept per KV head, window included (or ``ratio``: fraction of the prompt removed);
+    ``window`` (32); ``base`` picks how many tokens each head keeps: "snapkv" (uniform),
+    "pyramidkv", "adakv" or "explicit" (``profile`` [L, Hkv] weights); the other options go to
+    the method's parts (``redundancy``: "online" or an [L, Hkv] profile for MixKV; ``sinks``,
+    ``seed``, ``pool_kernel``, ``floor_alpha``, ...). Returns a handle that is also a context
+    manager; ``mixkv.unpatch(model)`` restores the model exactly.
     """
-    resolved = resolve(method, budget=budget, ratio=ratio, window=window,
-                       pool_kernel=pool_kernel, pooling=pooling, gqa_reduce=gqa_reduce,
-                       base=base, redundancy=redundancy, profile=profile,
-                       floor_alpha=floor_alpha, pyramid_beta=pyramid_beta, sinks=sinks, seed=seed)
+    resolved = method if isinstance(method, Method) else resolve(method, **options)
     handle = MixKVPatch(model, resolved)
     model._mixkv_patch = handle
     return handle

@@ -1,0 +1,224 @@
+"""What a user picks: a compression method and its budget (docs/design.md section 6).
+
+A method is a :class:`Scorer` (which tokens matter) under a :class:`BudgetPolicy` (how many each
+KV head keeps), optionally inside a mixer such as :class:`MixKV`. Names, as ``mixkv.patch`` and
+``mixkv-eval --methods`` take them, are parsed here and only here:
+
+- ``NAME``: a registered scorer (``snapkv``, ``knorm``, ``random``, ``streamingllm``, ``tova``,
+  ``expected_attention``, ...) under uniform budgets, or ``full`` (no compression);
+- ``NAME+BASE``: the same under a registered policy (``snapkv`` uniform, ``pyramidkv``,
+  ``adakv``, ``explicit``); ``base=`` says the same; ``pyramidkv`` / ``adakv`` alone are
+  SnapKV under that policy;
+- ``MIXER(NAME)+BASE``: a mixer (``mixkv``, ``vnorm``, ``keydiff``, ``mix3``) over any scorer;
+  ``MIXER`` alone wraps SnapKV, so ``mixkv+adakv`` is "AdaKV + MixKV".
+
+Objects work as well: ``mixkv.patch(model, MixKV(AdaKV(SnapKV())), budget=256)``. Options
+(``pool_kernel``, ``sinks``, ``seed``, ``redundancy``, ``profile``, ``floor_alpha``, ...) go to
+the parts whose constructors take them; an option no part of the method takes is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Set, Tuple
+
+from . import policies, scorers  # noqa: F401  (registers the built-in parts)
+from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
+                   constructor_options, load_profile, register_policy, register_scorer)
+from .policies import AdaKV, Adaptive, Explicit, Pyramid, PyramidKV, Uniform
+from .scorers import (KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random, SnapKV, StreamingLLM,
+                      ValueNorm)
+
+__all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
+           "register_scorer", "register_policy", "resolve", "parse", "base_of", "is_mix",
+           "uses_option", "needs_hidden_states", "order_key", "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
+           "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
+           "Adaptive", "Explicit", "PyramidKV", "AdaKV", "load_profile"]
+
+FULL = "full"
+DEFAULT_BASE = "snapkv"
+
+
+def method_label(scorer: Optional[Scorer], policy: BudgetPolicy) -> str:
+    """The canonical name of a scorer under a policy ("mixkv+adakv", "adakv", "tova")."""
+    if scorer is None:
+        return FULL
+    if policy.label == DEFAULT_BASE:
+        return scorer.label
+    return policy.label if scorer.label == "snapkv" else f"{scorer.label}+{policy.label}"
+
+
+def _names() -> str:
+    return (f"a scorer ({', '.join(SCORERS)}), a base ({', '.join(POLICIES)}) or {FULL!r}, "
+            "written NAME, NAME+BASE or MIXER(NAME)+BASE")
+
+
+def _take(cls: type, options: Dict, used: Set[str]) -> Dict:
+    kwargs = {k: options[k] for k in constructor_options(cls) if k in options}
+    used.update(kwargs)
+    return kwargs
+
+
+def _scorer(expr: str, options: Dict, used: Set[str], label: str) -> Scorer:
+    name, paren, rest = expr.strip().partition("(")
+    name = name.strip()
+    if paren and not rest.rstrip().endswith(")"):
+        raise ValueError(f"mixkv: method {label!r} has an unclosed '('")
+    inner = rest.rstrip()[:-1] if paren else None
+    cls = SCORERS.get(name)
+    if cls is None:
+        raise ValueError(f"mixkv: unknown method {name!r} in {label!r}; choose {_names()}")
+    kwargs = _take(cls, options, used)
+    if issubclass(cls, Mixer):
+        return cls(_scorer(inner or "snapkv", options, used, label), **kwargs)
+    if inner is not None:
+        raise ValueError(f"mixkv: scorer {name!r} wraps no other scorer (in {label!r}); only "
+                         f"mixers do: {', '.join(n for n, c in SCORERS.items() if issubclass(c, Mixer))}")
+    return cls(**kwargs)
+
+
+def _policy(name: str, options: Dict, used: Set[str]) -> BudgetPolicy:
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"mixkv: unknown base {name!r}; choose one of {', '.join(POLICIES)}")
+    return cls(None, **_take(cls, options, used))
+
+
+def _build(label: str, base: Optional[str], options: Dict,
+           used: Set[str]) -> Tuple[Optional[Scorer], BudgetPolicy]:
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"mixkv: a method name must be a non-empty string, got {label!r}")
+    expr, plus, named_base = (part.strip() for part in label.partition("+"))
+    if expr == FULL:
+        return None, Uniform()
+    if plus and base not in (None, DEFAULT_BASE, named_base):
+        raise ValueError(f"mixkv: method {label!r} names base {named_base!r} but base={base!r}")
+    if expr in POLICIES and expr not in SCORERS:  # "adakv": SnapKV under that policy
+        if plus or base not in (None, DEFAULT_BASE, expr):
+            raise ValueError(f"mixkv: method {expr!r} is SnapKV under the {expr} policy and "
+                             f"takes no other base (got {named_base or base!r}); write "
+                             f"'snapkv+BASE' or 'NAME+{expr}'")
+        return _scorer("snapkv", options, used, label), _policy(expr, options, used)
+    scorer = _scorer(expr, options, used, label)
+    return scorer, _policy(named_base or base or DEFAULT_BASE, options, used)
+
+
+def _inner_policy(scorer: Scorer) -> Optional[BudgetPolicy]:
+    """A policy a mixer was built around (MixKV(AdaKV(SnapKV())))."""
+    return next((p.policy for p in scorer.parts() if getattr(p, "policy", None) is not None),
+                None)
+
+
+def _from_object(method, base: Optional[str], options: Dict,
+                 used: Set[str]) -> Tuple[Scorer, BudgetPolicy]:
+    if isinstance(method, BudgetPolicy):
+        scorer, policy = method.scorer or SnapKV(), method
+    elif isinstance(method, Scorer):
+        scorer, policy = method, _inner_policy(method)
+    else:
+        raise TypeError(f"mixkv: method must be a name, a Scorer or a BudgetPolicy, got "
+                        f"{type(method).__name__}")
+    if policy is None:
+        policy = _policy(base or DEFAULT_BASE, options, used)
+    elif base not in (None, DEFAULT_BASE, policy.label):
+        raise ValueError(f"mixkv: method {method!r} carries policy {policy.label!r}; "
+                         f"base={base!r} conflicts")
+    return scorer, policy
+
+
+def _check_unused(options: Dict, used: Set[str], label: str) -> None:
+    """Options no part of the method takes: an error unless left at a default some part has."""
+    for key, value in options.items():
+        if key in used:
+            continue
+        takers = {name: cls for name, cls in {**SCORERS, **POLICIES}.items()
+                  if key in constructor_options(cls)}
+        if not takers:
+            raise ValueError(f"mixkv: unknown option {key}={value!r} (method {label!r})")
+        defaults = [constructor_options(cls)[key].default for cls in takers.values()]
+        if value is None or (isinstance(value, (str, int, float, bool))
+                             and any(type(d) is type(value) and d == value for d in defaults)):
+            continue
+        raise ValueError(f"mixkv: option {key}={value!r} is not used by method {label!r}; it "
+                         f"applies to {', '.join(takers)}")
+
+
+def resolve(method="mixkv", *, budget: Optional[int] = None, ratio: Optional[float] = None,
+            window: int = 32, base: Optional[str] = None, **options) -> Method:
+    """Validate a method (name or object) with its budget into a :class:`Method`; errors name
+    the method and the argument."""
+    used: Set[str] = set()
+    if isinstance(method, str):
+        scorer, policy = _build(method, base, options, used)
+    else:
+        scorer, policy = _from_object(method, base, options, used)
+    label = method_label(scorer, policy)
+    _check_unused(options, used, label)
+    if window < 1:
+        raise ValueError(f"mixkv: window must be >= 1, got {window}")
+    if scorer is not None:
+        if (budget is None) == (ratio is None):
+            raise ValueError("mixkv: give exactly one of budget= (tokens kept per head, window "
+                             "included) or ratio= (fraction of the prompt removed)")
+        if budget is not None and budget <= window:
+            raise ValueError(f"mixkv: budget ({budget}) must be larger than window ({window}): "
+                             "the budget counts the window")
+        if ratio is not None and not 0.0 <= ratio < 1.0:
+            raise ValueError(f"mixkv: ratio must be in [0, 1), got {ratio}")
+    return Method(scorer=scorer, policy=policy, budget=budget, ratio=ratio, window=window,
+                  label=label)
+
+
+def parse(label: str) -> Tuple[Optional[Scorer], BudgetPolicy]:
+    """The parts a method name stands for, with default options (no budget needed)."""
+    return _build(label, None, {}, set())
+
+
+def base_of(label: str) -> Optional[str]:
+    """The method a mix is compared with: its inner scorer under the same policy
+    ("mixkv+adakv" -> "adakv", "mixkv(tova)" -> "tova"); None for plain or unknown methods."""
+    try:
+        scorer, policy = parse(label)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(scorer, Mixer):
+        return None
+    return method_label(scorer.inner, policy)
+
+
+def is_mix(label: str) -> bool:
+    """Whether the method is a mixer over another method."""
+    return base_of(label) is not None
+
+
+def needs_hidden_states(label: str) -> bool:
+    """Whether the method's scorers read the layers' hidden states (capture them)."""
+    try:
+        scorer, _ = parse(label)
+    except (ValueError, TypeError):
+        return False
+    return scorer is not None and any(s.needs_hidden_states for s in scorer.parts())
+
+
+def order_key(label: str) -> tuple:
+    """Sort key of method names for tables: full, then per base scorer (registry order) and
+    policy (registry order), the plain method before its mixes; unknown names last."""
+    try:
+        scorer, policy = parse(label)
+    except (ValueError, TypeError):
+        return (2, 0, 0, 1, label)
+    if scorer is None:
+        return (0, 0, 0, 0, label)
+    core = scorer.parts()[-1]
+    return (1, list(POLICIES).index(policy.name) if policy.name in POLICIES else len(POLICIES),
+            list(SCORERS).index(core.name) if core.name in SCORERS else len(SCORERS),
+            int(isinstance(scorer, Mixer)), label)
+
+
+def uses_option(label: str, option: str) -> bool:
+    """Whether some part of the method takes `option` (e.g. a --redundancy profile)."""
+    try:
+        scorer, policy = parse(label)
+    except (ValueError, TypeError):
+        return False
+    parts = (scorer.parts() if scorer is not None else []) + [policy]
+    return any(option in constructor_options(type(p)) for p in parts)

@@ -1,0 +1,291 @@
+"""The three abstractions of the method layer and their registries (docs/design.md section 6).
+
+- :class:`Scorer`: per-token importance of each KV head's candidates, from what the shim
+  captured at prefill (:class:`Prefill`). Higher is kept.
+- :class:`BudgetPolicy`: how many candidates each KV head keeps (per-head capacities) from a
+  scorer's importance.
+- :class:`Method`: a scorer under a policy with a budget; ``compress`` runs the fused op
+  ``torch.ops.mixkv.compress`` / ``compress_ragged`` when every part is native, and otherwise
+  composes the leaf ops (the scorer's scores, ``head_budgets`` or the policy's own capacities,
+  then ``select_kv`` / ``select_kv_ragged``: the selection always runs in C++).
+
+A new scorer is one class with ``@register_scorer("name")``; it then runs plain, under every
+policy and inside every mixer (``"mixkv(name)+adakv"``), in ``mixkv.patch`` and ``mixkv-eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from typing import ClassVar, Dict, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+SCORERS: Dict[str, Type["Scorer"]] = {}
+POLICIES: Dict[str, Type["BudgetPolicy"]] = {}
+
+
+def _register(table: Dict[str, type], kind: str, root: type, name: str, cls=None):
+    def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, root)):
+            raise TypeError(f"mixkv: register_{kind}({name!r}) needs a {root.__name__} subclass, "
+                            f"got {cls!r}")
+        if "(" in name or "+" in name or "," in name or not name.strip():
+            raise ValueError(f"mixkv: {kind} name {name!r} may not be empty nor contain "
+                             "'(', '+' or ','")
+        known = table.get(name)
+        # Re-running a notebook cell redefines the class: same name and qualname replace.
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"mixkv: {kind} name {name!r} is taken by {known.__qualname__}")
+        table[name] = cls
+        cls.name = name
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def register_scorer(name: str, cls=None):
+    """Register a :class:`Scorer` subclass under `name` (a decorator, or call with the class).
+    Its constructor's keyword arguments become options of ``mixkv.patch`` and ``resolve``."""
+    return _register(SCORERS, "scorer", Scorer, name, cls)
+
+
+def register_policy(name: str, cls=None):
+    """Register a :class:`BudgetPolicy` subclass under the base name `name` (``"NAME+name"``)."""
+    return _register(POLICIES, "policy", BudgetPolicy, name, cls)
+
+
+def _overrides(obj, base: type, *names: str) -> bool:
+    """Whether `obj`'s class redefines any of `base`'s methods `names` (then it is not native)."""
+    return any(getattr(type(obj), n) is not getattr(base, n) for n in names)
+
+
+def load_profile(value, what: str) -> Optional[Tensor]:
+    """An [L, Hkv] profile from a tensor, a torch.save file (a bare tensor or a dict holding
+    `what`), or None / "online" (no profile)."""
+    if value is None or (isinstance(value, str) and value == "online"):
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        loaded = torch.load(value, map_location="cpu", weights_only=True)
+        value = loaded[what] if isinstance(loaded, dict) else loaded
+    profile = torch.as_tensor(value, dtype=torch.float32).cpu()
+    if profile.dim() != 2:
+        raise ValueError(f"mixkv: {what} profile must be [num_layers, num_kv_heads], "
+                         f"got shape {tuple(profile.shape)}")
+    if not torch.isfinite(profile).all() or (profile < 0).any():
+        raise ValueError(f"mixkv: {what} profile must hold finite values >= 0")
+    return profile
+
+
+def profile_row(profile: Tensor, what: str, prefill: "Prefill") -> Tensor:
+    """The prefill's layer row of an [L, Hkv] profile, checked against the model."""
+    Hkv = prefill.keys.shape[1]
+    if profile.shape != (prefill.num_layers, Hkv):
+        raise ValueError(f"mixkv: {what} profile has shape {tuple(profile.shape)}, the model "
+                         f"needs [{prefill.num_layers}, {Hkv}]")
+    return profile.to(prefill.keys.device)
+
+
+@dataclasses.dataclass
+class Prefill:
+    """What the shim captured for one layer at prefill: every scorer's input.
+
+    Shapes: B rows, Hq query heads, Hkv KV heads, N prompt tokens, W window, D head dim; the
+    candidates are positions 0 .. C-1 (C = N - W), the window C .. N-1 is always kept."""
+
+    queries: Tensor                   # [B, Hq, W, D] the window's queries, post-RoPE
+    keys: Tensor                      # [B, Hkv, N, D] post-RoPE, as cached
+    values: Tensor                    # [B, Hkv, N, D]
+    key_mask: Optional[Tensor]        # [B, N] bool, True for real tokens; None: no padding
+    window: int
+    layer: int                        # decoder layer index
+    num_layers: int
+    scaling: Optional[float] = None   # the module's attention scaling (None: 1/sqrt(D))
+    module: Optional[nn.Module] = None            # the layer's attention module
+    decoder: Optional[nn.Module] = None           # the decoder stack (rotary embedding, config)
+    hidden_states: Optional[Tensor] = None        # [B, N, hidden] the attention module's input,
+    #                                               captured for scorers with needs_hidden_states
+
+    @property
+    def candidates(self) -> int:
+        return self.keys.shape[-2] - self.window
+
+    def real_candidates(self) -> Tensor:
+        """[B, C] bool: which candidates are real tokens."""
+        B, C = self.keys.shape[0], self.candidates
+        if self.key_mask is None:
+            return torch.ones(B, C, dtype=torch.bool, device=self.keys.device)
+        return self.key_mask[:, :C].bool()
+
+
+class Scorer:
+    """Scores each KV head's candidates: ``score(prefill)`` -> [B, Hkv, C] float32, higher is
+    kept (finite at real candidates; padded candidates are ranked last whatever their score).
+
+    Subclass, implement ``score``, register with ``@register_scorer("name")``; constructor
+    keyword arguments are the scorer's options. Set ``needs_hidden_states = True`` to receive
+    ``prefill.hidden_states`` (the shim and the evaluation engine then capture them).
+    Budget policies split capacities by ``importance``: the score unless a scorer's scores are
+    not a non-negative importance (override ``score_with_importance`` then)."""
+
+    name: ClassVar[str] = ""
+    needs_hidden_states: ClassVar[bool] = False
+
+    def score(self, prefill: Prefill) -> Tensor:
+        raise NotImplementedError(f"mixkv: scorer {type(self).__name__} must implement score()")
+
+    def score_with_importance(self, prefill: Prefill) -> Tuple[Tensor, Tensor]:
+        """(importance for budget policies and mixers, selection scores), both [B, Hkv, C]."""
+        scores = self.score(prefill)
+        return scores, scores
+
+    def fused_options(self, prefill: Prefill) -> Optional[dict]:
+        """Arguments of the fused op (mode, pooling, redundancy row, ...) when this scorer is
+        one of its modes; None: compose the leaf ops."""
+        return None
+
+    def parts(self):
+        """This scorer and the scorers inside it, outermost first."""
+        return [self]
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class BudgetPolicy:
+    """Per-head capacities from importance: ``capacities(importance [B, Hkv, C], capacity,
+    prefill)`` -> [B, Hkv] int32, each row summing to at most Hkv * capacity and no head above
+    its row's real candidates. ``headwise`` False keeps one dense capacity for all heads.
+
+    The native policies run ``torch.ops.mixkv.head_budgets`` with ``op_policy``; a subclass may
+    override ``capacities`` (then the scores are selected by ``select_kv_ragged``).
+    ``BudgetPolicy(scorer)`` reads as "this policy over that scorer": ``AdaKV(SnapKV())``."""
+
+    name: ClassVar[str] = ""
+    headwise: ClassVar[bool] = True
+    op_policy: ClassVar[Optional[str]] = None
+
+    def __init__(self, scorer: Optional[Scorer] = None):
+        self.scorer = scorer
+
+    def op_arguments(self, prefill: Prefill) -> tuple:
+        """(policy, floor_alpha, normalize, layer, num_layers, pyramid_beta, profile) of
+        head_budgets / compress_ragged."""
+        return (self.op_policy, 0.2, True, prefill.layer, prefill.num_layers, 20, None)
+
+    def capacities(self, importance: Tensor, capacity: int, prefill: Prefill) -> Tensor:
+        if self.op_policy is None:
+            raise NotImplementedError(f"mixkv: policy {type(self).__name__} must implement "
+                                      "capacities()")
+        policy, alpha, normalize, layer, layers, beta, profile = self.op_arguments(prefill)
+        return torch.ops.mixkv.head_budgets(importance, capacity, policy, alpha, normalize,
+                                            prefill.key_mask, layer, layers, beta, profile)
+
+    def native(self) -> bool:
+        return self.op_policy is not None and not _overrides(self, BudgetPolicy, "capacities")
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def __repr__(self):
+        inner = "" if self.scorer is None else repr(self.scorer)
+        return f"{type(self).__name__}({inner})"
+
+
+@dataclasses.dataclass
+class Selection:
+    """Kept K/V of one layer: dense ([B, Hkv, k, D], positions [B, Hkv, k]) when ``offsets`` is
+    None, else ragged ([T, D], positions [T], offsets [B*Hkv + 1]) as from select_kv_ragged."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    offsets: Optional[Tensor] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A resolved method: a scorer (None: no compression) under a budget policy, with the
+    budget. Built by :func:`mixkv.methods.resolve`; the shim calls ``compress`` per layer."""
+
+    scorer: Optional[Scorer]
+    policy: BudgetPolicy
+    budget: Optional[int] = None       # tokens kept per head, window included
+    ratio: Optional[float] = None      # or: fraction of the prompt removed (kvpress convention)
+    window: int = 32
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def headwise(self) -> bool:
+        """Per-head or per-layer capacities need the head-wise cache."""
+        return self.policy.headwise
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.scorer is not None and any(s.needs_hidden_states
+                                               for s in self.scorer.parts())
+
+    @property
+    def redundancy(self) -> Optional[Tensor]:
+        """The offline redundancy profile of a MixKV mix, if any."""
+        for part in self.scorer.parts() if self.scorer is not None else []:
+            if getattr(part, "redundancy", None) is not None:
+                return part.redundancy
+        return None
+
+    def budget_for(self, prompt_len: int) -> int:
+        """Tokens to keep per head for a prompt of this length (window included)."""
+        if self.budget is not None:
+            return self.budget
+        return max(self.window + 1, int(round(prompt_len * (1.0 - self.ratio))))
+
+    def compress(self, prefill: Prefill, budget: int) -> Selection:
+        """Kept K/V of one layer (N > budget)."""
+        keys, values, mask, W = prefill.keys, prefill.values, prefill.key_mask, prefill.window
+        fused = self.scorer.fused_options(prefill)
+        if fused is not None and self.policy.native():
+            common = (prefill.queries, keys, values, mask, budget, W, fused["mode"],
+                      fused["redundancy"],
+                      fused["pool_kernel"], fused["pooling"], fused["gqa_reduce"],
+                      prefill.scaling)
+            if self.policy.headwise:
+                return Selection(*torch.ops.mixkv.compress_ragged(
+                    *common, *self.policy.op_arguments(prefill)))
+            return Selection(*torch.ops.mixkv.compress(*common))
+        importance, scores = (self._checked(x, prefill)
+                              for x in self.scorer.score_with_importance(prefill))
+        capacity = budget - W
+        if not self.policy.headwise:
+            return Selection(*torch.ops.mixkv.select_kv(scores, keys, values, capacity, W, mask))
+        capacities = self.policy.capacities(importance, capacity, prefill)
+        return Selection(*torch.ops.mixkv.select_kv_ragged(scores, keys, values,
+                                                           capacities.to(torch.int32), W, mask))
+
+    def _checked(self, scores: Tensor, prefill: Prefill) -> Tensor:
+        B, Hkv = prefill.keys.shape[:2]
+        want = (B, Hkv, prefill.candidates)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != want:
+            raise ValueError(f"mixkv: scorer {self.scorer.label!r} returned "
+                             f"{getattr(scores, 'shape', type(scores).__name__)}, expected "
+                             f"scores of shape {list(want)} (rows, KV heads, candidates)")
+        return scores.to(device=prefill.keys.device, dtype=torch.float32).contiguous()
+
+
+def constructor_options(cls: type) -> Dict[str, inspect.Parameter]:
+    """The keyword options a registered class takes (its constructor's named parameters)."""
+    skip = {"self", "inner", "scorer"}
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p for n, p in params.items()
+            if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+

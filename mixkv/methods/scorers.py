@@ -1,0 +1,261 @@
+"""The scorers: SnapKV's window attention, key norm, random, StreamingLLM, TOVA, expected
+attention, and the mixers (MixKV and its ablations) that wrap any of them.
+
+Adding a scorer: one class here (or anywhere, even a notebook) with ``@register_scorer``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .base import Prefill, Scorer, _overrides, load_profile, profile_row, register_scorer
+
+
+@register_scorer("snapkv")
+class SnapKV(Scorer):
+    """Attention from the window queries to each candidate, pooled (SnapKV; mode "attn")."""
+
+    def __init__(self, pool_kernel: int = 5, pooling: str = "avg", gqa_reduce: str = "mean"):
+        self.pool_kernel, self.pooling, self.gqa_reduce = pool_kernel, pooling, gqa_reduce
+
+    def score(self, p: Prefill) -> Tensor:
+        return torch.ops.mixkv.window_importance(p.queries, p.keys, p.key_mask, self.pool_kernel,
+                                                 self.pooling, self.gqa_reduce, p.scaling)
+
+    def fused_options(self, p: Prefill) -> Optional[dict]:
+        if _overrides(self, SnapKV, "score", "score_with_importance"):
+            return None
+        return dict(mode="attn", pool_kernel=self.pool_kernel, pooling=self.pooling,
+                    gqa_reduce=self.gqa_reduce, redundancy=None)
+
+    def __repr__(self):
+        return (f"SnapKV(pool_kernel={self.pool_kernel}, pooling={self.pooling!r}, "
+                f"gqa_reduce={self.gqa_reduce!r})")
+
+
+@register_scorer("knorm")
+class KeyNorm(Scorer):
+    """Low key norm ~ high attention (Devoto et al., 2024): score -|K|."""
+
+    def score(self, p: Prefill) -> Tensor:
+        return -p.keys[:, :, :p.candidates].float().norm(dim=-1)
+
+    def score_with_importance(self, p: Prefill):
+        scores = self.score(p)
+        # Policies and mixers need a non-negative importance: the norm's distance to the
+        # head's largest real norm ranks tokens as the score does.
+        real = p.real_candidates()[:, None, :]
+        top = torch.where(real, -scores, 0.0).amax(-1, keepdim=True)
+        return torch.where(real, top + scores, 0.0), scores
+
+
+@register_scorer("random")
+class Random(Scorer):
+    """Seeded uniform scores, one generator per (seed, layer): a floor for every method."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score(self, p: Prefill) -> Tensor:
+        B, Hkv = p.keys.shape[:2]
+        g = torch.Generator().manual_seed(self.seed * 100003 + p.layer)
+        return torch.rand(B, Hkv, p.candidates, generator=g).to(p.keys.device)
+
+
+@register_scorer("streamingllm")
+class StreamingLLM(Scorer):
+    """Attention sinks then recency: the first `sinks` real tokens, then the most recent."""
+
+    def __init__(self, sinks: int = 4):
+        self.sinks = sinks
+
+    def score(self, p: Prefill) -> Tensor:
+        B, Hkv = p.keys.shape[:2]
+        C, device = p.candidates, p.keys.device
+        pads = torch.zeros(B, 1, device=device) if p.key_mask is None else \
+            (~p.key_mask[:, :C]).sum(-1, keepdim=True).float()
+        relative = torch.arange(C, device=device)[None, :] - pads
+        scores = torch.where(relative < self.sinks, 2.0, relative / max(C, 1))
+        return scores[:, None, :].expand(B, Hkv, C).contiguous()
+
+
+class Mixer(Scorer):
+    """Mixes an inner scorer's importance A with value norm and key diversity by ``mode`` of
+    ``torch.ops.mixkv.mix_scores`` (docs/design.md section 4, steps 2-5: V and D are min-max
+    normalised over each head's real candidates and rescaled to the mean of A).
+
+    ``inner`` is any scorer (default SnapKV), or a budget policy over one:
+    ``MixKV(AdaKV(SnapKV()))`` is AdaKV over ``MixKV(SnapKV())`` (the mix decides which tokens
+    a head keeps, the policy how many, from the inner importance)."""
+
+    mode = ""
+
+    def __init__(self, inner: Union[Scorer, "object", None] = None):
+        from .base import BudgetPolicy
+
+        self.policy = None
+        if isinstance(inner, BudgetPolicy):
+            self.policy, inner = inner, inner.scorer
+        self.inner = inner if inner is not None else SnapKV()
+        if not isinstance(self.inner, Scorer):
+            raise TypeError(f"mixkv: {type(self).__name__} wraps a Scorer, got {self.inner!r}")
+
+    def redundancy_row(self, p: Prefill) -> Optional[Tensor]:
+        """[B, Hkv] redundancy replacing the online one (None: online)."""
+        return None
+
+    def score(self, p: Prefill) -> Tensor:
+        return self.score_with_importance(p)[1]
+
+    def score_with_importance(self, p: Prefill):
+        importance, _ = self.inner.score_with_importance(p)
+        importance = importance.float().contiguous()
+        W, mask = p.window, p.key_mask
+        norms = diversity = redundancy = None
+        if self.mode in ("vnorm", "mix3", "mixkv"):
+            norms = torch.ops.mixkv.value_norm(p.values, W, mask)
+        if self.mode in ("keydiff", "mix3", "mixkv"):
+            diversity, redundancy = torch.ops.mixkv.key_diversity(p.keys, W, mask)
+        offline = self.redundancy_row(p)
+        if offline is not None:
+            redundancy = offline
+        return importance, torch.ops.mixkv.mix_scores(importance, norms, diversity, redundancy,
+                                                      self.mode, mask)
+
+    def fused_options(self, p: Prefill) -> Optional[dict]:
+        inner = self.inner.fused_options(p)
+        if inner is None or inner["mode"] != "attn" or \
+                _overrides(self, Mixer, "score", "score_with_importance"):
+            return None
+        return dict(inner, mode=self.mode, redundancy=self.redundancy_row(p))
+
+    def parts(self):
+        return [self] + self.inner.parts()
+
+    @property
+    def label(self) -> str:
+        inner = self.inner.label
+        return self.name if inner == "snapkv" else f"{self.name}({inner})"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+@register_scorer("mixkv")
+class MixKV(Mixer):
+    """MixKV: S = r D~ + (1 - r)(A + V~), r the head's key redundancy (online, or a row of an
+    offline [L, Hkv] ``redundancy`` profile: tensor or torch.save file)."""
+
+    mode = "mixkv"
+
+    def __init__(self, inner=None, redundancy="online"):
+        super().__init__(inner)
+        self.redundancy = load_profile(redundancy, "redundancy")
+
+    def redundancy_row(self, p: Prefill) -> Optional[Tensor]:
+        if self.redundancy is None:
+            return None
+        row = profile_row(self.redundancy, "redundancy", p)[p.layer]
+        return row.expand(p.keys.shape[0], -1).contiguous()
+
+
+@register_scorer("vnorm")
+class ValueNorm(Mixer):
+    """Importance plus normalised value norm: S = A + V~."""
+
+    mode = "vnorm"
+
+
+@register_scorer("keydiff")
+class KeyDiff(Mixer):
+    """Diversity only (KeyDiff): S = D~ (budgets still come from the inner importance)."""
+
+    mode = "keydiff"
+
+
+@register_scorer("mix3")
+class Mix3(Mixer):
+    """Equal mix: S = (A + V~ + D~) / 3."""
+
+    mode = "mix3"
+
+
+@register_scorer("tova")
+class TOVA(Scorer):
+    """TOVA (Oren et al., 2024): the attention of the last prompt token's query alone,
+    averaged over all query heads of the layer (so every KV head ranks alike)."""
+
+    def score(self, p: Prefill) -> Tensor:
+        last = p.queries[..., -1:, :]
+        # window_importance with a one-query window: candidates 0 .. N-2, no pooling.
+        attention = torch.ops.mixkv.window_importance(last, p.keys, p.key_mask, 1, "avg",
+                                                      "mean", p.scaling)[..., :p.candidates]
+        return attention.mean(1, keepdim=True).expand_as(attention).contiguous()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@register_scorer("expected_attention")
+class ExpectedAttention(Scorer):
+    """Query-agnostic: the attention each key would get from the *future* queries, estimated
+    without them (after kvpress's ExpectedAttentionPress, mean term only, no covariance).
+
+    The mean pre-RoPE query of the prompt (the layer's hidden states through ``q_proj`` and
+    ``q_norm``; the first ``skip_first`` real tokens, attention sinks, left out) is rotated by
+    the RoPE rotation averaged over the next ``future_positions`` positions; its softmax
+    attention over the real keys, averaged over each KV head's query heads, is weighted by the
+    value norm (``(a + epsilon) * |V|``)."""
+
+    needs_hidden_states = True
+
+    def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0):
+        self.future_positions, self.skip_first, self.epsilon = \
+            future_positions, skip_first, epsilon
+
+    def score(self, p: Prefill) -> Tensor:
+        B, Hkv, N, D = p.keys.shape
+        mean_query = self._mean_future_query(p)                          # [B, Hq, D]
+        Hq = mean_query.shape[1]
+        keys = p.keys.float().repeat_interleave(Hq // Hkv, dim=1)       # [B, Hq, N, D]
+        scale = D ** -0.5 if p.scaling is None else p.scaling
+        logits = (keys @ mean_query[..., None]).squeeze(-1) * scale      # [B, Hq, N]
+        if p.key_mask is not None:
+            logits = logits.masked_fill(~p.key_mask[:, None, :].bool(), float("-inf"))
+        attention = logits.softmax(-1).view(B, Hkv, Hq // Hkv, N).mean(2)[..., :p.candidates]
+        norms = p.values[:, :, :p.candidates].float().norm(dim=-1)
+        return torch.where(p.real_candidates()[:, None, :], (attention + self.epsilon) * norms,
+                           0.0)
+
+    def _mean_future_query(self, p: Prefill) -> Tensor:
+        module, decoder, hidden = p.module, p.decoder, p.hidden_states
+        rotary = getattr(decoder, "rotary_emb", None)
+        if getattr(module, "q_proj", None) is None or rotary is None or hidden is None:
+            raise NotImplementedError(
+                f"mixkv: scorer {self.label!r} needs the layer's hidden states, an attention "
+                "module with q_proj and a decoder with rotary_emb (Llama, Mistral, Qwen2/3, "
+                "Gemma)")
+        B, N = hidden.shape[:2]
+        D = p.keys.shape[-1]
+        queries = module.q_proj(hidden).view(B, N, -1, D)
+        if getattr(module, "q_norm", None) is not None:
+            queries = module.q_norm(queries)
+        real = torch.ones(B, N, dtype=torch.bool, device=hidden.device) if p.key_mask is None \
+            else p.key_mask.bool().to(hidden.device)
+        rank = real.long().cumsum(-1)                                    # 1-based among real
+        used = (real & (rank > self.skip_first)).float()
+        used = torch.where(used.sum(-1, keepdim=True) > 0, used, real.float())
+        mean = (queries.float() * used[..., None, None]).sum(1) / used.sum(1)[:, None, None]
+        # Future positions continue each row's real tokens (left padding has no positions).
+        future = rank[:, -1:] + torch.arange(self.future_positions, device=hidden.device)
+        kwargs = {}
+        if isinstance(getattr(rotary, "rope_type", None), dict):  # one RoPE per layer type
+            kwargs["layer_type"] = decoder.config.layer_types[p.layer]
+        cos, sin = rotary(hidden, future, **kwargs)                      # [B, F, D]
+        cos, sin = cos.float().mean(1)[:, None, :], sin.float().mean(1)[:, None, :]
+        return (mean * cos + _rotate_half(mean) * sin).to(p.keys.device)
