@@ -162,7 +162,7 @@ def test_dense_padded_layer_holds_kept_then_appended_and_attends_densely(monkeyp
     key_mask = mask.bool()
     B, Hkv = len(ROWS), model.config.num_key_value_heads
     for i, layer in enumerate(cache.layers):
-        assert type(layer) is DynamicLayer and layer.keys.shape[-2] == BUDGET + sum(APPENDS)
+        assert isinstance(layer, DynamicLayer) and layer.keys.shape[-2] == BUDGET + sum(APPENDS)
         _, full_k, _, _ = seen[i]
         # The kept tokens are rows of the prefill keys (which rows is the ops' business, tested
         # elsewhere); a kept row equal to a real prompt token is real, the rest is padding.
@@ -175,7 +175,8 @@ def test_dense_padded_layer_holds_kept_then_appended_and_attends_densely(monkeyp
         assert kept_real.sum(-1).tolist() == [min(BUDGET, n) for n in ROWS]
         decode_calls = [c for c in seen.calls if c["layer"] == i
                         and c["query"].shape[-2] != c["key"].shape[-2]]
-        updates = [args for obj, args, _ in appended if obj is layer][1:]  # [0] is the prefill
+        updates = [args for obj, args, _ in appended  # not the prefill's own update
+                   if obj is layer and args[0].shape[-2] != ids.shape[-1]]
         assert len(decode_calls) == len(updates) == len(APPENDS)
         keys, real = kept_k, kept_real
         for call, (new_k, _) in zip(decode_calls, updates):
