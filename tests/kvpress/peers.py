@@ -47,18 +47,21 @@ def prefill(model, input_ids, press=None, patch=None):
 
 
 def kept_positions(full_keys: torch.Tensor, kept_keys: torch.Tensor):
-    """[[sorted kept positions of head h] for h] for each batch row: exact row matching."""
+    """[[sorted kept positions of head h] for h] for each batch row: exact row matching (each
+    row's bytes are looked up among the full prefill's rows of that head)."""
     B, H, N, _ = full_keys.shape
+    full = full_keys.detach().cpu().contiguous().numpy()
+    kept = kept_keys.detach().cpu().contiguous().numpy()
     out = []
     for b in range(B):
         rows = []
         for h in range(H):
-            match = (kept_keys[b, h][:, None, :] == full_keys[b, h][None, :, :]).all(-1)
-            hits = match.sum(-1)
-            assert bool((hits == 1).all()), (
-                f"row {b} head {h}: {int((hits == 0).sum())} kept keys match no position and "
-                f"{int((hits > 1).sum())} match several")
-            rows.append(sorted(match.float().argmax(-1).tolist()))
+            where = {full[b, h, j].tobytes(): j for j in range(N)}
+            assert len(where) == N, f"row {b} head {h}: the full keys repeat a row"
+            found = [where.get(row.tobytes()) for row in kept[b, h]]
+            assert None not in found, f"row {b} head {h}: a kept key matches no position"
+            assert len(set(found)) == len(found), f"row {b} head {h}: a position kept twice"
+            rows.append(sorted(found))
         out.append(rows)
     return out
 
