@@ -15,6 +15,7 @@ Prefill is "the layer holds exactly this call's tokens"; ``cache_position`` is n
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 import weakref
@@ -31,6 +32,9 @@ from .headwise import HeadwiseLayer
 # Patched attention module -> its _LayerState; the lookup wrapper is installed while any exists.
 _PATCHED: "weakref.WeakKeyDictionary[nn.Module, _LayerState]" = weakref.WeakKeyDictionary()
 _WRAPPED: dict = {}
+# The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
+# newest runs in the main suite). README "Supported versions".
+OLDEST_TRANSFORMERS = (5, 17)
 _REFUSED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized",
                                   "sliding_window", "hybrid", "mamba", "paged")
 
@@ -395,6 +399,29 @@ class _KwargsView:
         self.prefill_chunk_size = kwargs.get("prefill_chunk_size")
 
 
+def _version_tuple(version: str):
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_transformers_version(version: Optional[str] = None) -> bool:
+    """Warn (once per call site) when transformers is older than the oldest the shim supports;
+    True when the version is supported."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if _version_tuple(version) >= OLDEST_TRANSFORMERS:
+        return True
+    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+    warnings.warn(f"mixkv: transformers {version} is older than {oldest}, the oldest the shim "
+                  "supports: uniform budgets may work, but head-wise budgets (adakv, pyramidkv, "
+                  "explicit) and the vision-language models are known to fail on 5.2 (README "
+                  "'Supported versions'; with kvpress use mixkv.kvpress's presses)",
+                  stacklevel=_caller_stacklevel())
+    return False
+
+
 def patch(model: nn.Module, method: str = "mixkv", *, budget: Optional[int] = None,
           ratio: Optional[float] = None, window: int = 32, pool_kernel: int = 5,
           pooling: str = "avg", gqa_reduce: str = "mean", base: str = "snapkv",
@@ -408,6 +435,7 @@ def patch(model: nn.Module, method: str = "mixkv", *, budget: Optional[int] = No
     ``redundancy`` is "online" or an [L, Hkv] profile (tensor or torch.save file). Returns a
     handle that is also a context manager; ``mixkv.unpatch(model)`` restores the model exactly.
     """
+    check_transformers_version()
     resolved = resolve(method, budget=budget, ratio=ratio, window=window,
                        pool_kernel=pool_kernel, pooling=pooling, gqa_reduce=gqa_reduce,
                        base=base, redundancy=redundancy, profile=profile,

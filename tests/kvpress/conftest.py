@@ -18,3 +18,10 @@ def smollm2():
 
     logging.disable_progress_bar()
     return load_model()
+
+
+def pytest_configure(config):
+    # The peer tests run the shim's uniform-budget path under kvpress's transformers (< 5.3),
+    # below the shim's supported range; that path is what they check, so its warning is noise.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:mixkv. transformers .* is older than:UserWarning")
