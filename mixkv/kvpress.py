@@ -179,14 +179,19 @@ class MixKVPress(ScorerPress):
         name = type(self).__name__
         B, Hkv, N, _ = keys.shape
         W = self.window_size
-        if hidden_states.shape[1] != N:
-            raise ValueError(f"{name}: the layer holds {N} tokens but this call has "
-                             f"{hidden_states.shape[1]} hidden states; only a prefill that "
-                             "starts from an empty cache can be scored")
         if N <= W:
             raise ValueError(f"{name}: the prompt ({N} tokens) must be longer than "
                              f"window_size ({W})")
-        q = window_queries(module, hidden_states, W, kwargs.get("position_embeddings"))
+        rope = kwargs.get("position_embeddings")
+        T = hidden_states.shape[1]
+        if rope is not None and rope[0].shape[-2] != T:
+            raise ValueError(f"{name}: this call has {T} hidden states but rotary embeddings "
+                             f"for {rope[0].shape[-2]} positions; wrappers that score slices of "
+                             "the sequence (ChunkPress, BlockPress) are not supported")
+        if T < W:
+            raise ValueError(f"{name}: window_size ({W}) needs the last {W} queries, but this "
+                             f"call has {T} tokens")
+        q = window_queries(module, hidden_states, W, rope)
         scaling = getattr(module, "scaling", None)
         scaling = None if scaling is None else float(scaling)
         ops = torch.ops.mixkv

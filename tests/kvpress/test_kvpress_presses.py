@@ -234,6 +234,17 @@ def test_prompt_not_longer_than_the_window_is_refused():
         prefill(_model("llama"), hf_models._text_prompt(40, 1), press=press)
 
 
+def test_slicing_wrappers_are_refused():
+    """ChunkPress scores slices of the sequence with the whole sequence's rotary embeddings:
+    the window queries would sit at the wrong positions."""
+    from kvpress import ChunkPress
+
+    press = ChunkPress(MixKVPress(compression_ratio=0.5), chunk_length=128)
+    with pytest.raises(ValueError, match=r"MixKVPress: this call has 128 hidden states but "
+                                         r"rotary embeddings for 300 positions"):
+        prefill(_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
+
+
 def test_no_compression_at_ratio_zero():
     ids, keys, _, _, _ = _prefill("llama", 1)
     kept = prefill(_model("llama"), ids, press=MixKVPress())[0]
