@@ -184,13 +184,18 @@ class MixKVPress(ScorerPress):
                              f"window_size ({W})")
         rope = kwargs.get("position_embeddings")
         T = hidden_states.shape[1]
-        if rope is not None and rope[0].shape[-2] != T:
+        if T < W:
+            raise ValueError(f"{name}: window_size ({W}) needs the last {W} queries, but this "
+                             f"call has {T} hidden states")
+        if rope is not None and rope[0].shape[-2] > T:
             raise ValueError(f"{name}: this call has {T} hidden states but rotary embeddings "
                              f"for {rope[0].shape[-2]} positions; wrappers that score slices of "
                              "the sequence (ChunkPress, BlockPress) are not supported")
-        if T < W:
-            raise ValueError(f"{name}: window_size ({W}) needs the last {W} queries, but this "
-                             f"call has {T} tokens")
+        if rope is not None and rope[0].shape[-2] < T:
+            # DecodingPress: a buffer of the latest hidden states, the rotary embeddings of
+            # this step only. The buffer ends at this step's token.
+            hidden_states = hidden_states[:, -W:]
+            rope = self._latest_rope(module, hidden_states, kwargs)
         q = window_queries(module, hidden_states, W, rope)
         scaling = getattr(module, "scaling", None)
         scaling = None if scaling is None else float(scaling)
@@ -211,6 +216,20 @@ class MixKVPress(ScorerPress):
                                  f"[{num_layers}, {Hkv}]")
             redundancy = self._redundancy[layer].to(keys.device).expand(B, Hkv).contiguous()
         return ops.mix_scores(importance, vnorm, diversity, redundancy, self.mode, None)
+
+    def _latest_rope(self, module, hidden_states, kwargs):
+        """(cos, sin) of the ``hidden_states.shape[1]`` positions that end at this call's last
+        position (``cache_position``), from the model's rotary embedding (kvpress hands it to
+        each attention module as ``rotary_emb``)."""
+        rotary = getattr(module, "rotary_emb", None)
+        cache_position = kwargs.get("cache_position")
+        if rotary is None or cache_position is None:
+            raise ValueError(f"{type(self).__name__}: scoring buffered hidden states needs the "
+                             "module's rotary_emb and this call's cache_position")
+        B, T = hidden_states.shape[:2]
+        last = cache_position.reshape(-1)[-1]
+        positions = last - (T - 1) + torch.arange(T, device=hidden_states.device)
+        return rotary(hidden_states, positions[None].expand(B, T))
 
     def score(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor, attentions: Optional[torch.Tensor], kwargs) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from kvpress import AdaKVPress, PerLayerCompressionPress
 from kvpress.utils import compute_n_kept
+from transformers import DynamicCache
 
 import hf_models
 import mixkv
@@ -243,6 +244,44 @@ def test_slicing_wrappers_are_refused():
     with pytest.raises(ValueError, match=r"MixKVPress: this call has 128 hidden states but "
                                          r"rotary embeddings for 300 positions"):
         prefill(_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_buffered_hidden_states_score_like_the_prefill(name):
+    """DecodingPress hands the press a buffer of hidden states with the rotary embeddings of
+    the current step only; the press then takes the positions from cache_position. Scoring the
+    prefill that way gives the prefill's scores."""
+    ids, keys, values, _, inputs = _prefill(name, 1)
+    model = _model(name)
+    press = MixKVPress(compression_ratio=0.5)
+    for layer, (hidden, (cos, sin)) in inputs.items():
+        module = model.model.layers[layer].self_attn
+        module.rotary_emb = model.model.rotary_emb  # as kvpress's press(model) does
+        try:
+            full = press.score(module, hidden, keys[layer], values[layer], None,
+                               {"position_embeddings": (cos, sin)})
+            step = press.score(module, hidden, keys[layer], values[layer], None,
+                               {"position_embeddings": (cos[:, -1:], sin[:, -1:]),
+                                "cache_position": torch.arange(LENGTH)[-1:]})
+        finally:
+            del module.rotary_emb
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-7)
+
+
+def test_decoding_press_compresses_while_generating():
+    from kvpress import DecodingPress
+
+    ids = hf_models._text_prompt(LENGTH, 1)
+    model = _model("llama")
+    press = DecodingPress(base_press=MixKVPress(), compression_interval=40, target_size=120,
+                          hidden_states_buffer_size=64)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=45, do_sample=False)
+    assert out.shape[1] == LENGTH + 45
+    # compressed to 120 at the 40th decoding step, then 5 more tokens (the last one's K/V are
+    # not computed by generate)
+    assert [cache.get_seq_length(i) for i in range(len(cache))] == [124, 124]
 
 
 def test_no_compression_at_ratio_zero():
