@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kvpress tests (tests/kvpress) in a virtual environment of their own: NVIDIA kvpress pins
 # transformers>=4.56,<5.3, while the main environment has the shim's newer transformers.
-#   scripts/kvpress_test.sh [VENV] [pytest args...]
+#   scripts/kvpress_test.sh [--install-only] [VENV] [pytest args...]
 # VENV defaults to $MIXKV_KVPRESS_VENV, else .venv-kvpress in the repository. The venv is
 # created when missing and completed when packages are missing: torch first (the CPU build,
 # $MIXKV_TORCH_SPEC, default torch==2.13.0, the same as scripts/setup.sh), then kvpress
@@ -12,6 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# --install-only: set the venv up (scripts/setup.sh --kvpress), run nothing.
+INSTALL_ONLY=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--install-only" ]; then INSTALL_ONLY=1; else ARGS+=("$arg"); fi
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 VENV=${MIXKV_KVPRESS_VENV:-.venv-kvpress}
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VENV=$1; shift; fi
 BASE_PY=${PYTHON:-python3}
@@ -50,4 +57,5 @@ rm -f /tmp/mixkv-kvpress-import.$$
 "$PY" -c "import kvpress, transformers, torch; from importlib.metadata import version; \
 print('mixkv kvpress: kvpress', version('kvpress'), '| transformers', transformers.__version__, \
 '| torch', torch.__version__)"
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 PYTHONPATH="$ROOT" "$PY" -m pytest -q -p no:cacheprovider tests/kvpress "$@"

@@ -2,7 +2,7 @@
 # The Hugging Face shim's tests (tests/test_hf_*.py) under one transformers version, in a
 # virtual environment of its own: CI runs the oldest supported version this way (the main
 # environment, `make test`, has the newest).
-#   scripts/transformers_test.sh [VERSION] [VENV] [pytest args...]
+#   scripts/transformers_test.sh [--install-only] [VERSION] [VENV] [pytest args...]
 # VERSION defaults to $MIXKV_TRANSFORMERS_OLDEST, else 5.17.0 (the oldest the shim supports);
 # VENV to .venv-transformers-VERSION in the repository. torch is installed first (the CPU build,
 # $MIXKV_TORCH_SPEC, default torch==2.13.0, the same as scripts/setup.sh) so the tree's op
@@ -10,6 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# --install-only: set the venv up (scripts/setup.sh --kvpress), run nothing.
+INSTALL_ONLY=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--install-only" ]; then INSTALL_ONLY=1; else ARGS+=("$arg"); fi
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 VERSION=${MIXKV_TRANSFORMERS_OLDEST:-5.17.0}
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VERSION=$1; shift; fi
 VENV=.venv-transformers-$VERSION
@@ -35,5 +42,6 @@ if ! ls mixkv/_C*.so >/dev/null 2>&1; then
 fi
 PYTHONPATH="$ROOT" "$PY" -c "import mixkv, torch, transformers; \
 print('mixkv transformers: transformers', transformers.__version__, '| torch', torch.__version__)"
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 PYTHONPATH="$ROOT" "$PY" -m pytest -q -p no:cacheprovider tests/test_hf_patch.py \
   tests/test_hf_architectures.py tests/test_hf_probe.py tests/test_hf_multidevice.py "$@"
