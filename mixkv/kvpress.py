@@ -3,9 +3,11 @@
 kvpress (https://github.com/NVIDIA/kvpress) runs a *press* over a Hugging Face model: a
 ``ScorerPress`` scores every token of every KV head after prefill and keeps the top
 ``int(N * (1 - compression_ratio))`` of each head. The presses here are ScorerPresses, so
-everything kvpress builds on one works with them: ``pipeline("kv-press-text-generation")``,
-``AdaKVPress`` (head-wise budgets), ``PerLayerCompressionPress``, ``PyramidKVPress``-style
-wrappers, ``ComposedPress`` and kvpress's evaluation scripts.
+kvpress's wrappers of a ScorerPress take them: ``pipeline("kv-press-text-generation")``,
+``AdaKVPress`` (head-wise budgets, by masking: kvpress frees no memory there),
+``PerLayerCompressionPress``, ``DecodingPress`` and kvpress's evaluation scripts (tested in
+tests/kvpress). ``ChunkPress`` and ``BlockPress``, which score slices of the sequence with the
+whole sequence's rotary embeddings, are refused with an error.
 
 - :class:`MixKVPress`: MixKV over SnapKV scores, ``S = r D~ + (1 - r)(A + V~)`` per head, with
   ``A`` the pooled attention of the last ``window_size`` queries, ``V~``/``D~`` the value norm and
@@ -23,8 +25,9 @@ least ``window_size`` tokens, and the most recent window tokens otherwise. The c
 (positions 0 .. N-W-1) are ranked exactly as ``torch.ops.mixkv.compress`` ranks them.
 
 Window queries are recomputed from the layer's input hidden states (the last ``window_size``
-rows through ``q_proj``, the optional ``q_norm``, and RoPE from ``position_embeddings``), as
-kvpress's SnapKVPress does; the attention scale is the module's own ``scaling``.
+rows through ``q_proj``, the optional ``q_norm``, and RoPE from ``position_embeddings``, or, for
+DecodingPress's buffered hidden states, from the module's ``rotary_emb`` at their true
+positions), as kvpress's SnapKVPress does; the attention scale is the module's own ``scaling``.
 
 This module imports kvpress, which pins ``transformers>=4.56,<5.3``: install it in its own
 virtual environment (README "Use with kvpress").
