@@ -21,6 +21,12 @@ Where they differ by design the difference is aligned, then compared exactly:
 
 Budgets are tokens kept per head, window included; kvpress's compression_ratio is set so that
 ``int(N * (1 - ratio))`` is that budget (peers.ratio_for).
+
+Ties: mixkv's kept set must equal, exactly, the top ``budget`` of the kvpress press's own scores
+(recorded from its score()) with equal scores going to the lower position, mixkv's rule.
+kvpress's torch.topk leaves the order of equal scores open, so its own kept set may differ from
+that only by tokens whose scores are exactly equal (tiny random models do produce exact ties in
+SnapKV's pooled attention); any other difference fails.
 """
 
 import functools
