@@ -6,7 +6,8 @@ cache layers; ``patch.py``: hooks, refusals, statistics.
 
 from .capture import capture_prefill
 from .layers import CompressedLayer, HeadwiseLayer
-from .patch import MixKVPatch, find_attention_modules, patch, unpatch
+from .patch import (MixKVPatch, check_transformers_version, find_attention_modules, patch,
+                    unpatch)
 
 __all__ = ["patch", "unpatch", "MixKVPatch", "HeadwiseLayer", "CompressedLayer",
-           "find_attention_modules", "capture_prefill"]
+           "find_attention_modules", "capture_prefill", "check_transformers_version"]

@@ -97,8 +97,11 @@ class HeadwiseLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._max_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._max_length + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers before 5.4 passes this call's cache_position (a tensor) instead
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[-1]
+        return self._max_length + int(query_length), 0
 
     def kept_tokens(self) -> torch.Tensor:
         """Tokens held per (row, KV head): [B, Hkv]."""

@@ -17,6 +17,7 @@ the byte statistics.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from typing import Optional
@@ -29,6 +30,9 @@ from ..methods import Method, Prefill, resolve
 from . import capture
 from .layers import CompressedLayer, HeadwiseLayer
 
+# The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
+# newest runs in the main suite). README "Supported versions".
+OLDEST_TRANSFORMERS = (5, 17)
 _REFUSED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized",
                                   "sliding_window", "hybrid", "mamba", "paged")
 
@@ -308,6 +312,29 @@ class _KwargsView:
         self.prefill_chunk_size = kwargs.get("prefill_chunk_size")
 
 
+def _version_tuple(version: str):
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_transformers_version(version: Optional[str] = None) -> bool:
+    """Warn (once per call site) when transformers is older than the oldest the shim supports;
+    True when the version is supported."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if _version_tuple(version) >= OLDEST_TRANSFORMERS:
+        return True
+    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+    warnings.warn(f"mixkv: transformers {version} is older than {oldest}, the oldest the shim "
+                  "supports: uniform budgets may work, but head-wise budgets (adakv, pyramidkv, "
+                  "explicit) and the vision-language models are known to fail on 5.2 (README "
+                  "'Supported versions'; with kvpress use mixkv.kvpress's presses)",
+                  stacklevel=_caller_stacklevel())
+    return False
+
+
 def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
     """Compress the KV cache of `model` after every prefill with `method`.
 
@@ -320,6 +347,7 @@ def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
     ``seed``, ``pool_kernel``, ``floor_alpha``, ...). Returns a handle that is also a context
     manager; ``mixkv.unpatch(model)`` restores the model exactly.
     """
+    check_transformers_version()
     resolved = method if isinstance(method, Method) else resolve(method, **options)
     handle = MixKVPatch(model, resolved)
     model._mixkv_patch = handle

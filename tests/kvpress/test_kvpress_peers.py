@@ -1,0 +1,150 @@
+"""Peer agreement with NVIDIA kvpress: its SnapKVPress, StreamingLLMPress, KnormPress and
+KeyDiffPress keep exactly the tokens (per layer, per KV head) that mixkv's snapkv,
+streamingllm, knorm and keydiff keep at the same budget, on tiny random Llama and Qwen2 models
+(kvpress's own forward hooks vs the mixkv shim, one prefill each).
+
+Where the two protocols coincide the kept sets are compared as they are:
+- SnapKV: kvpress ``SnapKVPress(window_size=32, kernel_size=5)`` = mixkv ``snapkv`` (window 32,
+  avg pooling of kernel 5, GQA mean). Both keep the window and the top candidates by pooled
+  window attention.
+- StreamingLLM: ``StreamingLLMPress(n_sink=4)`` = mixkv ``streamingllm`` (sinks=4): the first 4
+  tokens and the most recent ``budget - 4``.
+
+Where they differ by design the difference is aligned, then compared exactly:
+- Knorm and KeyDiff: kvpress ranks all N tokens; mixkv always keeps the last ``window`` tokens
+  and ranks only the N - W candidates. Aligned: kvpress's own press with the window's scores
+  raised to +inf (its score() and its ScorerPress top-k otherwise untouched). Unaligned, the
+  relation that must still hold is checked too: kvpress keeps at most W window tokens, so it
+  keeps at least as many candidates, and every candidate mixkv keeps, kvpress keeps.
+- KeyDiff's score: kvpress ``-cos(k, mean of unit keys)``, mixkv ``-(k/|k|) . mean`` min-max
+  rescaled: the same order per head (a positive factor |mean| and an increasing affine map).
+
+Budgets are tokens kept per head, window included; kvpress's compression_ratio is set so that
+``int(N * (1 - ratio))`` is that budget (peers.ratio_for).
+
+Ties: mixkv's kept set must equal, exactly, the top ``budget`` of the kvpress press's own scores
+(recorded from its score()) with equal scores going to the lower position, mixkv's rule.
+kvpress's torch.topk leaves the order of equal scores open, so its own kept set may differ from
+that only by tokens whose scores are exactly equal (tiny random models do produce exact ties in
+SnapKV's pooled attention); any other difference fails.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from kvpress import KeyDiffPress, KnormPress, SnapKVPress, StreamingLLMPress
+
+import hf_models
+from peers import (WINDOW, all_kept, describe_difference, differ_only_in_ties, prefill,
+                   ratio_for, record_scores, top_by_score)
+
+BUILDERS = {"llama": hf_models.llama, "qwen2": hf_models.qwen2}
+LENGTH = 300
+SEEDS = (1, 2)
+BUDGETS = (48, 100, 200)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    model, _ = BUILDERS[name](attn="sdpa", seed=0)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt(seed, length=LENGTH):
+    return hf_models._text_prompt(length, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _full(name, seed):
+    return prefill(_model(name), _prompt(seed))[0]
+
+
+def _window_kept(press_cls):
+    """kvpress's press with mixkv's protocol: the last WINDOW tokens always kept."""
+
+    class WindowKept(press_cls):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            scores = super().score(module, hidden_states, keys, values, attentions, kwargs)
+            scores = scores.clone()
+            scores[..., -WINDOW:] = math.inf
+            return scores
+
+    WindowKept.__name__ = f"WindowKept{press_cls.__name__}"
+    return WindowKept
+
+
+def _compare(name, seed, budget, press, patch):
+    """Kept positions [layer][b][h] of mixkv (``patch``) and of kvpress (``press``). mixkv's must
+    be exactly the top ``budget`` of the press's own scores, ties to the lower position; the
+    press's own top-k must be the same set up to exactly equal scores (torch.topk's order of
+    ties is unspecified). Returns (ours, theirs, heads that differ by such a tie)."""
+    ids = _prompt(seed)
+    full = _full(name, seed)
+    scores = record_scores(press)
+    theirs = all_kept(full, prefill(_model(name), ids, press=press)[0])
+    ours = all_kept(full, prefill(_model(name), ids, patch=patch)[0])
+    assert sorted(scores) == list(range(len(full)))
+    ties = 0
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        for row in a + b:
+            assert all(len(kept) == budget for kept in row), "every head keeps the budget"
+        expected = top_by_score(scores[layer], budget)
+        assert a == expected, describe_difference(layer, a, expected)
+        ties += differ_only_in_ties(b, expected, scores[layer])
+    return ours, theirs, ties
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", BUILDERS)
+def test_snapkv_keeps_the_same_tokens(name, seed, budget):
+    ratio = ratio_for(LENGTH, budget)
+    ours, _, _ = _compare(name, seed, budget,
+                       SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=5),
+                       dict(method="snapkv", budget=budget, window=WINDOW, pool_kernel=5))
+    # Not a vacuous agreement: the heads of a layer disagree with each other somewhere.
+    assert any(len({tuple(h) for h in layer[0]}) > 1 for layer in ours)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("name", BUILDERS)
+def test_streamingllm_keeps_the_same_tokens(name, budget):
+    ours, _, _ = _compare(name, 1, budget,
+                       StreamingLLMPress(compression_ratio=ratio_for(LENGTH, budget), n_sink=4),
+                       dict(method="streamingllm", budget=budget, window=WINDOW, sinks=4))
+    expected = list(range(4)) + list(range(LENGTH - (budget - 4), LENGTH))
+    assert all(head == expected for layer in ours for row in layer for head in row)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("kind", ["knorm", "keydiff"])
+def test_window_free_presses_agree_once_the_window_is_kept(kind, name, seed, budget):
+    press_cls = {"knorm": KnormPress, "keydiff": KeyDiffPress}[kind]
+    ratio = ratio_for(LENGTH, budget)
+    ours, _, _ = _compare(name, seed, budget, _window_kept(press_cls)(compression_ratio=ratio),
+                       dict(method=kind, budget=budget, window=WINDOW))
+    # The by-design difference, unaligned: kvpress's plain press may drop window tokens and
+    # then keeps more candidates, a superset of mixkv's.
+    full = _full(name, seed)
+    plain = all_kept(full, prefill(_model(name), _prompt(seed),
+                                   press=press_cls(compression_ratio=ratio))[0])
+    candidates = LENGTH - WINDOW
+    dropped_window = 0
+    for layer_ours, layer_plain in zip(ours, plain):
+        for row_ours, row_plain in zip(layer_ours, layer_plain):
+            for a, b in zip(row_ours, row_plain):
+                assert {j for j in a if j < candidates} <= {j for j in b if j < candidates}
+                dropped_window += WINDOW - sum(j >= candidates for j in b)
+    if kind == "knorm":  # random keys: the window's norms are no lower than the rest
+        assert dropped_window > 0, "the plain KnormPress should drop some window tokens here"
