@@ -52,7 +52,7 @@ except ImportError as _error:  # pragma: no cover - exercised without kvpress in
 
 import mixkv  # noqa: F401  (loads the op library)
 
-from .methods import _load_profile
+from .methods import load_profile
 from .reference import MODES
 
 __all__ = ["MixKVPress", "MixKVSnapKVPress", "MixKVValueNormPress", "MixKVKeyDiffPress",
@@ -169,7 +169,7 @@ class MixKVPress(ScorerPress):
                 raise ValueError(f"{name}: a redundancy profile is only used by mode 'mixkv' "
                                  f"(mode is {self.mode!r})")
             try:
-                self._redundancy = _load_profile(self.redundancy, "redundancy")
+                self._redundancy = load_profile(self.redundancy, "redundancy")
             except ValueError as error:
                 raise ValueError(f"{name}: redundancy: {error}") from error
         else:
