@@ -3,7 +3,7 @@
 # virtual environment of its own: CI runs the oldest supported version this way (the main
 # environment, `make test`, has the newest).
 #   scripts/transformers_test.sh [--install-only] [VERSION] [VENV] [pytest args...]
-# VERSION defaults to $MIXKV_TRANSFORMERS_OLDEST, else 5.17.0 (the oldest the shim supports);
+# VERSION defaults to $MIXKV_TRANSFORMERS_OLDEST, else 5.3.0 (the oldest the shim supports);
 # VENV to .venv-transformers-VERSION in the repository. torch is installed first (the CPU build,
 # $MIXKV_TORCH_SPEC, default torch==2.13.0, the same as scripts/setup.sh) so the tree's op
 # library (mixkv/_C*.so, built by scripts/setup.sh) loads unchanged; without one it is built.
@@ -17,7 +17,7 @@ for arg in "$@"; do
   if [ "$arg" = "--install-only" ]; then INSTALL_ONLY=1; else ARGS+=("$arg"); fi
 done
 set -- ${ARGS[@]+"${ARGS[@]}"}
-VERSION=${MIXKV_TRANSFORMERS_OLDEST:-5.17.0}
+VERSION=${MIXKV_TRANSFORMERS_OLDEST:-5.3.0}
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VERSION=$1; shift; fi
 VENV=.venv-transformers-$VERSION
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VENV=$1; shift; fi

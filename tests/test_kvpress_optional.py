@@ -27,16 +27,16 @@ def test_import_without_kvpress_names_the_fix(monkeypatch):
         import mixkv.kvpress  # noqa: F401
 
 
-@pytest.mark.parametrize("version, supported", [("5.17.0", True), ("5.24.0", True),
-                                                ("6.0.0.dev0", True), ("5.16.1", False),
-                                                ("5.2.0", False), ("4.57.6", False)])
+@pytest.mark.parametrize("version, supported", [("5.3.0", True), ("5.24.0", True),
+                                                ("6.0.0.dev0", True), ("5.2.0", False),
+                                                ("4.57.6", False)])
 def test_transformers_version_check(version, supported):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert check_transformers_version(version) is supported
     assert len(caught) == (0 if supported else 1)
     if not supported:
-        assert f"transformers {version} is older than 5.17" in str(caught[0].message)
+        assert f"transformers {version} is older than 5.3" in str(caught[0].message)
 
 
 def test_installed_transformers_is_supported():

@@ -98,7 +98,7 @@ class HeadwiseLayer(DynamicLayer):
         return self._max_length
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        # transformers before 5.4 passes this call's cache_position (a tensor) instead
+        # transformers 5.3 and older pass this call's cache_position (a tensor) instead
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[-1]
         return self._max_length + int(query_length), 0

@@ -32,7 +32,7 @@ from .layers import CompressedLayer, HeadwiseLayer
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
 # newest runs in the main suite). README "Supported versions".
-OLDEST_TRANSFORMERS = (5, 17)
+OLDEST_TRANSFORMERS = (5, 3)
 _REFUSED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized",
                                   "sliding_window", "hybrid", "mamba", "paged")
 
@@ -328,9 +328,8 @@ def check_transformers_version(version: Optional[str] = None) -> bool:
         return True
     oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
     warnings.warn(f"mixkv: transformers {version} is older than {oldest}, the oldest the shim "
-                  "supports: uniform budgets may work, but head-wise budgets (adakv, pyramidkv, "
-                  "explicit) and the vision-language models are known to fail on 5.2 (README "
-                  "'Supported versions'; with kvpress use mixkv.kvpress's presses)",
+                  "supports (README 'Supported versions'); with kvpress, whose transformers is "
+                  "older, use mixkv.kvpress's presses",
                   stacklevel=_caller_stacklevel())
     return False
 
