@@ -148,7 +148,7 @@ class Engine:
     def prepare(self, sample: Sample) -> Prepared:
         head, question = sample.user_parts()
         prefix, suffix = self.em.chat_parts(head, question)
-        suffix = suffix + sample.answer_prefix
+        suffix = suffix + self.em.answer_join(sample.answer_prefix) + sample.answer_prefix
         prefix_ids = self.em.encode(prefix, first=True)
         suffix_ids = self.em.encode(suffix)
         target_ids = self.em.encode(sample.target) if sample.target else []
