@@ -292,6 +292,19 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                   report.fidelity_markdown(summary, key="kl"))
     tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
                   report.fidelity_markdown(summary, key="top1_agree"))
+    layers = None
+    if em is not None:
+        from .engine import layers_left_alone
+
+        layers = layers_left_alone(em.model)
+        if layers["sliding_window"]:
+            tables.append(
+                f"Layers left uncompressed: {len(layers['sliding_window'])} of "
+                f"{layers['layers']} use sliding-window attention "
+                f"({_ranges(layers['sliding_window'])}) and keep their window cache; the "
+                f"methods compress the {len(layers['compressed'])} global layers "
+                f"({_ranges(layers['compressed'])}). KV ratios count the compressed layers "
+                "only.\n")
     text = "\n".join(t for t in tables if t)
     (out / "table.md").write_text(text, encoding="utf-8")
     report.write_csv(records, str(out / "results.csv"))
@@ -300,10 +313,23 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
     payload = dict(config=dataclasses.asdict(config), summary=summary, timing=timing or {},
                    records=len(records),
                    model=dict(name=em.name, source=em.source, fixes=em.fixes,
-                              stop_ids=em.stop_ids, adds_bos=em.adds_bos) if em else None,
+                              stop_ids=em.stop_ids, adds_bos=em.adds_bos, chat=em.chat,
+                              layers=layers) if em else None,
                    machine=dict(platform=platform.platform(), torch=torch.__version__,
                                 threads=torch.get_num_threads(), cpus=os.cpu_count()))
     (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
                                       encoding="utf-8")
     summary["markdown"] = text
     return summary
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 4, 6, 7] -> "0-2, 4, 6-7"."""
+    parts, run = [], []
+    for i in list(indices) + [None]:
+        if run and (i is None or i != run[-1] + 1):
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        if i is not None:
+            run.append(i)
+    return ", ".join(parts)
