@@ -165,7 +165,10 @@ class Engine:
     # -- public ----------------------------------------------------------------------------------
     def prepare(self, sample: Sample) -> Prepared:
         head, question = sample.user_parts()
-        prefix, suffix = self.em.chat_parts(head, question)
+        if sample.meta.get("raw"):     # natural text: the document itself, no chat template
+            prefix, suffix = head, question
+        else:
+            prefix, suffix = self.em.chat_parts(head, question)
         suffix = suffix + self.em.answer_join(sample.answer_prefix) + sample.answer_prefix
         prefix_ids = self.em.encode(prefix, first=True)
         suffix_ids = self.em.encode(suffix)
