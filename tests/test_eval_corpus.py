@@ -89,7 +89,9 @@ def test_runner_corpus_rows_get_their_own_tables(tmp_path):
     pooled = [r for r in summary["rows"] if r["task"] == "all"]
     assert {r["n"] for r in pooled} == {2}                  # the passkey samples only
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "**Natural-text fidelity** (3 document prefix(es) of 256 tokens" in table
+    assert "3 document prefix(es) compressed, the next 24 tokens teacher-forced" in table
+    assert "| mixkv - snapkv | 32 | 3 |" in table           # paired KL on the documents
+    assert [r["n"] for r in summary["paired"]] == [2]       # the score pairs: passkey only
     assert "| KL(full || compressed), nats | budget 32 | n |" in table
     assert "**corpus**" not in table                        # no task-score table for it
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -116,3 +118,17 @@ def test_depth_grid_and_heatmap(tmp_path):
     assert report.heatmap(records, str(path), title="t") and path.stat().st_size > 1000
     assert not report.heatmap([records[-1]], str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists()
+
+
+def test_corpus_only_run_has_no_task_score_tables(tmp_path):
+    em = tiny_eval_model()
+    (tmp_path / "d.txt").write_text(document(150))
+    config = RunConfig(tasks=[], lengths=[256], methods=["snapkv", "mixkv"], budgets=[32],
+                       corpus=str(tmp_path), continuation=24, window=8,
+                       out=str(tmp_path / "out"), progress=False, quiet=True)
+    summary = run(config, em=em)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.startswith("**Natural-text fidelity**") and "Task score" not in table
+    assert summary["paired"] == [] and len(summary["paired_fidelity"]) == 1
+    assert not (tmp_path / "out" / "plot.png").exists()
+    assert not (tmp_path / "out" / "heatmap.png").exists()

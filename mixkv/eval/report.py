@@ -63,7 +63,10 @@ def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
             row[key], row[key + "_low"], row[key + "_high"] = bootstrap_ci(values, seed=seed)
         row["kv_ratio"] = sum(g.get("kv_ratio", 1.0) for g in group) / len(group)
         rows.append(row)
-    return dict(rows=rows, paired=paired(records, seed=seed))
+    scored = [r for r in records if r.get("metric") != "none"]
+    fidelity_only = [r for r in records if r.get("metric") == "none"]
+    return dict(rows=rows, paired=paired(scored, seed=seed),
+                paired_fidelity=paired(fidelity_only, seed=seed))
 
 
 def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
@@ -86,10 +89,11 @@ def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
                         diffs.append(r["score"] - other["score"])
                     if r.get("kl") is not None and other.get("kl") is not None:
                         kl_diffs.append(r["kl"] - other["kl"])
-            if diffs:
+            if diffs or kl_diffs:   # no score diffs: fidelity-only samples (natural text)
                 mean, low, high = bootstrap_ci(diffs, seed=seed)
                 kl = bootstrap_ci(kl_diffs, seed=seed) if kl_diffs else (math.nan,) * 3
-                out.append(dict(method=method, base=base, budget=budget, n=len(diffs),
+                out.append(dict(method=method, base=base, budget=budget,
+                                n=max(len(diffs), len(kl_diffs)),
                                 diff=mean, low=low, high=high, kl_diff=kl[0], kl_low=kl[1],
                                 kl_high=kl[2],
                                 wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs)))
@@ -183,10 +187,18 @@ def fidelity_ci_markdown(summary: Dict, *, task: str,
     return "\n".join(parts)
 
 
-def paired_markdown(summary: Dict) -> str:
-    rows = summary.get("paired") or []
+def paired_markdown(summary: Dict, *, key: str = "paired") -> str:
+    """The paired differences ``summary[key]``: "paired" (task score, and KL over the answer
+    tokens) or "paired_fidelity" (natural text: KL over the continuation, with its interval)."""
+    rows = summary.get(key) or []
     if not rows:
         return ""
+    if key == "paired_fidelity":
+        lines = ["| method - base | budget | n | KL diff [95% CI] |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} - {r['base']} | {r['budget']} | {r['n']} | "
+                         f"{r['kl_diff']:+.3f} [{r['kl_low']:+.3f}, {r['kl_high']:+.3f}] |")
+        return "\n".join(lines) + "\n"
     lines = ["| method - base | budget | n | score diff [95% CI] | wins/losses | KL diff |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -298,25 +298,31 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
         inputs.append(f"corpus {Path(config.corpus).name}")
     title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
              f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
-    tables = [report.markdown(summary, title=f"**Task score, all tasks** ({title})")]
+    tables = []
     tasks = sorted({r["task"] for r in records if r.get("metric") != "none"})
-    if len(tasks) > 1:
-        for task in tasks:
-            tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
-    tables.append("**Paired difference against the base method (same samples)**\n\n" +
-                  (report.paired_markdown(summary) or "(no method/base pairs)\n"))
-    tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
-                  report.fidelity_markdown(summary, key="kl"))
-    tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
-                  report.fidelity_markdown(summary, key="top1_agree"))
+    if tasks or not records:
+        tables.append(report.markdown(summary, title=f"**Task score, all tasks** ({title})"))
+        if len(tasks) > 1:
+            for task in tasks:
+                tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
+        tables.append("**Paired difference against the base method (same samples)**\n\n" +
+                      (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+        tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
+                      report.fidelity_markdown(summary, key="kl"))
+        tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
+                      report.fidelity_markdown(summary, key="top1_agree"))
     corpus = [r for r in records if r["task"] == CORPUS_TASK]
     if corpus:
         documents = len({r["sample_id"] for r in corpus})
         tables.append(
-            f"**Natural-text fidelity** ({documents} document prefix(es) of "
-            f"{'/'.join(map(str, config.lengths))} tokens compressed, the next "
-            f"{config.continuation} tokens teacher-forced; mean over tokens, then documents, "
-            "[95% CI])\n\n" + report.fidelity_ci_markdown(summary, task=CORPUS_TASK))
+            f"**Natural-text fidelity** ({title}: {documents} document prefix(es) "
+            f"compressed, the next {config.continuation} tokens teacher-forced; mean over "
+            "tokens, then documents, [95% CI])\n\n" +
+            report.fidelity_ci_markdown(summary, task=CORPUS_TASK))
+        paired_text = report.paired_markdown(summary, key="paired_fidelity")
+        if paired_text:
+            tables.append("**Natural text: paired KL difference against the base method**\n\n"
+                          + paired_text)
     layers = None
     if em is not None:
         from .engine import layers_left_alone
