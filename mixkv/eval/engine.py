@@ -59,6 +59,24 @@ def capture_window_queries(model, window: int):
         yield captured.queries
 
 
+def layers_left_alone(model) -> Dict:
+    """The decoder layers the shim does not compress, by reason, as ``mixkv.patch`` decides
+    (``MixKVPatch.sliding_layers``: a ``layer_types`` entry naming sliding attention, or every
+    layer when the config has a ``sliding_window`` and no ``layer_types``), and the layer count:
+    ``dict(layers=18, compressed=[5, 11, 17], sliding_window=[0, 1, ...])``."""
+    from ..hf.patch import find_attention_modules
+
+    decoder, modules = find_attention_modules(model)
+    config = decoder.config
+    count = len(modules)
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
+    if getattr(config, "sliding_window", None) and not layer_types:
+        sliding = list(range(count))
+    return dict(layers=count, compressed=[i for i in range(count) if i not in sliding],
+                sliding_window=sliding)
+
+
 def method_options(label: str) -> Dict:
     """The ``mixkv.patch`` arguments of a method name: the name carries its base
     ("mixkv+adakv", "tova+pyramidkv", "mixkv(tova)"), parsed by :mod:`mixkv.methods`."""
@@ -119,8 +137,11 @@ class Engine:
     # -- public ----------------------------------------------------------------------------------
     def prepare(self, sample: Sample) -> Prepared:
         head, question = sample.user_parts()
-        prefix, suffix = self.em.chat_parts(head, question)
-        suffix = suffix + sample.answer_prefix
+        if sample.meta.get("raw"):     # natural text: the document itself, no chat template
+            prefix, suffix = head, question
+        else:
+            prefix, suffix = self.em.chat_parts(head, question)
+        suffix = suffix + self.em.answer_join(sample.answer_prefix) + sample.answer_prefix
         prefix_ids = self.em.encode(prefix, first=True)
         suffix_ids = self.em.encode(suffix)
         target_ids = self.em.encode(sample.target) if sample.target else []

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("contains_all", "contains_any", "exact", "qa_f1", "rouge_l", "classification",
-           "retrieval", "count", "code_sim")
+           "retrieval", "count", "code_sim", "none")
 
 
 def normalize_answer(text: str) -> str:
@@ -137,6 +137,8 @@ def code_sim(prediction: str, answers: Sequence[str]) -> float:
 def score(metric: str, prediction: str, answers: Sequence[str],
           meta: Optional[Dict] = None) -> float:
     """The task score of ``prediction`` under ``metric`` (one of :data:`METRICS`)."""
+    if metric == "none":      # fidelity-only samples (natural text): no task score
+        return math.nan
     if metric == "classification":
         return classification(prediction, answers, (meta or {}).get("all_classes"))
     table = {"contains_all": contains_all, "contains_any": contains_any, "exact": exact,

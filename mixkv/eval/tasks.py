@@ -27,6 +27,10 @@ files whose sentences are used in order, starting at a seeded offset.
 LongBench: :func:`load_jsonl` reads LongBench-format JSONL (``context``, ``input``, ``answers``,
 optional ``dataset``, ``all_classes``), with LongBench's prompt for the known datasets and its
 metric (qa F1, rouge-L, classification, retrieval, count, code similarity, exact match).
+
+Natural text (:func:`corpus_samples`, ``--corpus DIR`` or the built-in ``mixkv/eval/corpus``):
+a document's first ``length`` tokens are compressed and its next tokens teacher-forced, for the
+fidelity metrics on real prose (no question, no task score).
 """
 
 from __future__ import annotations
@@ -517,4 +521,65 @@ def load_jsonl(path: str, *, limit: Optional[int] = None, length: Optional[int] 
                 instruction="", answer_prefix="", target=" " + answers[0] if answers else "",
                 max_new_tokens=max_new_tokens or LONGBENCH_MAX_NEW.get(name, 32), separator="",
                 meta=dict(dataset=name, all_classes=row.get("all_classes"), line=i + 1)))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Natural text: fidelity of the continuation of real documents after compressing their prefix.
+BUILTIN_CORPUS = Path(__file__).resolve().parent / "corpus"
+CORPUS_TASK = "corpus"
+DEFAULT_CONTINUATION = 128
+
+
+def corpus_files(directory: Optional[str] = None) -> List[Path]:
+    """The ``.txt`` documents of ``directory`` (recursively, sorted), or of the built-in corpus
+    (``None`` or ``"builtin"``: a few original essays and stories written for mixkv)."""
+    folder = BUILTIN_CORPUS if directory in (None, "builtin") else Path(directory).expanduser()
+    files = sorted(folder.glob("**/*.txt"))
+    if not files:
+        raise ValueError(f"mixkv.eval: --corpus {folder} has no .txt documents")
+    return files
+
+
+def _largest(count: int, fits: Callable[[int], bool]) -> int:
+    """The largest k in [0, count] with fits(k), for a predicate that holds up to some k."""
+    low, high = 0, count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def corpus_samples(directory: Optional[str], *, length: int,
+                   count_tokens: Callable[[str], int], bos: int = 0,
+                   continuation: int = DEFAULT_CONTINUATION) -> List[Sample]:
+    """One sample per document of the corpus: its first ``length`` tokens (``count_tokens``
+    of the raw text, plus ``bos`` for a prepended BOS) are the prefix that gets compressed, and
+    the next
+    ``continuation`` tokens are teacher-forced after it: the fidelity metrics (KL, top-1
+    agreement, NLL difference against the full cache) are those of the continuation of natural
+    text. Both are cut at word boundaries (the continuation keeps its leading whitespace), never
+    over the token counts. The prompt is the raw text (no chat template, no question); a
+    document without room for the prefix and at least half the continuation after it gives no
+    sample at that length.
+    The task score is not defined (metric ``"none"``): these rows report fidelity only."""
+    samples = []
+    for path in corpus_files(directory):
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        pieces = re.findall(r"\s*\S+", text)
+        k = _largest(len(pieces), lambda n: bos + count_tokens("".join(pieces[:n])) <= length)
+        rest = pieces[k:]
+        m = _largest(len(rest), lambda n: count_tokens("".join(rest[:n])) <= continuation)
+        prefix, target = "".join(pieces[:k]), "".join(rest[:m])
+        if k == len(pieces) or count_tokens(target) < continuation // 2 or \
+                bos + count_tokens(prefix) < length - 64:
+            continue
+        samples.append(Sample(
+            id=f"{CORPUS_TASK}-{path.stem}-{length}", task=CORPUS_TASK, context=prefix,
+            question="", answers=[], metric="none", target=target, max_new_tokens=1,
+            separator="", meta=dict(raw=True, document=path.name, length=length,
+                                    continuation=continuation)))
     return samples
