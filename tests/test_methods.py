@@ -365,3 +365,28 @@ def test_eval_refuses_an_unknown_method_before_loading_anything(tmp_path):
                        progress=False, quiet=True)
     with pytest.raises(ValueError, match="unknown method 'tovaa'"):
         run(config, em=object())
+
+
+def test_eval_cli_imports_a_file_that_registers_a_scorer(tmp_path):
+    from mixkv.eval.__main__ import parser
+    from mixkv.eval.runner import import_plugins
+
+    plugin = tmp_path / "my_scorers.py"
+    plugin.write_text(
+        "import torch\n"
+        "from mixkv.methods import Scorer, register_scorer\n\n"
+        "@register_scorer('test_plugin_oldest')\n"
+        "class Oldest(Scorer):\n"
+        "    def score(self, p):\n"
+        "        order = torch.arange(p.candidates, 0, -1, dtype=torch.float32)\n"
+        "        return order.expand(*p.keys.shape[:2], -1).contiguous()\n")
+    args = parser().parse_args(["--import", str(plugin), "--methods",
+                                "test_plugin_oldest,mixkv(test_plugin_oldest)+adakv"])
+    assert args.imports == [str(plugin)]
+    import_plugins(args.imports)
+    assert M.base_of("mixkv(test_plugin_oldest)+adakv") == "test_plugin_oldest+adakv"
+    p = _prefill(False)
+    kept = M.resolve("test_plugin_oldest", budget=BUDGET, window=W).compress(p, BUDGET)
+    assert kept.positions[0, 0].tolist() == list(range(BUDGET - W)) + list(range(62, 70))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        import_plugins([str(tmp_path / "missing.py")])

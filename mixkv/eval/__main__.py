@@ -42,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
                    help="methods, by registered name (mixkv.methods): NAME, NAME+BASE (a "
                         "base's budgets: snapkv, pyramidkv, adakv, explicit) or "
                         "MIXER(NAME)+BASE, e.g. snapkv,mixkv+adakv,tova,mixkv(tova)+adakv")
+    p.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS,
+                   metavar="MODULE_OR_FILE",
+                   help="import a module or .py file first (repeatable): the scorers and budget "
+                        "policies it registers with mixkv.methods can then be named in --methods")
     p.add_argument("--budgets", type=_list(int), default=list(runner.DEFAULT_BUDGETS),
                    help="tokens kept per KV head, window included")
     p.add_argument("--ratios", type=_list(float), default=[],
@@ -84,6 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.tasks is None:
         args.tasks = [] if args.data or args.corpus else list(runner.DEFAULT_TASKS)
+    runner.import_plugins(vars(args).pop("imports", []))  # before the method names are checked
     config = runner.RunConfig(**vars(args))
     summary = runner.run(config)
     print(summary["markdown"])

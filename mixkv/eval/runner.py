@@ -78,6 +78,25 @@ def run_settings(config: RunConfig, em) -> Dict:
                 seed=config.seed, redundancy=profile)
 
 
+def import_plugins(paths: Sequence[str]) -> None:
+    """Import each module name or .py file, so that the scorers and policies it registers
+    (``mixkv.methods.register_scorer``) can be named in --methods."""
+    import importlib
+    import importlib.util
+
+    for path in paths:
+        if path.endswith(".py"):
+            name = "mixkv_plugin_" + _digest(str(Path(path).resolve()).encode())
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or not Path(path).is_file():
+                raise FileNotFoundError(f"mixkv.eval: --import {path}: no such file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(path)
+
+
 def uses_redundancy(method: str) -> bool:
     """Whether --redundancy reaches `method` (a part of it takes a redundancy profile: the
     MixKV mixes; their bases ignore it)."""

@@ -11,7 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .base import Prefill, Scorer, _overrides, load_profile, profile_row, register_scorer
+from .base import (BudgetPolicy, Prefill, Scorer, _overrides, load_profile, profile_row,
+                   register_scorer)
 
 
 @register_scorer("snapkv")
@@ -93,9 +94,7 @@ class Mixer(Scorer):
 
     mode = ""
 
-    def __init__(self, inner: Union[Scorer, "object", None] = None):
-        from .base import BudgetPolicy
-
+    def __init__(self, inner: Union[Scorer, BudgetPolicy, None] = None):
         self.policy = None
         if isinstance(inner, BudgetPolicy):
             self.policy, inner = inner, inner.scorer
