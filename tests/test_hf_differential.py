@@ -117,7 +117,7 @@ def test_headwise_cache_holds_kept_then_appended_and_attends_densely(monkeypatch
         updates = [args for obj, args, _ in appended if obj is layer]
         attends = [(args[0], out[0]) for obj, args, out in attended if obj is layer]
         assert len(updates) == len(attends) == len(APPENDS)
-        for (new_k, new_v), (query, out) in zip(updates, attends):
+        for (new_k, new_v, *_), (query, out) in zip(updates, attends):  # 5.3 adds cache_kwargs
             Gq = query.shape[1] // Hkv
             for s in range(B * Hkv):
                 b, h = divmod(s, Hkv)
@@ -179,7 +179,7 @@ def test_dense_padded_layer_holds_kept_then_appended_and_attends_densely(monkeyp
                    if obj is layer and args[0].shape[-2] != ids.shape[-1]]
         assert len(decode_calls) == len(updates) == len(APPENDS)
         keys, real = kept_k, kept_real
-        for call, (new_k, _) in zip(decode_calls, updates):
+        for call, (new_k, *_) in zip(decode_calls, updates):
             keys = torch.cat([keys, new_k], dim=2)
             real = torch.cat([real, torch.ones(B, new_k.shape[2], dtype=torch.bool)], dim=1)
             assert torch.equal(call["key"], keys)
