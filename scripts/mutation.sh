@@ -14,14 +14,15 @@ PY=${PYTHON:-python3}
 tests_for() {
   case "$1" in
     mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
-    mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py" ;;
-    mixkv/eval/engine.py|mixkv/eval/runner.py) echo "tests/test_eval_engine.py" ;;
+    mixkv/hf/patch.py|mixkv/hf/capture.py|mixkv/hf/layers.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
+    mixkv/eval/engine.py|mixkv/eval/runner.py) echo "tests/test_eval_engine.py tests/test_eval_resume.py" ;;
     *) echo "tests" ;;
   esac
 }
 
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/patch.py mixkv/eval/engine.py mixkv/eval/runner.py)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
+                                     mixkv/eval/engine.py mixkv/eval/runner.py)
 SCRATCH=build/mutation
 for target in "${TARGETS[@]}"; do
   selection=${TESTS:-$(tests_for "$target")}
