@@ -56,9 +56,10 @@ def _candidates(tool: str):
 def find(tool: str) -> str:
     """Path of the first `tool` at or above MINIMUM[tool]; ToolError naming what was found."""
     if tool == "ctest":  # always the one that came with the chosen cmake
-        ctest = Path(find("cmake")).with_name("ctest")
+        cmake = find("cmake")
+        ctest = Path(cmake).with_name("ctest")
         if not ctest.is_file():
-            raise ToolError(f"mixkv: no ctest beside {find('cmake')}")
+            raise ToolError(f"mixkv: no ctest beside {cmake}")
         return str(ctest)
     if tool not in MINIMUM:
         raise ToolError(f"mixkv: unknown build tool {tool!r} (known: ctest, {', '.join(MINIMUM)})")

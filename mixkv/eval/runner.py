@@ -253,16 +253,17 @@ def run(config: RunConfig, *, em=None) -> Dict:
     existing = load_records(results_path)
     done = {record_key(r) for r in existing}
 
-    def key_of(sample, combo):
-        return record_key(dict(settings=settings_of(settings, sample, combo)))
-
-    wanted = {key_of(s, c): settings_of(settings, s, c) for s in samples for c in combos}
+    # Each result's settings and key, computed once (settings_of hashes the sample's content).
+    planned = {(i, j): settings_of(settings, sample, combo)
+               for i, sample in enumerate(samples) for j, combo in enumerate(combos)}
+    key = {ij: record_key(dict(settings=value)) for ij, value in planned.items()}
+    wanted = {key[ij]: value for ij, value in planned.items()}
     message = describe_other_rows(existing, settings, wanted)
     if message:
         print(message, file=sys.stderr, flush=True)
 
     total = len(samples) * len(combos)
-    already = sum(key_of(s, c) in done for s in samples for c in combos)
+    already = sum(k in done for k in key.values())
     options = {}
     if config.redundancy:
         options["redundancy"] = config.redundancy
@@ -279,27 +280,26 @@ def run(config: RunConfig, *, em=None) -> Dict:
             if tail.read(1) != b"\n":
                 tail.write(b"\n")
     with open(results_path, "a", encoding="utf-8") as sink:
-        for sample in samples:
-            pending = [c for c in combos if key_of(sample, c) not in done]
+        for i, sample in enumerate(samples):
+            pending = [j for j in range(len(combos)) if key[i, j] not in done]
             if not pending:
                 continue
             prefilled = engine.prefill(engine.prepare(sample))
             prefill_seconds += prefilled.seconds
-            for combo in combos:  # full first: the fidelity reference, recomputed if done
-                if combo not in pending and combo["method"] != "full":
+            for j, combo in enumerate(combos):  # full first: the fidelity reference, redone
+                if j not in pending and combo["method"] != "full":
                     continue
                 extra = options if uses_redundancy(combo["method"]) else {}
                 record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
                                     **extra)
                 eval_seconds += record["seconds"]
-                if combo not in pending:
+                if j not in pending:
                     continue
                 record.update(common, prefill_seconds=prefilled.seconds, seed=config.seed,
-                              length=sample.meta.get("length"),
-                              settings=settings_of(settings, sample, combo))
+                              length=sample.meta.get("length"), settings=planned[i, j])
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
-                done.add(key_of(sample, combo))
+                done.add(key[i, j])
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"{sample.task} {combo['method']} "
