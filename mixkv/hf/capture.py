@@ -7,7 +7,8 @@ post-mrope) and the cache's K/V. While any module is *intercepted*, the lookup i
 it returns: a call from an intercepted module goes to that module's interceptor
 ``interceptor(attention_fn, module, query, key, value, attention_mask, *args, **kwargs)``,
 every other call to the plain function. The shim (``hf/patch.py``) and the evaluation
-engine's :func:`capture_prefill` are its two users.
+engine's :func:`capture_prefill` are its two users; :func:`intercepting` lets a pass over a
+patched model (the reconstruction pass, ``hf/reconstruct.py``) see the calls first for a while.
 """
 
 from __future__ import annotations
@@ -62,6 +63,38 @@ def release(module: nn.Module) -> None:
     if len(_INTERCEPTORS) == 0 and "get_interface" in vars(ALL_ATTENTION_FUNCTIONS):
         del ALL_ATTENTION_FUNCTIONS.get_interface
         _WRAPPED.clear()
+
+
+@contextlib.contextmanager
+def intercepting(modules, interceptor: Callable):
+    """Route the `modules`' attention calls to `interceptor` during the ``with`` block, in front
+    of the interceptor each already has (the shim's): it is called as
+    ``interceptor(next_fn, module, query, key, value, attention_mask, *args, **kwargs)`` where
+    ``next_fn`` is the previous interceptor bound to the attention function (or the plain
+    function), so the call still goes where it would have gone. Restored afterwards."""
+    saved = {module: _INTERCEPTORS.get(module) for module in modules}
+
+    def chained(previous):
+        def call(function, module, *args, **kwargs):
+            if previous is None:
+                return interceptor(function, module, *args, **kwargs)
+            return interceptor(lambda *a, **k: previous(function, *a, **k), module, *args,
+                               **kwargs)
+        return call
+
+    try:
+        for module, previous in saved.items():
+            if previous is None:
+                intercept(module, chained(None))
+            else:
+                _INTERCEPTORS[module] = chained(previous)
+        yield
+    finally:
+        for module, previous in saved.items():
+            if previous is None:
+                release(module)
+            else:
+                _INTERCEPTORS[module] = previous
 
 
 def is_prefill(query: torch.Tensor, key: torch.Tensor) -> bool:

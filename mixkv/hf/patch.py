@@ -27,7 +27,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..methods import Method, Prefill, resolve
-from . import capture
+from . import capture, reconstruct
 from .layers import CompressedLayer, HeadwiseLayer
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
@@ -119,6 +119,9 @@ class MixKVPatch:
         self._hooks = []
         self._states = {}
         self._original_generate = None
+        # Scores from a reconstruction pass (KVzip): compress after the whole prefill forward.
+        self._deferred = reconstruct.DeferredCompression(self) \
+            if method.needs_reconstruction else None
         try:
             for module in self.modules:
                 state = _LayerState(self, module.layer_idx)
@@ -184,6 +187,10 @@ class MixKVPatch:
         if q_window is None or layer.keys.shape[-2] != tokens:
             return  # not a prefill: the layer held tokens before this call
         with torch.no_grad():
+            if self._deferred is not None:
+                self._deferred.hold(module, cache, state.layer_idx, layer, q_window, key_mask,
+                                    hidden)
+                return
             self._compress(module, cache, state.layer_idx, layer, q_window, key_mask, hidden)
 
     def compressible(self, cache, idx: int) -> bool:
@@ -208,7 +215,8 @@ class MixKVPatch:
         return True
 
     # -- compression -------------------------------------------------------------------------
-    def _compress(self, module, cache, idx, layer, q_window, key_mask, hidden=None):
+    def _compress(self, module, cache, idx, layer, q_window, key_mask, hidden=None,
+                  reconstruction=None):
         m = self.method
         keys, values = layer.keys, layer.values
         B, Hkv, N, D = keys.shape
@@ -228,7 +236,8 @@ class MixKVPatch:
                           key_mask=key_mask, window=m.window, layer=idx,
                           num_layers=self.num_layers,
                           scaling=None if scaling is None else float(scaling), module=module,
-                          decoder=self.decoder, hidden_states=hidden)
+                          decoder=self.decoder, hidden_states=hidden,
+                          reconstruction=reconstruction)
         kept = m.compress(prefill, budget)
         if kept.offsets is not None:
             valid = torch.ones_like(kept.positions, dtype=torch.bool)
@@ -252,7 +261,9 @@ class MixKVPatch:
 
     # -- public ------------------------------------------------------------------------------
     def compress_cache(self, cache, window_queries: dict, key_mask=None,
-                       hidden_states: Optional[dict] = None) -> None:
+                       hidden_states: Optional[dict] = None, *, context_ids=None,
+                       positions=None, encode=None, reconstruction: Optional[dict] = None
+                       ) -> None:
         """Compress a full prefill ``cache`` in place, as the patched forward would have.
 
         ``window_queries`` maps each decoder layer index to that layer's post-RoPE queries
@@ -261,7 +272,17 @@ class MixKVPatch:
         (needed by methods whose scorers read them, see ``capture.capture_prefill``). This
         lets one prefill serve many methods and budgets (the evaluation harness does this):
         compress a copy of the full cache per method. Layers the shim leaves alone
-        (sliding-window, already compressed) stay as they are."""
+        (sliding-window, already compressed) stay as they are. Methods with a reconstruction
+        pass (kvzip) need the context's ``context_ids`` [B, N] (``positions``: the prefill's
+        position ids; ``encode``: text -> ids for a text repeat prompt), or its per-layer
+        scores as ``reconstruction`` (``reconstruct.scores_for``)."""
+        if self.method.needs_reconstruction and reconstruction is None:
+            if context_ids is None:
+                raise ValueError(f"mixkv: method {self.method.label!r} re-reads the context: "
+                                 "pass context_ids= (or reconstruction=) to compress_cache")
+            reconstruction = reconstruct.scores_for(self, cache, input_ids=context_ids,
+                                                    key_mask=key_mask, positions=positions,
+                                                    encode=encode)
         for module in self.modules:
             idx = module.layer_idx
             if not self.compressible(cache, idx):
@@ -272,7 +293,8 @@ class MixKVPatch:
             W = min(self.method.window, layer.keys.shape[-2])
             with torch.no_grad():
                 self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
-                               key_mask, (hidden_states or {}).get(idx))
+                               key_mask, (hidden_states or {}).get(idx),
+                               (reconstruction or {}).get(idx))
 
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
@@ -287,6 +309,8 @@ class MixKVPatch:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._deferred is not None:
+            self._deferred.remove()
         for module in self._states:
             capture.release(module)
         self._states.clear()

@@ -5,7 +5,7 @@ KV head keeps), optionally inside a mixer such as :class:`MixKV`. Names, as ``mi
 ``mixkv-eval --methods`` take them, are parsed here and only here:
 
 - ``NAME``: a registered scorer (``snapkv``, ``knorm``, ``random``, ``streamingllm``, ``tova``,
-  ``expected_attention``, ...) under uniform budgets, or ``full`` (no compression);
+  ``expected_attention``, ``kvzip``, ...) under uniform budgets, or ``full`` (no compression);
 - ``NAME+BASE``: the same under a registered policy (``snapkv`` uniform, ``pyramidkv``,
   ``adakv``, ``explicit``); ``base=`` says the same; ``pyramidkv`` / ``adakv`` alone are
   SnapKV under that policy;
@@ -22,17 +22,20 @@ from __future__ import annotations
 from typing import Dict, Optional, Set, Tuple
 
 from . import policies, scorers  # noqa: F401  (registers the built-in parts)
+from . import kvzip  # noqa: F401  (after them: the registry's order is the tables' order)
 from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
                    constructor_options, load_profile, register_policy, register_scorer)
+from .kvzip import KVzip
 from .policies import AdaKV, Adaptive, Explicit, Pyramid, PyramidKV, Uniform
 from .scorers import (KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random, SnapKV, StreamingLLM,
                       ValueNorm)
 
 __all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
            "register_scorer", "register_policy", "resolve", "parse", "base_of", "is_mix",
-           "uses_option", "needs_hidden_states", "order_key", "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
+           "uses_option", "needs_hidden_states", "needs_reconstruction", "order_key",
+           "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
            "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
-           "Adaptive", "Explicit", "PyramidKV", "AdaKV", "load_profile"]
+           "Adaptive", "Explicit", "PyramidKV", "AdaKV", "KVzip", "load_profile"]
 
 FULL = "full"
 DEFAULT_BASE = "snapkv"
@@ -197,6 +200,16 @@ def needs_hidden_states(label: str) -> bool:
     except (ValueError, TypeError):
         return False
     return scorer is not None and any(s.needs_hidden_states for s in scorer.parts())
+
+
+def needs_reconstruction(label: str) -> bool:
+    """Whether the method's scores come from a reconstruction pass (compression after the
+    whole prefill; mixkv/hf/reconstruct.py)."""
+    try:
+        scorer, _ = parse(label)
+    except (ValueError, TypeError):
+        return False
+    return scorer is not None and any(s.needs_reconstruction for s in scorer.parts())
 
 
 def order_key(label: str) -> tuple:

@@ -107,6 +107,9 @@ class Prefill:
     decoder: Optional[nn.Module] = None           # the decoder stack (rotary embedding, config)
     hidden_states: Optional[Tensor] = None        # [B, N, hidden] the attention module's input,
     #                                               captured for scorers with needs_hidden_states
+    reconstruction: Optional[Tensor] = None       # [B, Hkv, N] the most attention each key got
+    #                                               while the model re-read the context, for
+    #                                               scorers with needs_reconstruction
 
     @property
     def candidates(self) -> int:
@@ -126,12 +129,25 @@ class Scorer:
 
     Subclass, implement ``score``, register with ``@register_scorer("name")``; constructor
     keyword arguments are the scorer's options. Set ``needs_hidden_states = True`` to receive
-    ``prefill.hidden_states`` (the shim and the evaluation engine then capture them).
+    ``prefill.hidden_states`` (the shim and the evaluation engine then capture them). Set
+    ``needs_reconstruction = True`` to receive ``prefill.reconstruction``: after the prefill the
+    shim has the model re-read the context (``reconstruction_plan``) and records the most
+    attention each cached key receives (``mixkv/hf/reconstruct.py``); compression then waits
+    for the whole prefill forward.
     Budget policies split capacities by ``importance``: the score unless a scorer's scores are
     not a non-negative importance (override ``score_with_importance`` then)."""
 
     name: ClassVar[str] = ""
     needs_hidden_states: ClassVar[bool] = False
+    needs_reconstruction: ClassVar[bool] = False
+
+    def reconstruction_plan(self, encode=None) -> dict:
+        """For scorers with ``needs_reconstruction``: how the context is re-read, a dict of
+        ``prompt_ids`` (list of token ids fed before the context), ``chunk_size`` and
+        ``crop_chunks`` (see :class:`mixkv.methods.kvzip.KVzip`). ``encode`` (text -> ids) is
+        a tokenizer the caller has at hand, if any."""
+        raise NotImplementedError(f"mixkv: scorer {type(self).__name__} needs a reconstruction "
+                                  "pass and must implement reconstruction_plan()")
 
     def score(self, prefill: Prefill) -> Tensor:
         raise NotImplementedError(f"mixkv: scorer {type(self).__name__} must implement score()")
@@ -235,6 +251,16 @@ class Method:
     def needs_hidden_states(self) -> bool:
         return self.scorer is not None and any(s.needs_hidden_states
                                                for s in self.scorer.parts())
+
+    @property
+    def reconstruction_scorer(self) -> Optional[Scorer]:
+        """The part whose scores need a reconstruction pass (None: compress per layer)."""
+        return next((s for s in (self.scorer.parts() if self.scorer is not None else [])
+                     if s.needs_reconstruction), None)
+
+    @property
+    def needs_reconstruction(self) -> bool:
+        return self.reconstruction_scorer is not None
 
     @property
     def redundancy(self) -> Optional[Tensor]:

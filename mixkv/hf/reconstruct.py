@@ -1,0 +1,282 @@
+"""The reconstruction pass of scorers with ``needs_reconstruction`` (KVzip, ``methods/kvzip.py``).
+
+After the prefill the model re-reads its context: a short repeat prompt, then the context
+tokens again, chunk by chunk, with the prefilled cache as past. Each layer's attention call is
+seen first by an interceptor (``capture.intercepting``, in front of the shim's own) which keeps,
+for every cached context key, the largest softmax attention it receives from the fed queries:
+prompt and re-read tokens, every query head of the key's group. The softmax is the model's own
+(the module's scaling, logit soft-capping, the same keys and mask), recomputed in float32 from
+the call's queries and keys, blocked so that at most ~64M logits exist at a time.
+
+``crop_chunks`` (the default): after every chunk the cache is cropped back to the context
+(DynamicLayer: a slice; any other layer, e.g. sliding-window ones, is put back as it was), so
+the extra KV memory is prompt + chunk tokens per layer, and every chunk starts with the
+prompt at the positions right after the context. Otherwise the re-read continues across chunks
+(the scores equal those of a single pass over [context, prompt, context]) and the cache is
+cropped back once at the end. Either way the extra cost is one more forward pass over the
+context (plus the prompt per chunk) and its attention.
+
+Padded batches: each row re-reads its own real tokens at positions continuing its own (the
+prefill's ``position_ids`` when it had them); rows whose chunk is shorter are padded on the
+right and their padding never counts.
+
+:class:`DeferredCompression` is the shim's side: the per-layer hooks hand their prefill over
+instead of compressing it, and after the decoder's prefill forward it runs the pass and
+compresses every layer with ``Prefill.reconstruction`` set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer
+
+from . import capture
+
+LOGITS_PER_BLOCK = 1 << 26   # float32 logits held at once by the scoring of one layer call
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters \
+        else "past_key_values"
+
+
+def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
+                  query_real: Tensor, scaling: Optional[float], softcap: Optional[float],
+                  out: Tensor) -> None:
+    """``out`` [B, Hkv, context] = max(out, the largest softmax attention each of the first
+    `context` keys receives from a real query, over the queries and each KV head's query heads).
+
+    ``query`` [B, Hq, T, D] are the last T positions of ``key`` [B, Hkv, K, D]; query i sees key
+    j when ``key_real[b, j]`` and j <= K - T + i (causal); ``query_real`` [B, T]."""
+    B, Hq, T, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    keys = key.float()
+    rows = max(1, LOGITS_PER_BLOCK // max(1, B * Hq * K))
+    for begin in range(0, T, rows):
+        end = min(T, begin + rows)
+        q = query[:, :, begin:end].float().reshape(B, Hkv, G * (end - begin), D)
+        logits = (q @ keys.transpose(-1, -2) * scale).view(B, Hkv, G, end - begin, K)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        last = K - T + torch.arange(begin, end, device=key.device)
+        allowed = (torch.arange(K, device=key.device)[None, :] <= last[:, None])[None] \
+            & key_real[:, None, :]                                          # [B, t, K]
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = logits.softmax(-1)[..., :context]
+        probs = probs.masked_fill(~query_real[:, None, None, begin:end, None], 0.0)
+        torch.maximum(out, probs.amax(dim=(2, 3)), out=out)
+
+
+def _real_order(real: Tensor) -> Tensor:
+    """[B, N] indices of each row's real tokens first (in order), then its padding."""
+    return torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+
+
+def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] = (),
+                          chunk_size: int = 2048, crop_chunks: bool = True,
+                          input_ids: Optional[Tensor] = None,
+                          inputs_embeds: Optional[Tensor] = None,
+                          key_mask: Optional[Tensor] = None,
+                          positions: Optional[Tensor] = None,
+                          layers: Optional[Iterable[int]] = None,
+                          on_chunk: Optional[Callable[[int, object], None]] = None
+                          ) -> Dict[int, Tensor]:
+    """Run the reconstruction pass over a full prefill ``cache`` of `model`'s context and return
+    ``{layer: [B, Hkv, N] float32}`` (0 at padding). The cache is left as it was.
+
+    The context is ``input_ids`` [B, N] (or ``inputs_embeds`` [B, N, hidden], as the decoder
+    got them), ``key_mask`` [B, N] its real tokens (None: all), ``positions`` [B, N] the
+    prefill's position ids (None: 0 .. N-1). ``layers``: the decoder layers to score (default:
+    every layer). ``on_chunk(index, cache)`` is called after each chunk once the cache is
+    restored (crop_chunks) or still extended (otherwise)."""
+    from .patch import find_attention_modules
+
+    decoder, modules = find_attention_modules(model)
+    context = input_ids if input_ids is not None else inputs_embeds
+    if context is None:
+        raise ValueError("mixkv: the reconstruction pass needs the context's input_ids or "
+                         "inputs_embeds")
+    B, N = context.shape[:2]
+    device = context.device
+    real = torch.ones(B, N, dtype=torch.bool, device=device) if key_mask is None \
+        else key_mask.to(device).bool()
+    if positions is None:
+        positions = torch.arange(N, device=device).expand(B, N)
+    if positions.dim() != 2 or tuple(positions.shape) != (B, N):
+        raise NotImplementedError(
+            f"mixkv: the reconstruction pass needs position ids [rows, tokens] = [{B}, {N}], "
+            f"got {tuple(positions.shape)} (multimodal RoPE models are not supported)")
+    positions = positions.to(device)
+    wanted = set(range(len(modules)) if layers is None else layers)
+    if not wanted:
+        return {}
+    prompt = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+    chunk_size = max(1, int(chunk_size))
+
+    lengths = real.sum(1)                                          # real tokens per row
+    order = _real_order(real)                                      # real ones first
+    next_position = torch.where(real, positions, positions.new_full((), -1)).amax(1) + 1
+    embed = decoder.get_input_embeddings() if inputs_embeds is not None else None
+    cache_keyword = _cache_keyword(decoder)
+
+    scores: Dict[int, Tensor] = {}
+    for i in sorted(wanted):
+        keys = cache.layers[i].keys
+        scores[i] = torch.zeros(B, keys.shape[1], N, dtype=torch.float32, device=keys.device)
+    if not scores:
+        return scores
+    kept = _Snapshot(cache)
+    state = dict(key_real=real, query_real=None)
+
+    def score(next_fn, module, query, key, value, attention_mask, *args, **kwargs):
+        idx = module.layer_idx
+        if idx in scores and not capture.is_prefill(query, key):
+            scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+            max_attention(query, key, N, state["key_real"].to(key.device),
+                          state["query_real"].to(key.device), scaling, kwargs.get("softcap"),
+                          scores[idx])
+        return next_fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    chunks = max(1, -(-int(lengths.max()) // chunk_size))
+    key_real = real
+    try:
+        with capture.intercepting(modules, score), torch.no_grad():
+            for c in range(chunks):
+                start = c * chunk_size
+                take = (lengths - start).clamp(0, chunk_size)                 # [B]
+                width = int(take.max())
+                lead = prompt if (crop_chunks or c == 0) else prompt[:0]
+                R = lead.numel()
+                picked = order[:, start:start + width]                       # [B, width]
+                fed_real = torch.cat([torch.ones(B, R, dtype=torch.bool, device=device),
+                                      torch.arange(width, device=device)[None, :]
+                                      < take[:, None]], dim=1)              # [B, R + width]
+                state["key_real"] = torch.cat([key_real, fed_real], dim=1)
+                state["query_real"] = fed_real
+                fed_positions = next_position[:, None] + torch.arange(R + width, device=device)
+                if input_ids is not None:
+                    tokens = torch.cat([lead.expand(B, R), input_ids.gather(1, picked)], dim=1)
+                    feed = dict(input_ids=tokens)
+                else:
+                    gathered = inputs_embeds.gather(
+                        1, picked[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+                    lead_embeds = embed(lead)[None].expand(B, -1, -1).to(gathered.dtype)
+                    feed = dict(inputs_embeds=torch.cat([lead_embeds, gathered], dim=1))
+                decoder(**feed, attention_mask=state["key_real"].long(),
+                        position_ids=fed_positions, use_cache=True, **{cache_keyword: cache})
+                if crop_chunks:
+                    kept.restore(cache)
+                else:
+                    key_real = state["key_real"]
+                    next_position = next_position + R + width
+                if on_chunk is not None:
+                    on_chunk(c, cache)
+    finally:
+        kept.restore(cache, final=True)
+    return scores
+
+
+class _Snapshot:
+    """What the pass must put back: each DynamicLayer's length (cropped back, a slice), every
+    other layer's attributes as they were (their updates build new tensors, never in place)."""
+
+    def __init__(self, cache):
+        self.layers = []
+        for layer in cache.layers:
+            if type(layer) is DynamicLayer:
+                self.layers.append((layer, layer.keys.shape[-2], None))
+            else:
+                self.layers.append((layer, None, dict(vars(layer))))
+        self.count = len(cache.layers)
+
+    def restore(self, cache, final: bool = False) -> None:
+        del cache.layers[self.count:]
+        for i, (layer, length, attributes) in enumerate(self.layers):
+            cache.layers[i] = layer
+            if attributes is not None:
+                layer.__dict__.clear()
+                layer.__dict__.update(attributes)
+            elif layer.keys.shape[-2] != length or final:
+                keys, values = layer.keys[..., :length, :], layer.values[..., :length, :]
+                if final and keys.untyped_storage().nbytes() > keys.nbytes:
+                    keys, values = keys.clone(), values.clone()   # free the pass's tokens
+                layer.keys, layer.values = keys, values
+
+
+# -- the shim's side ---------------------------------------------------------------------------
+
+def plan_for(method, encode=None) -> dict:
+    """The reconstruction plan of a method's reconstruction scorer."""
+    return method.reconstruction_scorer.reconstruction_plan(encode)
+
+
+def scores_for(handle, cache, *, input_ids=None, inputs_embeds=None, key_mask=None,
+               positions=None, encode=None, layers=None, on_chunk=None) -> Dict[int, Tensor]:
+    """The reconstruction pass of a patch handle's method over ``cache`` (default layers: the
+    ones the shim compresses)."""
+    if layers is None:
+        layers = [m.layer_idx for m in handle.modules if handle.compressible(cache, m.layer_idx)]
+    layers = [i for i in layers
+              if handle.method.budget_for(cache.layers[i].keys.shape[-2])
+              < cache.layers[i].keys.shape[-2]]   # a layer kept whole needs no scores
+    return reconstruction_scores(handle.model, cache, input_ids=input_ids,
+                                 inputs_embeds=inputs_embeds, key_mask=key_mask,
+                                 positions=positions, layers=layers, on_chunk=on_chunk,
+                                 **plan_for(handle.method, encode))
+
+
+class DeferredCompression:
+    """Compression after the whole prefill forward, for methods that need a reconstruction
+    pass: the shim's per-layer hook calls :meth:`hold` instead of compressing; a forward hook on
+    the decoder then runs the pass over the held layers and compresses each of them."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.held: Dict[int, tuple] = {}
+        self.context: Optional[dict] = None
+        self.running = False
+        decoder = handle.decoder
+        self.hooks = [decoder.register_forward_pre_hook(self._before, with_kwargs=True),
+                      decoder.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _before(self, decoder, args, kwargs):
+        if self.running:
+            return
+        self.held.clear()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        self.context = dict(input_ids=input_ids if embeds is None else None,
+                            inputs_embeds=embeds, positions=kwargs.get("position_ids"))
+
+    def hold(self, module, cache, idx, layer, q_window, key_mask, hidden) -> None:
+        self.held[idx] = (module, cache, layer, q_window, key_mask, hidden)
+
+    def _after(self, decoder, args, kwargs, output):
+        if self.running or not self.held:
+            return
+        held, self.held = self.held, {}
+        context, self.context = self.context or {}, None
+        handle = self.handle
+        _, cache, _, _, key_mask, _ = next(iter(held.values()))
+        self.running = True
+        try:
+            with torch.no_grad():
+                scores = scores_for(handle, cache, key_mask=key_mask, layers=list(held),
+                                    **context)
+                for idx in sorted(held):
+                    module, cache, layer, q_window, key_mask, hidden = held[idx]
+                    handle._compress(module, cache, idx, layer, q_window, key_mask, hidden,
+                                     reconstruction=scores.get(idx))
+        finally:
+            self.running = False
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
