@@ -12,7 +12,10 @@ post-norm), then for every (method, budget):
 2. patches the model with ``mixkv.patch(model, method, budget=..., ...)`` and has the shim
    compress the copy, layer by layer, with those window queries (the shim's own compression
    routine, so the kept tokens are exactly those of a patched prefill: tests/test_eval_engine.py
-   checks this against ``model.generate`` under the patch);
+   checks this against ``model.generate`` under the patch); a method whose scorer re-reads
+   the context (kvzip) first runs its reconstruction pass on the copy (``hf/reconstruct.py``;
+   once per sample and plan, shared by budgets and mixes, its time counted in every record's
+   ``compress_seconds``);
 3. keeps the patch while the answer is produced (head-wise caches and padded rows need the
    shim's attention), feeding new tokens at their true positions (``position_ids``).
 
@@ -100,6 +103,8 @@ class Prefilled:
     last_logits: torch.Tensor        # [V] logits after the prefill's last token
     seconds: float
     full_tf_logits: Optional[torch.Tensor] = None   # [k, V] the full cache's teacher forcing
+    # reconstruction passes (kvzip) already run on this prefill: plan -> (scores, seconds)
+    reconstructions: Dict = dataclasses.field(default_factory=dict)
 
 
 class Engine:
@@ -182,10 +187,16 @@ class Engine:
                                      "states: build the Engine with hidden_states=True")
 
             cache = copy.deepcopy(prefilled.cache)
+            reused = 0.0
             if handle is not None:
+                scores = None
+                if handle.method.needs_reconstruction:
+                    scores, reused = self._reconstruction(prefilled, handle, cache)
                 handle.compress_cache(cache, prefilled.q_windows,
-                                      hidden_states=prefilled.hidden_states)
-            compress_seconds = time.perf_counter() - start
+                                      hidden_states=prefilled.hidden_states,
+                                      reconstruction=scores)
+            # a reused reconstruction pass still counts: every method pays its own scoring
+            compress_seconds = time.perf_counter() - start + reused
             stats = handle.stats()["total"] if handle is not None else {}
             record = self._answer(prefilled, cache)
         record.update(
@@ -197,6 +208,27 @@ class Engine:
             seconds=time.perf_counter() - start, answers=sample.answers, metric=sample.metric,
             depth=sample.meta.get("depth"))
         return record
+
+    def _reconstruction(self, prefilled: Prefilled, handle, cache):
+        """The reconstruction pass's scores for a method that re-reads the context (kvzip),
+        run once per plan and sample (budgets and mixes share it): (scores, seconds it took
+        when reused, else 0)."""
+        from ..hf import reconstruct
+
+        prepared = prefilled.prepared
+        plan = reconstruct.plan_for(handle.method, self.em.encode)
+        key = (tuple(plan["prompt_ids"]), plan["chunk_size"], plan["crop_chunks"])
+        if key in prefilled.reconstructions:
+            scores, seconds = prefilled.reconstructions[key]
+            return scores, seconds
+        start = time.perf_counter()
+        ids = torch.tensor([prepared.prefill_ids], device=self.em.device)
+        scores = reconstruct.reconstruction_scores(
+            self.model, cache, input_ids=ids,
+            layers=[m.layer_idx for m in handle.modules
+                    if handle.compressible(cache, m.layer_idx)], **plan)
+        prefilled.reconstructions[key] = (scores, time.perf_counter() - start)
+        return scores, 0.0
 
     def _answer(self, prefilled: Prefilled, cache) -> Dict:
         prepared, sample = prefilled.prepared, prefilled.prepared.sample

@@ -1,0 +1,308 @@
+"""KVzip-style scores (mixkv/methods/kvzip.py, mixkv/hf/reconstruct.py) on tiny random models:
+the reconstruction pass's scores equal the attention an eager model outputs on the same
+sequences, whatever the chunk size; padded rows equal single runs; the cache is back to the
+context after every chunk (and bit for bit afterwards); the patch compresses after the prefill
+forward and keeps exactly the top-scored tokens; every policy, "+MixKV" and the evaluation run
+it."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+import mixkv  # noqa: E402
+from mixkv import methods as M  # noqa: E402
+from mixkv.hf import reconstruct  # noqa: E402
+
+import hf_models  # noqa: E402
+from conftest import assert_same_selection  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+W = 4
+N = 42
+PROMPT = [5, 6, 7]
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def _sharpened(build, attn="sdpa"):
+    """A tiny model whose attention is peaked (random init gives near-uniform attention, which
+    would make every comparison weak): larger query/key projections, or q/k norm weights."""
+    model, _ = build(attn=attn)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            if getattr(attention, "q_norm", None) is not None:
+                attention.q_norm.weight.fill_(3.0)
+                attention.k_norm.weight.fill_(3.0)
+            else:
+                attention.q_proj.weight.mul_(8.0)
+                attention.k_proj.weight.mul_(8.0)
+    return model
+
+
+def _ids(length, seed=3):
+    return torch.randint(2, hf_models.TEXT_VOCAB, (length,),
+                         generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prefill(model, ids, mask=None, positions=None):
+    """A full prefill cache of `ids` [B, N] (unpatched)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+              **{hf_models.cache_kwarg(): cache})
+    return cache
+
+
+def _full_layers(model):
+    types = getattr(model.config, "layer_types", None) or []
+    return [i for i in range(model.config.num_hidden_layers)
+            if i >= len(types) or "sliding" not in types[i]]
+
+
+def reference(eager, ids, prompt, chunk, crop):
+    """Independent: the eager model's own attention weights (output_attentions, no cache) on
+    [context, prompt, context] (crop=False) or on [context, prompt, chunk] for each chunk
+    (crop=True); max over the fed queries and each KV head's query heads -> {layer: [Hkv, N]}."""
+    n = len(ids)
+    runs = [ids + prompt + ids] if not crop else \
+        [ids + prompt + ids[s:s + chunk] for s in range(0, n, chunk)]
+    Hkv = eager.config.num_key_value_heads
+    best = {}
+    for seq in runs:
+        with torch.no_grad():
+            out = eager(input_ids=torch.tensor([seq]), output_attentions=True)
+        for layer in _full_layers(eager):
+            att = out.attentions[layer][0, :, n:, :n]                    # [Hq, fed, n]
+            got = att.reshape(Hkv, -1, n).amax(1)
+            best[layer] = torch.maximum(best.get(layer, got), got)
+    return best
+
+
+def _scores(model, ids, prompt, chunk, crop, **kw):
+    batch = torch.tensor([ids])
+    cache = _prefill(model, batch)
+    return reconstruct.reconstruction_scores(model, cache, input_ids=batch, prompt_ids=prompt,
+                                             chunk_size=chunk, crop_chunks=crop,
+                                             layers=_full_layers(model), **kw)
+
+
+@pytest.mark.parametrize("build", [hf_models.llama, hf_models.gemma3])
+@pytest.mark.parametrize("crop", [True, False])
+@pytest.mark.parametrize("chunk", [N, 7, 10, 100])     # whole, divides N, does not, longer
+def test_scores_equal_the_eager_models_attention(build, crop, chunk):
+    model = _sharpened(build)                 # sdpa: the pass recomputes the softmax itself
+    eager = _sharpened(build, attn="eager")   # same seed, same weights
+    ids = _ids(N)
+    got = _scores(model, ids, PROMPT, chunk, crop)
+    want = reference(eager, ids, PROMPT, chunk, crop)
+    assert sorted(got) == sorted(want) == _full_layers(model)
+    for layer in want:
+        torch.testing.assert_close(got[layer][0], want[layer], **TOL)
+        # not vacuous: peaked attention, spread over the tokens
+        assert float(want[layer].max()) > 0.3 and float(want[layer].std()) > 0.02
+
+
+def test_chunking_does_not_change_the_continuous_scores_and_cropping_does():
+    model = _sharpened(hf_models.llama)
+    ids = _ids(N)
+    whole = _scores(model, ids, PROMPT, N, crop=False)
+    for chunk in (7, 10, 1):
+        chunked = _scores(model, ids, PROMPT, chunk, crop=False)
+        for layer in whole:
+            torch.testing.assert_close(chunked[layer], whole[layer], **TOL)
+    # cropped chunks re-read each chunk after the prompt alone: later chunks see less
+    cropped = _scores(model, ids, PROMPT, 7, crop=True)
+    assert not torch.allclose(cropped[1], whole[1], **TOL)
+    assert torch.allclose(_scores(model, ids, PROMPT, N, crop=True)[1], whole[1], **TOL)
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_padded_rows_equal_single_runs(crop):
+    model = _sharpened(hf_models.llama)
+    lengths = [N, 30, 5]
+    rows = [_ids(n, seed=10 + i) for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(rows), N, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):   # left padding, positions counted over real tokens
+        ids[b, N - len(row):] = torch.tensor(row)
+        mask[b, N - len(row):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = _prefill(model, ids, mask, positions)
+    got = reconstruct.reconstruction_scores(model, cache, input_ids=ids, key_mask=mask,
+                                            positions=positions, prompt_ids=PROMPT,
+                                            chunk_size=10, crop_chunks=crop)
+    for b, row in enumerate(rows):
+        single = _scores(model, row, PROMPT, 10, crop)
+        for layer in single:
+            torch.testing.assert_close(got[layer][b, :, N - len(row):], single[layer][0], **TOL)
+            assert bool((got[layer][b, :, :N - len(row)] == 0).all())   # padding scores 0
+
+
+def test_cache_is_back_to_the_context_after_every_chunk_and_intact_after(monkeypatch):
+    model, _ = hf_models.gemma3()      # a sliding-window layer is put back too
+    ids = torch.tensor([_ids(N)])
+    cache = _prefill(model, ids)
+    before = [(layer.keys.clone(), layer.values.clone(), layer.get_seq_length())
+              for layer in cache.layers]
+    seen_keys, after_chunk = [], []
+    original = reconstruct.max_attention
+    monkeypatch.setattr(reconstruct, "max_attention",
+                        lambda q, k, *a: seen_keys.append(k.shape[2]) or original(q, k, *a))
+    reconstruct.reconstruction_scores(
+        model, cache, input_ids=ids, prompt_ids=PROMPT, chunk_size=10, crop_chunks=True,
+        layers=_full_layers(model),
+        on_chunk=lambda c, cch: after_chunk.append([layer.get_seq_length()
+                                                    for layer in cch.layers]))
+    assert len(after_chunk) == 5 and all(lengths == [b[2] for b in before]
+                                         for lengths in after_chunk)
+    assert max(seen_keys) == N + len(PROMPT) + 10      # never more than prompt + chunk extra
+    for layer, (keys, values, length) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert layer.get_seq_length() == length
+    for layer in _full_layers(model):   # the pass's tokens are freed, not kept behind a view
+        keys = cache.layers[layer].keys
+        assert keys.untyped_storage().nbytes() == keys.nbytes
+    # continuous re-reading grows the cache while it runs, and is cropped back once at the end
+    grown = []
+    reconstruct.reconstruction_scores(
+        model, cache, input_ids=ids, prompt_ids=PROMPT, chunk_size=10, crop_chunks=False,
+        layers=_full_layers(model),
+        on_chunk=lambda c, cch: grown.append(cch.layers[1].get_seq_length()))
+    assert grown == [N + 3 + 10, N + 3 + 20, N + 3 + 30, N + 3 + 40, N + 3 + 42]
+    for layer, (keys, values, length) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, keys) and layer.get_seq_length() == length
+
+
+def _kvzip(**kw):
+    return dict(repeat_prompt=PROMPT, chunk_size=7, **kw)
+
+
+@pytest.mark.parametrize("build", [hf_models.llama, hf_models.gemma3])
+def test_patch_keeps_exactly_the_top_scored_tokens_then_generates(build):
+    model, eager = _sharpened(build), _sharpened(build, attn="eager")
+    ids = _ids(N)
+    batch = torch.tensor([ids])
+    budget = 20
+    full = _prefill(model, batch)
+    want = reference(eager, ids, PROMPT, 7, crop=True)
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mixkv.patch(model, "kvzip", budget=budget, window=W, **_kvzip()) as handle, \
+                torch.no_grad():
+            model(input_ids=batch, use_cache=True, **{hf_models.cache_kwarg(): cache})
+            out = model.generate(batch, max_new_tokens=5, do_sample=False)
+            # the evaluation's path (compress a copy of a full cache) keeps the same tokens
+            copied = copy.deepcopy(full)
+            handle.compress_cache(copied, {i: torch.zeros(1, 1, W, 1) for i in range(4)},
+                                  context_ids=batch)
+    assert out.shape == (1, N + 5)
+    C = N - W
+    for layer in _full_layers(model):
+        kept = cache.layers[layer].keys[0]
+        assert kept.shape[1] == budget
+        for h in range(kept.shape[0]):
+            top = want[layer][h, :C].topk(budget - W).indices.sort().values
+            positions = [int((full.layers[layer].keys[0, h] == k).all(-1).nonzero()[0])
+                         for k in kept[h]]
+            assert positions[-W:] == list(range(C, N))           # the window is kept
+            assert_same_selection(positions[:-W], top.tolist(), want[layer][h, :C], C)
+        assert torch.equal(copied.layers[layer].keys, cache.layers[layer].keys)
+    for layer in set(range(len(cache.layers))) - set(_full_layers(model)):
+        assert torch.equal(cache.layers[layer].keys, full.layers[layer].keys)  # left alone
+
+
+@pytest.mark.parametrize("method", [
+    "kvzip", "kvzip+adakv", "kvzip+pyramidkv", "kvzip+explicit", "mixkv(kvzip)",
+    "mixkv(kvzip)+adakv", "keydiff(kvzip)+pyramidkv",
+    M.MixKV(M.KVzip(**_kvzip())), M.MixKV(M.AdaKV(M.KVzip(**_kvzip())))])
+def test_every_policy_and_mix_runs_in_patch_and_generate(method):
+    model, _ = hf_models.llama()
+    ids = torch.randint(2, hf_models.TEXT_VOCAB, (2, 40),
+                        generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0
+    options = {} if not isinstance(method, str) else _kvzip()
+    if "explicit" in str(method):
+        options["profile"] = torch.tensor([[1.0, 3.0], [2.0, 1.0]])
+    calls = []
+    original = reconstruct.reconstruction_scores
+
+    def counted(*a, **k):
+        calls.append(k["chunk_size"])
+        return original(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reconstruct, "reconstruction_scores", counted)
+        with mixkv.patch(model, method, budget=20, window=W, **options) as handle:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            stats = handle.stats()["layers"]
+    assert out.shape == (2, 44) and calls == [7]   # one pass, for the prefill only
+    assert handle.method.needs_reconstruction
+    kept = torch.stack([s["kept"] for s in stats.values()])            # [L, B, Hkv]
+    if "pyramid" not in str(handle.method.label):
+        assert kept.sum(-1).tolist() == [[40, 40], [40, 40]]
+
+
+def test_without_a_tokenizer_a_text_prompt_is_refused_and_ids_or_a_tokenizer_work():
+    model, _ = hf_models.llama()
+    ids = torch.tensor([_ids(N)])
+    with mixkv.patch(model, "kvzip", budget=20, window=W):
+        with pytest.raises(ValueError, match="no tokenizer is at hand"):
+            model(input_ids=ids)
+    tokenizer = hf_models.CharTokenizer()
+    text = M.KVzip(tokenizer=tokenizer)
+    assert text.prompt_ids() == tokenizer(M.kvzip.REPEAT_PROMPT)["input_ids"]
+    assert M.KVzip(repeat_prompt=None).prompt_ids() == []
+    assert M.KVzip(repeat_prompt=torch.tensor(PROMPT)).prompt_ids() == PROMPT
+    with mixkv.patch(model, "kvzip", budget=20, window=W, tokenizer=tokenizer,
+                     chunk_size=16) as handle:
+        model(input_ids=ids)
+        assert handle.stats()["layers"][0]["kept"].tolist() == [[20, 20]]
+        with pytest.raises(ValueError, match="pass context_ids="):
+            handle.compress_cache(_prefill(model, ids), {0: None, 1: None})
+    p = M.Prefill(queries=None, keys=torch.zeros(1, 2, 10, 4), values=None, key_mask=None,
+                  window=2, layer=0, num_layers=1)
+    with pytest.raises(ValueError, match="needs the reconstruction pass"):
+        M.KVzip().score(p)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        M.KVzip(chunk_size=0)
+
+
+def test_a_budget_above_the_prompt_skips_the_pass_and_changes_nothing():
+    model, _ = hf_models.llama()
+    ids = torch.tensor([_ids(N)])
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reconstruct, "max_attention", lambda *a: pytest.fail("pass ran"))
+        with mixkv.patch(model, "kvzip", budget=64, window=W, **_kvzip()):
+            got = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_evaluation_runs_kvzip_plain_and_mixed_with_one_pass_per_sample(tmp_path, monkeypatch):
+    from mixkv.eval.runner import RunConfig, load_records, run
+    from test_eval_engine import tiny_eval_model
+
+    calls = []
+    original = reconstruct.reconstruction_scores
+    monkeypatch.setattr(reconstruct, "reconstruction_scores",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    methods = ["kvzip+adakv", "mixkv(kvzip)+adakv"]
+    config = RunConfig(tasks=["passkey"], lengths=[160], samples=2, methods=methods,
+                       budgets=[24, 48], window=8, out=str(tmp_path), progress=False,
+                       quiet=True)
+    summary = run(config, em=tiny_eval_model())
+    records = load_records(tmp_path / "results.jsonl")
+    assert sorted({r["method"] for r in records}) == sorted(methods + ["full"])
+    assert all(r["kv_ratio"] < 1 and r["compress_seconds"] > 0 for r in records
+               if r["method"] != "full")
+    assert len(calls) == 2          # one pass per sample, shared by budgets and the mix
+    assert {(r["method"], r["base"]) for r in summary["paired"]} == \
+        {("mixkv(kvzip)+adakv", "kvzip+adakv")}
