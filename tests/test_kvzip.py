@@ -108,6 +108,22 @@ def test_scores_equal_the_eager_models_attention(build, crop, chunk):
         assert float(want[layer].max()) > 0.3 and float(want[layer].std()) > 0.02
 
 
+@pytest.mark.parametrize("crop", [True, False])
+def test_scores_without_the_fused_kernel_and_with_logit_softcapping(monkeypatch, crop):
+    """The log-sum-exp computed from the logits (no fused CPU kernel; always with soft-capping,
+    Gemma 2) gives the eager model's attention too."""
+    monkeypatch.setattr(reconstruct, "_flash_lse", lambda *a: None)
+    ids = _ids(N)
+    for build, attn in ((hf_models.llama, "sdpa"), (hf_models.gemma2, "eager")):
+        model, eager = _sharpened(build, attn=attn), _sharpened(build, attn="eager")
+        got = _scores(model, ids, PROMPT, 10, crop)
+        want = reference(eager, ids, PROMPT, 10, crop)
+        assert sorted(got) == sorted(want) and want
+        for layer in want:
+            torch.testing.assert_close(got[layer][0], want[layer], **TOL)
+    assert model.config.attn_logit_softcapping     # soft-capping was on
+
+
 def test_chunking_does_not_change_the_continuous_scores_and_cropping_does():
     model = _sharpened(hf_models.llama)
     ids = _ids(N)

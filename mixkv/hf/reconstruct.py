@@ -6,7 +6,7 @@ seen first by an interceptor (``capture.intercepting``, in front of the shim's o
 for every cached context key, the largest softmax attention it receives from the fed queries:
 prompt and re-read tokens, every query head of the key's group. The softmax is the model's own
 (the module's scaling, logit soft-capping, the same keys and mask), recomputed in float32 from
-the call's queries and keys, blocked so that at most ~64M logits exist at a time.
+the call's queries and keys, blocked so that at most ~16M logits (64 MiB) exist at a time.
 
 ``crop_chunks`` (the default): after every chunk the cache is cropped back to the context
 (DynamicLayer: a slice; any other layer, e.g. sliding-window ones, is put back as it was), so
@@ -36,12 +36,25 @@ from transformers.cache_utils import DynamicLayer
 
 from . import capture
 
-LOGITS_PER_BLOCK = 1 << 26   # float32 logits held at once by the scoring of one layer call
+LOGITS_PER_BLOCK = 1 << 24   # float32 logits (64 MiB) held at once by one layer call's scoring
 
 
 def _cache_keyword(decoder: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters \
         else "past_key_values"
+
+
+def _flash_lse(query: Tensor, keys: Tensor, mask: Tensor) -> Optional[Tensor]:
+    """Log-sum-exp of each query's logits [B, Hq, t] from PyTorch's fused CPU attention (it
+    returns them; nothing [t, K] is written), or None where that kernel is not available.
+    ``query`` is already scaled; ``keys`` [B, Hq, K, D]; ``mask`` additive [B|1, 1, t, K]."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or query.device.type != "cpu":
+        return None
+    try:
+        return op(query, keys, keys, 0.0, False, attn_mask=mask, scale=1.0)[1]
+    except (RuntimeError, TypeError):
+        return None
 
 
 def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
@@ -50,27 +63,60 @@ def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
     """``out`` [B, Hkv, context] = max(out, the largest softmax attention each of the first
     `context` keys receives from a real query, over the queries and each KV head's query heads).
 
-    ``query`` [B, Hq, T, D] are the last T positions of ``key`` [B, Hkv, K, D]; query i sees key
-    j when ``key_real[b, j]`` and j <= K - T + i (causal); ``query_real`` [B, T]."""
+    ``query`` [B, Hq, T, D] are the last T positions of ``key`` [B, Hkv, K, D] (K - T >=
+    context: the context keys come before every query); query i sees key j when
+    ``key_real[b, j]`` and j <= K - T + i (causal); ``query_real`` [B, T].
+
+    max_i softmax(l_i)_j = exp(max_i (l_ij - logsumexp(l_i))): each query's log-sum-exp (from
+    the fused CPU attention kernel when it is there, else from the logits), then the logits of
+    the context columns only, shifted, and a max over queries and the group."""
     B, Hq, T, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scaling is None else float(scaling)
+    past = K - T                                # keys before the first query: seen by all
     keys = key.float()
+    keys_t = keys.transpose(-1, -2)                                       # [B, Hkv, D, K]
+    padded_keys = not bool(key_real.all())
+    padded_queries = not bool(query_real.all())
+    expanded = None if softcap else \
+        keys[:, :, None].expand(B, Hkv, G, K, D).reshape(B, Hq, K, D)
+    best = torch.full((B, Hkv, context), float("-inf"), device=key.device)
     rows = max(1, LOGITS_PER_BLOCK // max(1, B * Hq * K))
     for begin in range(0, T, rows):
         end = min(T, begin + rows)
-        q = query[:, :, begin:end].float().reshape(B, Hkv, G * (end - begin), D)
-        logits = (q @ keys.transpose(-1, -2) * scale).view(B, Hkv, G, end - begin, K)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        last = K - T + torch.arange(begin, end, device=key.device)
-        allowed = (torch.arange(K, device=key.device)[None, :] <= last[:, None])[None] \
-            & key_real[:, None, :]                                          # [B, t, K]
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = logits.softmax(-1)[..., :context]
-        probs = probs.masked_fill(~query_real[:, None, None, begin:end, None], 0.0)
-        torch.maximum(out, probs.amax(dim=(2, 3)), out=out)
+        t = end - begin
+        q = query[:, :, begin:end].float() * scale                          # [B, Hq, t, D]
+        # causal among the fed tokens: query begin+i does not see fed key f > begin+i
+        hidden = torch.arange(T, device=key.device)[None, :] > \
+            torch.arange(begin, end, device=key.device)[:, None]              # [t, T]
+        lse = None
+        if expanded is not None:
+            allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=key.device),
+                                 ~hidden], dim=1)[None, None] \
+                & key_real[:, None, None, :]                                  # [B, 1, t, K]
+            additive = torch.zeros(allowed.shape, device=key.device).masked_fill_(
+                ~allowed, float("-inf"))
+            lse = _flash_lse(q, expanded, additive)
+        if lse is not None:
+            shifted = torch.matmul(q.reshape(B, Hkv, G * t, D), keys_t[..., :context])
+            shifted = shifted.view(B, Hkv, G, t, context)
+            if padded_keys:
+                shifted.masked_fill_(~key_real[:, None, None, None, :context], float("-inf"))
+            shifted.sub_(lse.view(B, Hkv, G, t, 1))
+        else:
+            logits = torch.matmul(q.reshape(B, Hkv, G * t, D), keys_t).view(B, Hkv, G, t, K)
+            if softcap:
+                logits.div_(softcap).tanh_().mul_(softcap)
+            logits[..., past:].masked_fill_(hidden, float("-inf"))
+            if padded_keys:
+                logits.masked_fill_(~key_real[:, None, None, None, :], float("-inf"))
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            shifted = logits[..., :context].sub_(lse)
+        if padded_queries:
+            shifted.masked_fill_(~query_real[:, None, None, begin:end, None], float("-inf"))
+        torch.maximum(best, shifted.amax(dim=(2, 3)), out=best)
+    torch.maximum(out, best.exp_(), out=out)
 
 
 def _real_order(real: Tensor) -> Tensor:
