@@ -5,9 +5,11 @@ round, medians over the repeats after one warm-up round (docs/design.md section 
 
 1. Per layer (one middle decoder layer of the model, captured from a real prefill of N tokens):
    ``Method.compress`` of snapkv (the fused op), tova, knorm, streamingllm, expected_attention
-   and kvzip (its scores already computed), each at budget N/2; plus "kvzip pass scoring", the
-   attention softmax the reconstruction pass adds to that layer's calls (every chunk, prompt
-   included, random queries: the cost does not depend on their values).
+   and kvzip (its pass's scores given: random, the selection's cost does not depend on them),
+   each at budget N/2; plus "kvzip pass scoring", the attention scores the reconstruction pass
+   adds to that layer's calls (every chunk, prompt included; random queries and re-read keys:
+   the cost does not depend on their values). The rest of the pass is the model's own forward
+   over the prompt and the context, measured in part 2.
 2. End to end: a prefill of N tokens alone, and under ``mixkv.patch`` with each method at
    budget N/2 (the prefill, then for kvzip the reconstruction pass, then the compression of
    every layer). The ratio to the prefill alone is the compression's share.
@@ -90,19 +92,19 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def _interleaved(fns: Dict[str, Callable], repeats: int) -> Dict[str, float]:
-    """Median milliseconds of each function, rounds interleaved, one warm-up round."""
+def _interleaved(fns: Dict[str, Callable], repeats: int, warmup: int) -> Dict[str, float]:
+    """Median milliseconds of each function, rounds interleaved, after `warmup` rounds."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for r in range(repeats + 1):
+    for r in range(repeats + warmup):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            if r:
+            if r >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def per_layer(model, encode, n: int, repeats: int) -> Dict[str, float]:
+def per_layer(model, encode, n: int, repeats: int, warmup: int) -> Dict[str, float]:
     """Milliseconds of each scorer's compression of one middle layer (budget n/2)."""
     decoder, modules = mixkv.hf.find_attention_modules(model)
     layer = len(modules) // 2
@@ -112,22 +114,21 @@ def per_layer(model, encode, n: int, repeats: int) -> Dict[str, float]:
         _forward(model, ids, cache)
     budget = n // 2
     plan = M.KVzip().reconstruction_plan(encode)
-    scores = reconstruct.reconstruction_scores(model, cache, input_ids=ids, layers=[layer],
-                                               **plan)
     module = modules[layer]
+    keys = cache.layers[layer].keys
+    B, Hkv, _, D = keys.shape
     prefill = M.Prefill(queries=captured.queries[layer], keys=cache.layers[layer].keys,
                         values=cache.layers[layer].values, key_mask=None, window=WINDOW,
                         layer=layer, num_layers=len(modules), scaling=module.scaling,
                         module=module, decoder=decoder,
                         hidden_states=captured.hidden_states[layer],
-                        reconstruction=scores[layer])
+                        reconstruction=torch.rand(B, Hkv, n, generator=torch.Generator()
+                                                  .manual_seed(1)))
     fns = {}
     for name in LAYER_SCORERS:
         method = M.resolve(name, budget=budget, window=WINDOW)
         fns[name] = lambda m=method: m.compress(prefill, budget)
     # what the reconstruction pass adds to this layer's attention calls: the softmax scores
-    keys = cache.layers[layer].keys
-    B, Hkv, _, D = keys.shape
     Hq = captured.queries[layer].shape[1]
     R, m = len(plan["prompt_ids"]), plan["chunk_size"]
     g = torch.Generator().manual_seed(0)
@@ -145,10 +146,10 @@ def per_layer(model, encode, n: int, repeats: int) -> Dict[str, float]:
             reconstruct.max_attention(q, k, n, key_real, query_real, module.scaling, None, out)
 
     fns["kvzip pass scoring"] = pass_scoring
-    return _interleaved(fns, repeats)
+    return _interleaved(fns, repeats, warmup)
 
 
-def end_to_end(model, encode, n: int, repeats: int, methods) -> Dict[str, float]:
+def end_to_end(model, encode, n: int, repeats: int, warmup: int, methods) -> Dict[str, float]:
     """Milliseconds of a prefill alone and under the patch with each method (budget n/2)."""
     ids = _prompt(model, n)
     fns = {"prefill": lambda: _forward(model, ids, _new_cache(model))}
@@ -161,7 +162,7 @@ def end_to_end(model, encode, n: int, repeats: int, methods) -> Dict[str, float]
             with mixkv.patch(model, name, budget=n // 2, window=WINDOW, **options):
                 _forward(model, ids, _new_cache(model))
         fns[name] = run
-    return _interleaved(fns, repeats)
+    return _interleaved(fns, repeats, warmup)
 
 
 def main(argv=None):
@@ -171,8 +172,9 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a random tiny Llama instead")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (per length)")
-    parser.add_argument("--long-repeats", type=int, default=2,
-                        help="timed end-to-end rounds at lengths above 2048")
+    parser.add_argument("--long-repeats", type=int, default=1,
+                        help="timed end-to-end rounds at lengths above 2048 (no warm-up "
+                        "round there: the first length warmed everything up)")
     parser.add_argument("--methods", default="snapkv,tova,expected_attention,kvzip")
     parser.add_argument("--long-methods", default="snapkv,kvzip",
                         help="end-to-end methods at lengths above 2048")
@@ -184,13 +186,14 @@ def main(argv=None):
     load = ForeignLoad()
     started = time.perf_counter()
     rows = []
-    for n in [int(x) for x in args.lengths.split(",")]:
-        layer_ms = per_layer(model, encode, n, args.repeats)
+    for i, n in enumerate(int(x) for x in args.lengths.split(",")):
+        layer_ms = per_layer(model, encode, n, args.repeats, warmup=1)
         long = n > 2048
         methods = (args.long_methods if long else args.methods).split(",")
-        e2e_ms = end_to_end(model, encode, n, args.long_repeats if long else args.repeats,
-                            methods)
-        rows.append(dict(N=n, per_layer_ms=layer_ms, end_to_end_ms=e2e_ms))
+        rounds = args.long_repeats if long else args.repeats
+        e2e_ms = end_to_end(model, encode, n, rounds, 0 if long and i else 1, methods)
+        rows.append(dict(N=n, per_layer_ms=layer_ms, end_to_end_ms=e2e_ms,
+                         end_to_end_rounds=rounds, per_layer_rounds=args.repeats))
         print(f"N={n}: per layer {json.dumps({k: round(v, 2) for k, v in layer_ms.items()})}; "
               f"end to end {json.dumps({k: round(v) for k, v in e2e_ms.items()})}", flush=True)
     other = load.report()
@@ -200,19 +203,22 @@ def main(argv=None):
           f"{platform.python_version()}")
     if other is not None:
         print(f"other processes used {other[0] / other[1]:.2f} cores on average during the run")
-    print("\n| N | scorer (one layer, budget N/2) | ms | / snapkv |")
-    print("|---:|---|---:|---:|")
+    print("\n| N | scorer (one layer, budget N/2) | ms | / snapkv | rounds |")
+    print("|---:|---|---:|---:|---:|")
     for row in rows:
         base = row["per_layer_ms"]["snapkv"]
         for scorer, ms in row["per_layer_ms"].items():
-            print(f"| {row['N']} | {scorer} | {ms:.2f} | {ms / base:.2f}x |")
-    print("\n| N | end to end (budget N/2) | ms | / prefill | compression share of prefill |")
-    print("|---:|---|---:|---:|---:|")
+            print(f"| {row['N']} | {scorer} | {ms:.2f} | {ms / base:.2f}x | "
+                  f"{row['per_layer_rounds']} |")
+    print("\n| N | end to end (budget N/2) | ms | / prefill | extra over the prefill | "
+          "rounds |")
+    print("|---:|---|---:|---:|---:|---:|")
     for row in rows:
         base = row["end_to_end_ms"]["prefill"]
         for method, ms in row["end_to_end_ms"].items():
             share = "" if method == "prefill" else f"{(ms - base) / base:+.0%}"
-            print(f"| {row['N']} | {method} | {ms:.0f} | {ms / base:.2f}x | {share} |")
+            print(f"| {row['N']} | {method} | {ms:.0f} | {ms / base:.2f}x | {share} | "
+                  f"{row['end_to_end_rounds']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=name, threads=args.threads,
                                                    rows=rows), indent=1))
