@@ -266,6 +266,30 @@ def test_every_policy_and_mix_runs_in_patch_and_generate(method):
         assert kept.sum(-1).tolist() == [[40, 40], [40, 40]]
 
 
+@pytest.mark.parametrize("method", ["kvzip", "kvzip+adakv"])
+def test_generate_on_a_padded_batch_equals_single_runs(monkeypatch, method):
+    """generate's prefill positions reach the pass: a left-padded row re-reads its context at
+    its own positions and keeps, then generates, what it keeps alone."""
+    model = _sharpened(hf_models.llama)
+    rows = [_ids(N, seed=20), _ids(33, seed=21)]
+    ids = torch.zeros(2, N, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, N - len(row):] = torch.tensor(row)
+        mask[b, N - len(row):] = 1
+    seen = []
+    original = reconstruct.reconstruction_scores
+    monkeypatch.setattr(reconstruct, "reconstruction_scores",
+                        lambda *a, **k: seen.append(k["positions"]) or original(*a, **k))
+    with mixkv.patch(model, method, budget=20, window=W, **_kvzip()):
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        singles = [model.generate(torch.tensor([row]), max_new_tokens=6, do_sample=False)
+                   for row in rows]
+    assert seen[0] is not None and seen[0][1, N - 33:].tolist() == list(range(33))
+    for b, single in enumerate(singles):
+        assert batch[b, N:].tolist() == single[0, len(rows[b]):].tolist()
+
+
 def test_without_a_tokenizer_a_text_prompt_is_refused_and_ids_or_a_tokenizer_work():
     model, _ = hf_models.llama()
     ids = torch.tensor([_ids(N)])
