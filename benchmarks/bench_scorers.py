@@ -16,7 +16,7 @@ round, medians over the repeats after one warm-up round (docs/design.md section 
 
     python benchmarks/bench_scorers.py                          # default model, 1K and 4K
     python benchmarks/bench_scorers.py --lengths 1024 --repeats 5
-    python benchmarks/bench_scorers.py --tiny --lengths 256     # random tiny Llama (smoke)
+    python benchmarks/bench_scorers.py --tiny --lengths 96 --repeats 1   # smoke (tests)
 
 The script prints the CPU-seconds other processes used while it ran (a shared machine slows
 any single figure; ratios of interleaved rounds suffer less).
@@ -36,12 +36,9 @@ from typing import Callable, Dict, List
 import torch
 
 HERE = Path(__file__).resolve().parent
-try:
-    import mixkv
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(HERE.parent))
-    import mixkv
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))   # the checkout this script belongs to, installed or not
+sys.path.insert(1, str(HERE))
+import mixkv  # noqa: E402
 from bench_ops import ForeignLoad, _cpu_model  # noqa: E402
 
 from mixkv import methods as M  # noqa: E402

@@ -1,4 +1,4 @@
-"""The README's demo and the op benchmark run end to end (small sizes)."""
+"""The README's demo and the benchmarks run end to end (small sizes)."""
 
 import subprocess
 import sys
@@ -26,3 +26,9 @@ def test_op_benchmark_quick_run():
     text = run("benchmarks/bench_ops.py", "--quick", "--skip-check")
     assert "| model | N | dtype | op ms | reference ms | baseline ms |" in text
     assert text.count("| SmolLM2-135M |") >= 2 and text.count("| Llama-3-8B |") >= 2
+
+
+def test_scorer_benchmark_quick_run():
+    text = run("benchmarks/bench_scorers.py", "--tiny", "--lengths", "96", "--repeats", "1")
+    assert "| 96 | kvzip pass scoring |" in text and "| 96 | expected_attention |" in text
+    assert "| 96 | kvzip |" in text and "| 96 | prefill |" in text
