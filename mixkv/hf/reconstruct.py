@@ -47,12 +47,21 @@ def _cache_keyword(decoder: nn.Module) -> str:
 def _flash_lse(query: Tensor, keys: Tensor, mask: Tensor) -> Optional[Tensor]:
     """Log-sum-exp of each query's logits [B, Hq, t] from PyTorch's fused CPU attention (it
     returns them; nothing [t, K] is written), or None where that kernel is not available.
-    ``query`` is already scaled; ``keys`` [B, Hq, K, D]; ``mask`` additive [B|1, 1, t, K]."""
+    ``query`` is already scaled; ``keys`` [B, Hkv, K, D], each KV head broadcast (not copied)
+    to its query heads; ``mask`` additive [B|1, 1, t, K]."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or query.device.type != "cpu":
         return None
+    B, Hq = query.shape[:2]
+    Hkv, K, D = keys.shape[1:]
+    G = Hq // Hkv
     try:
-        return op(query, keys, keys, 0.0, False, attn_mask=mask, scale=1.0)[1]
+        parts = []
+        for h in range(Hkv):
+            group = keys[:, h:h + 1].expand(B, G, K, D)
+            parts.append(op(query[:, h * G:(h + 1) * G], group, group, 0.0, False,
+                            attn_mask=mask, scale=1.0)[1])
+        return torch.cat(parts, dim=1)
     except (RuntimeError, TypeError):
         return None
 
@@ -79,8 +88,6 @@ def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
     keys_t = keys.transpose(-1, -2)                                       # [B, Hkv, D, K]
     padded_keys = not bool(key_real.all())
     padded_queries = not bool(query_real.all())
-    expanded = None if softcap else \
-        keys[:, :, None].expand(B, Hkv, G, K, D).reshape(B, Hq, K, D)
     best = torch.full((B, Hkv, context), float("-inf"), device=key.device)
     rows = max(1, LOGITS_PER_BLOCK // max(1, B * Hq * K))
     for begin in range(0, T, rows):
@@ -91,13 +98,13 @@ def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
         hidden = torch.arange(T, device=key.device)[None, :] > \
             torch.arange(begin, end, device=key.device)[:, None]              # [t, T]
         lse = None
-        if expanded is not None:
+        if not softcap:
             allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=key.device),
                                  ~hidden], dim=1)[None, None] \
                 & key_real[:, None, None, :]                                  # [B, 1, t, K]
             additive = torch.zeros(allowed.shape, device=key.device).masked_fill_(
                 ~allowed, float("-inf"))
-            lse = _flash_lse(q, expanded, additive)
+            lse = _flash_lse(q, keys, additive)
         if lse is not None:
             shifted = torch.matmul(q.reshape(B, Hkv, G * t, D), keys_t[..., :context])
             shifted = shifted.view(B, Hkv, G, t, context)
