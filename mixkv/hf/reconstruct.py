@@ -28,7 +28,7 @@ compresses every layer with ``Prefill.reconstruction`` set.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
