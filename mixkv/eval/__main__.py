@@ -51,9 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_list(float), default=[],
                    help="fractions of the prompt removed (instead of, or with, --budgets)")
     p.add_argument("--window", type=int, default=32, help="observation window W")
-    p.add_argument("--mode", choices=("agnostic", "aware"), default="agnostic",
+    p.add_argument("--mode", choices=("agnostic", "aware", "both"), default="agnostic",
                    help="agnostic: compress the context before the question is appended; "
-                        "aware: the question is part of the compressed prompt")
+                        "aware: the question is part of the compressed prompt; both: each "
+                        "regime into OUT/agnostic and OUT/aware, compared side by side in OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", choices=("task", "essay", "noise"), default="task",
                    help="filler text: each task's RULER default, the built-in essay generator, "
@@ -92,7 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = runner.RunConfig(**vars(args))
     summary = runner.run(config)
     print(summary["markdown"])
-    print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png, heatmap.png")
+    if config.mode == "both":
+        print(f"results: {config.out}/table.md, summary.json, plot.png; each regime's in "
+              f"{config.out}/agnostic and {config.out}/aware")
+    else:
+        print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png, "
+              "heatmap.png")
     return 0
 
 

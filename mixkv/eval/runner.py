@@ -221,8 +221,30 @@ def _log(config: RunConfig, *args):
         print(*args, file=sys.stderr, flush=True)
 
 
+REGIMES = ("agnostic", "aware")
+
+
 def run(config: RunConfig, *, em=None) -> Dict:
-    """Run (or resume) the grid and write the reports; returns the summary dict."""
+    """Run (or resume) the grid and write the reports; returns the summary dict.
+    ``mode="both"`` runs each regime into its own OUT/<mode>/ folder, then writes the regimes
+    side by side in OUT (:func:`write_side_by_side`)."""
+    from .models import load_model
+
+    if config.mode == "both":
+        if em is None:
+            _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} "
+                 "...")
+            em = load_model(config.model, dtype=getattr(torch, config.dtype))
+        summaries = {}
+        for mode in REGIMES:
+            _log(config, f"mixkv.eval: regime {mode} -> {Path(config.out) / mode}")
+            summaries[mode] = run(dataclasses.replace(config, mode=mode,
+                                                      out=str(Path(config.out) / mode)), em=em)
+        return write_side_by_side(summaries, Path(config.out), config=config, em=em)
+    return _run_one(config, em=em)
+
+
+def _run_one(config: RunConfig, *, em=None) -> Dict:
     from .engine import Engine
     from .models import load_model
 
@@ -381,6 +403,37 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                                       encoding="utf-8")
     summary["markdown"] = text
     return summary
+
+
+def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConfig,
+                       em=None) -> Dict:
+    """OUT/table.md, plot.png and summary.json comparing the regimes: one methods x (regime,
+    budget) table of the task score, the regimes' paired differences, then each regime's own
+    report (its folder holds results.jsonl, heatmap.png, ...)."""
+    name = em.name if em is not None else config.model
+    inputs = list(config.tasks) + [Path(d).name for d in config.data]
+    title = (f"{name} | {', '.join(inputs)} | length {'/'.join(map(str, config.lengths))} | "
+             f"window {config.window}")
+    parts = [report.side_by_side_markdown(
+        summaries, title=f"**Task score, all tasks, both regimes** ({title}; agnostic: the "
+                         "context is compressed before the question is appended; aware: the "
+                         "question is part of the compressed prompt)")]
+    for mode, summary in summaries.items():
+        parts.append(f"**Paired difference against the base method, {mode}**\n\n" +
+                     (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+    for mode, summary in summaries.items():
+        parts.append(f"## Regime {mode} (folder `{mode}/`)\n\n" + summary["markdown"])
+    text = "\n".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text, encoding="utf-8")
+    report.plot_regimes(summaries, str(out / "plot.png"), title=title)
+    payload = dict(config=dataclasses.asdict(config),
+                   regimes={mode: dict(folder=mode, rows=summary["rows"],
+                                       paired=summary["paired"])
+                            for mode, summary in summaries.items()})
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
+                                      encoding="utf-8")
+    return dict(regimes=summaries, markdown=text)
 
 
 def _ranges(indices: Sequence[int]) -> str:
