@@ -24,6 +24,10 @@ TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
                                      mixkv/eval/engine.py mixkv/eval/runner.py)
 SCRATCH=build/mutation
+# mutmut forks one child per mutant from a process that has run torch: with OpenMP worker
+# threads alive in the parent, a forked child's first parallel op deadlocks (libgomp is not
+# fork-safe). One thread per process avoids the pool; MAX_CHILDREN gives the parallelism.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 for target in "${TARGETS[@]}"; do
   selection=${TESTS:-$(tests_for "$target")}
   rm -rf "$SCRATCH" && mkdir -p "$SCRATCH"
