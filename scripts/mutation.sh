@@ -55,7 +55,7 @@ for target in "${TARGETS[@]}"; do
   other=$(grep -vc ": killed$\|: survived$" "$SCRATCH/results.txt" || true)
   echo "killed $killed, survived $survived, other (timeout, not checked, ...) $other"
   [ $((killed + survived)) -gt 0 ] && echo "score $(( 100 * killed / (killed + survived) ))%"
-  grep ": survived$" "$SCRATCH/results.txt" | sed 's/: survived$//' | while read -r name; do
+  { grep ": survived$" "$SCRATCH/results.txt" || true; } | sed 's/: survived$//' | while read -r name; do
     echo "-- survivor $name"
     (cd "$SCRATCH" && "$PY" -m mutmut show "$name" | grep '^[-+][^-+]' || true)
   done
