@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..methods import Method, Prefill, resolve
 from . import capture
+from .decode import DecodeCompression, check_options as check_decode_options
 from .layers import CompressedLayer, HeadwiseLayer
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
@@ -50,6 +51,8 @@ class _LayerState:
 
     def attend(self, function, module, query, key, value, attention_mask, *args, **kwargs):
         """The attention call of this module (the capture wrapper's interceptor)."""
+        if self.handle.decoding is not None:  # compression during generation (decode.py)
+            self.handle.decoding.observe(self, module, query, key, attention_mask)
         layer = self.handle._layer(self.cache, self.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             if kwargs.get("softcap") is not None:
@@ -99,6 +102,7 @@ class MixKVPatch:
 
     def __init__(self, model: nn.Module, method: Method):
         self.model, self.method = model, method
+        self.decoding = None  # a DecodeCompression (decode.py) when decode_budget is set
         self.decoder, self.modules = find_attention_modules(model)
         config = self.decoder.config
         self.num_layers = len(self.modules)
@@ -176,6 +180,9 @@ class MixKVPatch:
             state.hidden
         state.q_window = state.key_mask = state.cache = state.hidden = None
         if cache is None or self.method.scorer is None:
+            return
+        if self.decoding is not None and self.decoding.after_attention(module, cache,
+                                                                       state.layer_idx):
             return
         layer = self._layer(cache, state.layer_idx)
         if not self.compressible(cache, state.layer_idx):
@@ -334,7 +341,8 @@ def check_transformers_version(version: Optional[str] = None) -> bool:
     return False
 
 
-def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
+def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = None,
+          interval: Optional[int] = None, **options) -> MixKVPatch:
     """Compress the KV cache of `model` after every prefill with `method`.
 
     `method` is a name ("mixkv", "mixkv+adakv", "tova+pyramidkv", "mixkv(tova)", ...) or an
@@ -345,10 +353,26 @@ def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
     the method's parts (``redundancy``: "online" or an [L, Hkv] profile for MixKV; ``sinks``,
     ``seed``, ``pool_kernel``, ``floor_alpha``, ...). Returns a handle that is also a context
     manager; ``mixkv.unpatch(model)`` restores the model exactly.
+
+    ``decode_budget`` (tokens per KV head, window included) also compresses during generation:
+    every ``interval`` decoded tokens (64) each layer is cut back to ``decode_budget``, scored
+    with the latest ``window`` queries (``hf/decode.py``); without ``budget`` / ``ratio`` the
+    prefill keeps ``decode_budget`` as well.
     """
     check_transformers_version()
+    if decode_budget is not None or interval is not None:  # checked before resolve's errors
+        check_decode_options(decode_budget, interval,
+                             method.window if isinstance(method, Method) else
+                             options.get("window", 32))
+        if not isinstance(method, Method) and options.get("budget") is None and \
+                options.get("ratio") is None:
+            options["budget"] = decode_budget
     resolved = method if isinstance(method, Method) else resolve(method, **options)
+    decoding = DecodeCompression(resolved, decode_budget, interval) \
+        if decode_budget is not None or interval is not None else None
     handle = MixKVPatch(model, resolved)
+    if decoding is not None:
+        decoding.handle, handle.decoding = handle, decoding
     model._mixkv_patch = handle
     return handle
 
