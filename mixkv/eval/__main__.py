@@ -70,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
                         "top-1 agreement, NLL); no task score")
     p.add_argument("--continuation", type=int, default=runner.DEFAULT_CONTINUATION,
                    help="--corpus: tokens of each document's continuation teacher-forced")
+    p.add_argument("--decode-budget", type=int, default=None,
+                   help="also compress during generation: every --interval generated (or "
+                        "teacher-forced) tokens each layer is cut back to this many tokens per "
+                        "KV head (mixkv.patch's decode_budget); with --corpus --continuation "
+                        "512 it measures long-generation fidelity")
+    p.add_argument("--interval", type=int, default=None,
+                   help="--decode-budget: tokens between compressions (default 64)")
     p.add_argument("--out", default="eval-results", help="output folder")
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="always decode max_new_tokens greedily (no teacher-forced shortcut, no "

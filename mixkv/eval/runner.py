@@ -53,6 +53,8 @@ class RunConfig:
     limit: Optional[int] = None
     corpus: Optional[str] = None      # natural-text fidelity: a folder of .txt or "builtin"
     continuation: int = DEFAULT_CONTINUATION
+    decode_budget: Optional[int] = None  # compression during generation (every method)
+    interval: Optional[int] = None    # its tokens between compressions (None: the shim's 64)
     out: str = "eval-results"
     shortcut: bool = True
     threads: Optional[int] = None
@@ -73,9 +75,12 @@ def run_settings(config: RunConfig, em) -> Dict:
     profile = None
     if config.redundancy:
         profile = _digest(Path(config.redundancy).read_bytes())
-    return dict(model=em.name, model_source=str(em.source), dtype=config.dtype,
-                mode=config.mode, window=config.window, shortcut=config.shortcut,
-                seed=config.seed, redundancy=profile)
+    settings = dict(model=em.name, model_source=str(em.source), dtype=config.dtype,
+                    mode=config.mode, window=config.window, shortcut=config.shortcut,
+                    seed=config.seed, redundancy=profile)
+    if config.decode_budget is not None:  # only then: earlier runs' rows keep their keys
+        settings.update(decode_budget=config.decode_budget, interval=config.interval)
+    return settings
 
 
 def import_plugins(paths: Sequence[str]) -> None:
@@ -289,6 +294,9 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     options = {}
     if config.redundancy:
         options["redundancy"] = config.redundancy
+    decoding = {}
+    if config.decode_budget is not None or config.interval is not None:
+        decoding = dict(decode_budget=config.decode_budget, interval=config.interval)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -311,7 +319,9 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
             for j, combo in enumerate(combos):  # full first: the fidelity reference, redone
                 if j not in pending and combo["method"] != "full":
                     continue
-                extra = options if uses_redundancy(combo["method"]) else {}
+                extra = dict(options if uses_redundancy(combo["method"]) else {})
+                if combo["method"] != "full":
+                    extra.update(decoding)
                 record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
                                     **extra)
                 eval_seconds += record["seconds"]
@@ -343,6 +353,9 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
     inputs = list(config.tasks) + [Path(d).name for d in config.data]
     if config.corpus:
         inputs.append(f"corpus {Path(config.corpus).name}")
+    if config.decode_budget is not None:
+        inputs.append(f"decode budget {config.decode_budget} every "
+                      f"{config.interval or 'default'} tokens")
     title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
              f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
     tables = []

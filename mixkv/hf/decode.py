@@ -53,6 +53,14 @@ class DecodeCompression:
         self._decoding = {}        # layer -> the current call is a decode call
         self._key_mask = {}        # layer -> [B, N] real keys of a plain layer's decode call
 
+    def start(self, window_queries: dict) -> None:
+        """Start the query buffers from a prefill's window queries ({layer: [B, Hq, >= W, D]}),
+        as a patched prefill would (``handle.compress_cache`` calls this)."""
+        for idx, queries in window_queries.items():
+            self._queries[idx] = queries[..., -self.window:, :].detach().clone()
+            self._since[idx] = 0
+            self._key_mask.pop(idx, None)
+
     # -- the attention call (from the shim's interceptor) -----------------------------------
     def observe(self, state, module, query: torch.Tensor, key: torch.Tensor,
                 attention_mask) -> None:

@@ -280,6 +280,8 @@ class MixKVPatch:
             with torch.no_grad():
                 self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
                                key_mask, (hidden_states or {}).get(idx))
+        if self.decoding is not None:  # decoding goes on from these queries (decode.py)
+            self.decoding.start(window_queries)
 
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
