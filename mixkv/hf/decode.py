@@ -61,6 +61,18 @@ class DecodeCompression:
             self._since[idx] = 0
             self._key_mask.pop(idx, None)
 
+    @staticmethod
+    def check_generate(model, kwargs) -> None:
+        """Refuse generate options the query buffers cannot follow: beam search reorders the
+        cache's rows at every step, the buffers would not follow."""
+        beams = kwargs.get("num_beams")
+        for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+            if beams is None and config is not None:
+                beams = getattr(config, "num_beams", None)
+        if beams is not None and beams > 1:
+            raise NotImplementedError("mixkv: decode_budget does not support beam search "
+                                      f"(num_beams={beams}); use greedy or sampling")
+
     # -- the attention call (from the shim's interceptor) -----------------------------------
     def observe(self, state, module, query: torch.Tensor, key: torch.Tensor,
                 attention_mask) -> None:

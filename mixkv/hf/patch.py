@@ -157,6 +157,8 @@ class MixKVPatch:
     def _generate(self, *args, **kwargs):
         self._check_generation_config(kwargs.get("generation_config"))
         self._check_generation_config(_KwargsView(kwargs))
+        if self.decoding is not None:
+            self.decoding.check_generate(self.model, kwargs)
         return self._original_generate(*args, **kwargs)
 
     # -- hooks -------------------------------------------------------------------------------
