@@ -173,6 +173,29 @@ def test_padded_rows_equal_single_runs(method, base):
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_batch_shorter_than_the_prefill_budget(attn):
+    """No layer is compressed at prefill (every row fits the budget): the first decode-time
+    compression reads the padding off the model's own decode mask."""
+    model = tiny_llama(attn)
+    rows = [prompt(20, seed=5)[0], prompt(13, seed=6)[0]]
+    options = dict(budget=24, window=W, decode_budget=26, interval=4)
+    with mixkv.patch(model, "mixkv", **options) as handle:
+        alone = [generate(model, r[None], 14)[0][0, len(r):] for r in rows]
+        batch = torch.zeros(2, 20, dtype=torch.long)
+        mask = torch.zeros(2, 20, dtype=torch.long)
+        for b, r in enumerate(rows):
+            batch[b, 20 - len(r):], mask[b, 20 - len(r):] = r, 1
+        before = handle.decoding.compressions
+        seq, _, cache = generate(model, batch, 14, attention_mask=mask)
+        assert handle.decoding.compressions - before == 4  # steps 8 and 12, two layers
+    # The short row holds 13 + 13 real tokens, one over the budget's 26 slots: a padded slot.
+    assert isinstance(cache.layers[0], CompressedLayer)
+    assert cache.layers[0].kept_real.sum(-1).tolist() == [26, 25]
+    for b in range(2):
+        assert torch.equal(seq[b, 20:], alone[b]), b
+
+
 # -- a decode budget that covers everything is a no-op ----------------------------------------
 
 @pytest.mark.parametrize("method", ["mixkv", "mixkv+adakv", "snapkv+pyramidkv"])
