@@ -364,3 +364,12 @@ def test_bad_arguments_are_refused_by_name():
         assert cache.layers[0].keys.shape[-2] == 30
     with mixkv.patch(model, "snapkv", window=W, budget=30, decode_budget=40) as handle:
         assert handle.decoding.interval == 64  # the documented default
+    # A window set by the scorer object counts (SnapKV(window=16): 20 > 16 is allowed).
+    with mixkv.patch(model, MixKV(SnapKV(window=16)), decode_budget=20) as handle:
+        assert handle.method.window == 16 and handle.method.budget == 20
+    with pytest.raises(ValueError, match=r"decode_budget \(16\) must be larger than window "
+                                         r"\(16\)"):
+        mixkv.patch(model, MixKV(SnapKV(window=16)), decode_budget=16)
+    resolved = mixkv.methods.resolve("mixkv", budget=24, window=W)  # a resolved Method
+    with mixkv.patch(model, resolved, decode_budget=32, interval=4) as handle:
+        assert handle.method is resolved and handle.decoding.decode_budget == 32

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..methods import Method, Prefill
+from ..methods import Method, Prefill, resolve
 from . import capture
 from .layers import CompressedLayer, HeadwiseLayer
 
@@ -52,6 +52,23 @@ class DecodeCompression:
         self._since = {}           # layer -> tokens decoded since the prefill / last compression
         self._decoding = {}        # layer -> the current call is a decode call
         self._key_mask = {}        # layer -> [B, N] real keys of a plain layer's decode call
+
+    @classmethod
+    def resolve(cls, method, decode_budget, interval, options: dict):
+        """(Method, DecodeCompression) for ``mixkv.patch(model, method, decode_budget=...,
+        interval=..., **options)``: the arguments are checked against the method's window
+        before anything else (its budget defaults to ``decode_budget``)."""
+        if isinstance(method, Method):
+            resolved = method
+            check_options(decode_budget, interval, resolved.window)
+        else:
+            # The window first (window=, or the one a scorer sets), with a stand-in budget.
+            window = resolve(method, **{**options, "budget": None, "ratio": 0.0}).window
+            check_options(decode_budget, interval, window)
+            if options.get("budget") is None and options.get("ratio") is None:
+                options = dict(options, budget=decode_budget)
+            resolved = resolve(method, **options)
+        return resolved, cls(resolved, decode_budget, interval)
 
     def start(self, window_queries: dict) -> None:
         """Start the query buffers from a prefill's window queries ({layer: [B, Hq, >= W, D]}),
@@ -169,11 +186,12 @@ class DecodeCompression:
         if longest <= budget or queries is None:
             return
         S, D = B * Hkv, layer.key_buffer.shape[-1]
-        # Segment s laid out left-padded in [S, longest]: token t of s at slot longest - L_s + t.
-        rows = layer._rows(torch.zeros_like(lengths), lengths)
+        # Segment s laid out left-padded in [S, longest]: token t of s at slot longest - L_s + t
+        # (its buffer row starts[s] + t).
         segment = torch.repeat_interleave(torch.arange(S, device=layer.device), lengths)
-        local = torch.arange(len(rows), device=layer.device) - torch.repeat_interleave(
+        local = torch.arange(int(lengths.sum()), device=layer.device) - torch.repeat_interleave(
             lengths.cumsum(0) - lengths, lengths)
+        rows = layer.starts[segment] + local
         slot = longest - lengths[segment] + local
         keys = layer.key_buffer.new_zeros(S, longest, D)
         values = layer.value_buffer.new_zeros(S, longest, D)

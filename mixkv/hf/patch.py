@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..methods import Method, Prefill, resolve
 from . import capture
-from .decode import DecodeCompression, check_options as check_decode_options
+from .decode import DecodeCompression
 from .layers import CompressedLayer, HeadwiseLayer
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
@@ -364,16 +364,11 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
     prefill keeps ``decode_budget`` as well.
     """
     check_transformers_version()
-    if decode_budget is not None or interval is not None:  # checked before resolve's errors
-        check_decode_options(decode_budget, interval,
-                             method.window if isinstance(method, Method) else
-                             options.get("window", 32))
-        if not isinstance(method, Method) and options.get("budget") is None and \
-                options.get("ratio") is None:
-            options["budget"] = decode_budget
-    resolved = method if isinstance(method, Method) else resolve(method, **options)
-    decoding = DecodeCompression(resolved, decode_budget, interval) \
-        if decode_budget is not None or interval is not None else None
+    decoding = None
+    if decode_budget is None and interval is None:
+        resolved = method if isinstance(method, Method) else resolve(method, **options)
+    else:  # compression during generation (decode.py)
+        resolved, decoding = DecodeCompression.resolve(method, decode_budget, interval, options)
     handle = MixKVPatch(model, resolved)
     if decoding is not None:
         decoding.handle, handle.decoding = handle, decoding
