@@ -78,6 +78,8 @@ def test_readme_shows_the_committed_default_evaluation():
                                                                                 "quiet")}
     for key, value in defaults.items():
         value = list(value) if isinstance(value, tuple) else value
+        if value is None and key not in config:
+            continue  # an option newer than the committed run, off by default (decode_budget)
         assert config[key] == value, key
 
 
