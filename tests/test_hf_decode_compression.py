@@ -356,6 +356,9 @@ def test_bad_arguments_are_refused_by_name():
     with mixkv.patch(model, "snapkv", window=W, budget=24, decode_budget=32):
         with pytest.raises(NotImplementedError, match="does not support beam search"):
             model.generate(prompt(40), max_new_tokens=4, num_beams=2, pad_token_id=0)
+        with pytest.raises(NotImplementedError, match="assisted or prompt-lookup"):
+            model.generate(prompt(40), max_new_tokens=4, prompt_lookup_num_tokens=3,
+                           pad_token_id=0)
     # Nothing was left patched by the refusals; decode_budget alone sets the prefill budget.
     with mixkv.patch(model, "snapkv", window=W, decode_budget=30, interval=4) as handle:
         assert handle.method.budget == 30 and handle.decoding.interval == 4

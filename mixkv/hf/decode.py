@@ -81,7 +81,7 @@ class DecodeCompression:
     @staticmethod
     def check_generate(model, kwargs) -> None:
         """Refuse generate options the query buffers cannot follow: beam search reorders the
-        cache's rows at every step, the buffers would not follow."""
+        cache's rows, assisted decoding crops them."""
         beams = kwargs.get("num_beams")
         for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
             if beams is None and config is not None:
@@ -89,6 +89,9 @@ class DecodeCompression:
         if beams is not None and beams > 1:
             raise NotImplementedError("mixkv: decode_budget does not support beam search "
                                       f"(num_beams={beams}); use greedy or sampling")
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            raise NotImplementedError("mixkv: decode_budget does not support assisted or "
+                                      "prompt-lookup decoding (they crop the cache)")
 
     # -- the attention call (from the shim's interceptor) -----------------------------------
     def observe(self, state, module, query: torch.Tensor, key: torch.Tensor,
