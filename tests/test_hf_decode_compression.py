@@ -220,7 +220,7 @@ def test_decode_budget_covering_everything_changes_nothing(method):
 # -- a re-compression keeps the method's selection on the latest queries ----------------------
 
 @pytest.mark.parametrize("method,mode", [("mixkv", "mixkv"), ("snapkv", "attn"),
-                                         ("keydiff", "keydiff")])
+                                         ("keydiff", "keydiff"), ("knorm", None)])
 def test_recompression_is_the_ops_selection_on_the_latest_queries(monkeypatch, method, mode):
     """Step by hand; at the step that compresses, the expected kept K/V is torch.ops.mixkv.compress
     on the K/V that step's attention saw, with the window queries assembled by the test from the
@@ -249,9 +249,16 @@ def test_recompression_is_the_ops_selection_on_the_latest_queries(monkeypatch, m
                             + [c["query"] for c in calls[1:]], dim=-2)
         last = calls[-1]
         assert last["key"].shape[-2] == budget + interval  # what the compressing step saw
-        want_k, want_v, _ = torch.ops.mixkv.compress(queries, last["key"], last["value"], None,
-                                                     decode_budget, W, mode, None, 5, "avg",
-                                                     "mean", 0.25)
+        if mode is None:  # knorm, defined here: the lowest key norms, then the window
+            k, v, C = last["key"][0], last["value"][0], budget + interval - W
+            kept = [torch.cat([k[h, :C].norm(dim=-1).argsort()[:decode_budget - W].sort().values,
+                               torch.arange(C, C + W)]) for h in range(2)]
+            want_k = torch.stack([k[h, kept[h]] for h in range(2)])[None]
+            want_v = torch.stack([v[h, kept[h]] for h in range(2)])[None]
+        else:
+            want_k, want_v, _ = torch.ops.mixkv.compress(queries, last["key"], last["value"],
+                                                         None, decode_budget, W, mode, None, 5,
+                                                         "avg", "mean", 0.25)
         assert isinstance(layer, CompressedLayer)
         assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
         # The window (the 8 latest tokens, 5 of them decoded) is kept as the last slots.
