@@ -120,6 +120,26 @@ def test_method_objects_and_a_gemma3_with_sliding_layers():
     assert handle.decoding.compressions > 0
 
 
+def test_every_scorer_plain_and_mixed_under_every_base():
+    """Every registered scorer but the hidden-states one, plain and inside MixKV, on the dense
+    and the head-wise caches: a generation 4x the decode budget stays bounded."""
+    from mixkv.methods import SCORERS
+
+    model = tiny_llama()
+    ids = prompt(40)
+    names = [n for n in SCORERS if n not in ("expected_attention", "mixkv")]
+    runs = [(n, "snapkv") for n in names] + [(f"mixkv({n})", "adakv") for n in names] + \
+        [("tova", "adakv"), ("random", "pyramidkv"), ("mixkv(knorm)", "pyramidkv")]
+    for name, base in runs:
+        with mixkv.patch(model, name, base=base, budget=20, window=W, decode_budget=24,
+                         interval=6) as handle:
+            seq, _, cache = generate(model, ids, 90)
+            assert seq.shape == (1, 130) and handle.decoding.compressions > 0, (name, base)
+        held = torch.stack([held_per_head(layer) for layer in cache.layers]).float()
+        limit = 24 + 6 if base != "pyramidkv" else 2 * (24 - W) + W + 6
+        assert float(held.mean(-1).max()) <= limit, (name, base)
+
+
 # -- padded batches ----------------------------------------------------------------------------
 
 def _real_kept_keys(layer, b):
