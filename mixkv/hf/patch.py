@@ -28,7 +28,6 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..methods import Method, Prefill, resolve
 from . import capture
-from .decode import DecodeCompression
 from .layers import CompressedLayer, HeadwiseLayer
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
@@ -367,7 +366,9 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
     decoding = None
     if decode_budget is None and interval is None:
         resolved = method if isinstance(method, Method) else resolve(method, **options)
-    else:  # compression during generation (decode.py)
+    else:  # compression during generation
+        from .decode import DecodeCompression
+
         resolved, decoding = DecodeCompression.resolve(method, decode_budget, interval, options)
     handle = MixKVPatch(model, resolved)
     if decoding is not None:
