@@ -134,6 +134,15 @@ class Engine:
                              **kwargs)
         return out.logits[0].float()
 
+    def _forward_chunks(self, ids: List[int], cache, start: int, chunk: Optional[int]):
+        """``_forward`` in pieces of ``chunk`` tokens (compression during generation: each
+        piece ends where a token-by-token decode would re-compress, so the logits are those of
+        decoding one token at a time, up to float rounding); one call when ``chunk`` is None."""
+        if not chunk or len(ids) <= chunk:
+            return self._forward(ids, cache, start)
+        return torch.cat([self._forward(ids[i:i + chunk], cache, start + i)
+                          for i in range(0, len(ids), chunk)])
+
     def _new_cache(self):
         from transformers import DynamicCache
 
@@ -207,15 +216,6 @@ class Engine:
             seconds=time.perf_counter() - start, answers=sample.answers, metric=sample.metric,
             depth=sample.meta.get("depth"))
         return record
-
-    def _forward_chunks(self, ids: List[int], cache, start: int, chunk: Optional[int]):
-        """``_forward`` in pieces of ``chunk`` tokens (compression during generation: each
-        piece ends where a token-by-token decode would re-compress, so the logits are those of
-        decoding one token at a time, up to float rounding); one call when ``chunk`` is None."""
-        if not chunk or len(ids) <= chunk:
-            return self._forward(ids, cache, start)
-        return torch.cat([self._forward(ids[i:i + chunk], cache, start + i)
-                          for i in range(0, len(ids), chunk)])
 
     def _answer(self, prefilled: Prefilled, cache, chunk: Optional[int] = None) -> Dict:
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
