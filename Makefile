@@ -6,8 +6,8 @@ export PYTHON
 # results.jsonl (rerunning the command resumes; a finished run only rebuilds the reports).
 EVAL_OUT ?= results/default
 # The default report (README "Results"): both regimes side by side, the sanity baselines
-# (StreamingLLM, KNorm) beside SnapKV/AdaKV and their "+MixKV", 1,024-token prompts. About 16
-# minutes on 2 idle cores.
+# (StreamingLLM, KNorm) beside SnapKV/AdaKV and their "+MixKV", 1,024-token prompts. About 18
+# minutes on a busy 2-core machine with one torch thread (benchmarks/eval-default/README.md).
 EVAL_DEFAULT = --mode both --methods snapkv,mixkv,adakv,mixkv+adakv,streamingllm,knorm \
 	--budgets 128,256,512 --samples 8
 # Extra mixkv-eval options, after the defaults so they win (CI's smoke: EVAL_ARGS="--samples 1

@@ -60,7 +60,7 @@ def _eval_config(target):
     assert install == "bash scripts/setup.sh --eval"
     words = shlex.split(command)
     assert words[:3] == ["python3", "-m", "mixkv.eval"]
-    return vars(eval_cli.parser().parse_args(words[3:]))
+    return vars(eval_cli.parse_args(words[3:]))
 
 
 def test_makefile_targets_install_then_run():

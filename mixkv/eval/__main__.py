@@ -92,10 +92,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line's options, defaults resolved (tasks depend on --data / --corpus)."""
     args = parser().parse_args(argv)
     if args.tasks is None:
         args.tasks = [] if args.data or args.corpus else list(runner.DEFAULT_TASKS)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     runner.import_plugins(vars(args).pop("imports", []))  # before the method names are checked
     config = runner.RunConfig(**vars(args))
     summary = runner.run(config)
