@@ -5,13 +5,28 @@ export PYTHON
 # Where `make eval` writes table.md, summary.json, results.csv, plot.png and the resumable
 # results.jsonl (rerunning the command resumes; a finished run only rebuilds the reports).
 EVAL_OUT ?= results/default
-# Extra mixkv-eval options for `make eval` (CI's smoke: EVAL_ARGS="--samples 1 --budgets 256").
+# The default report (README "Results"): both regimes side by side, the sanity baselines
+# (StreamingLLM, KNorm) beside SnapKV/AdaKV and their "+MixKV", 1,024-token prompts. About 18
+# minutes on a busy 2-core machine with one torch thread (benchmarks/eval-default/README.md).
+EVAL_DEFAULT = --mode both --methods snapkv,mixkv,adakv,mixkv+adakv,streamingllm,knorm \
+	--budgets 128,256,512 --samples 8
+# Extra mixkv-eval options, after the defaults so they win (CI's smoke: EVAL_ARGS="--samples 1
+# --budgets 256").
 EVAL_ARGS ?=
+# `make eval-large`: 2,048- and 4,096-token prompts, budgets as ratios, every base, more samples
+# (hours on 2 cores; resumable: rerun to continue). Committed outputs: benchmarks/eval-large/.
+EVAL_LARGE_OUT ?= results/large
+EVAL_LARGE = --mode both --lengths 2048,4096 --budgets "" --ratios 0.5,0.75 --samples 25 \
+	--methods "snapkv,mixkv,pyramidkv,mixkv+pyramidkv,adakv,mixkv+adakv,streamingllm,knorm,expected_attention,mixkv(expected_attention)+adakv"
 
-.PHONY: eval test demo notebook setup
+.PHONY: eval eval-large test demo notebook setup
 eval:
 	bash scripts/setup.sh --eval
-	$(PYTHON) -m mixkv.eval --out $(EVAL_OUT) $(EVAL_ARGS)
+	$(PYTHON) -m mixkv.eval --out $(EVAL_OUT) $(EVAL_DEFAULT) $(EVAL_ARGS)
+
+eval-large:
+	bash scripts/setup.sh --eval
+	$(PYTHON) -m mixkv.eval --out $(EVAL_LARGE_OUT) $(EVAL_LARGE) $(EVAL_ARGS)
 
 test:
 	bash scripts/setup.sh --test

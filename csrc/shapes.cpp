@@ -148,7 +148,7 @@ Shape mix_scores_shape(const at::Tensor& importance, const OptTensor& value_norm
   if (mode_uses_diversity(mode)) {
     MIXKV_CHECK_VALUE(diversity.has_value(), op, "mode '", mode_name, "' needs diversity");
   }
-  if (mode == Mode::MixKV) {
+  if (mode_uses_redundancy(mode)) {
     MIXKV_CHECK_VALUE(redundancy.has_value(), op, "mode 'mixkv' needs redundancy");
   }
   if (value_norm) check_scores(op, "value_norm", *value_norm, importance, "importance");
@@ -229,7 +229,7 @@ SymInt compress_check(const char* op, const at::Tensor& q_window, const at::Tens
   const Mode mode = parse_mode(op, mode_name);
   if (redundancy) {
     const at::Tensor& r = *redundancy;
-    MIXKV_CHECK_VALUE(mode == Mode::MixKV, op, "redundancy is only used by mode 'mixkv', not '",
+    MIXKV_CHECK_VALUE(mode_uses_redundancy(mode), op, "redundancy is only used by mode 'mixkv', not '",
                       mode_name, "'");
     check_same_device(op, "redundancy", r, keys, "keys");
     MIXKV_CHECK_VALUE(r.dim() == 2 && r.sym_size(0) == keys.sym_size(0) &&

@@ -14,7 +14,9 @@ PY=${PYTHON:-python3}
 tests_for() {
   case "$1" in
     mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
-    mixkv/hf/patch.py|mixkv/hf/capture.py|mixkv/hf/layers.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
+    mixkv/hf/layers.py) echo "tests/test_hf_layers.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
+    mixkv/hf/patch.py|mixkv/hf/capture.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
+    mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py" ;;
     mixkv/eval/engine.py|mixkv/eval/runner.py) echo "tests/test_eval_engine.py tests/test_eval_resume.py" ;;
     *) echo "tests" ;;
   esac
@@ -22,8 +24,12 @@ tests_for() {
 
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
-                                     mixkv/eval/engine.py mixkv/eval/runner.py)
+                                     mixkv/hf/decode.py mixkv/eval/engine.py mixkv/eval/runner.py)
 SCRATCH=build/mutation
+# mutmut forks one child per mutant from a process that has run torch: with OpenMP worker
+# threads alive in the parent, a forked child's first parallel op deadlocks (libgomp is not
+# fork-safe). One thread per process avoids the pool; MAX_CHILDREN gives the parallelism.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 for target in "${TARGETS[@]}"; do
   selection=${TESTS:-$(tests_for "$target")}
   rm -rf "$SCRATCH" && mkdir -p "$SCRATCH"
@@ -51,7 +57,7 @@ for target in "${TARGETS[@]}"; do
   other=$(grep -vc ": killed$\|: survived$" "$SCRATCH/results.txt" || true)
   echo "killed $killed, survived $survived, other (timeout, not checked, ...) $other"
   [ $((killed + survived)) -gt 0 ] && echo "score $(( 100 * killed / (killed + survived) ))%"
-  grep ": survived$" "$SCRATCH/results.txt" | sed 's/: survived$//' | while read -r name; do
+  { grep ": survived$" "$SCRATCH/results.txt" || true; } | sed 's/: survived$//' | while read -r name; do
     echo "-- survivor $name"
     (cd "$SCRATCH" && "$PY" -m mutmut show "$name" | grep '^[-+][^-+]' || true)
   done

@@ -98,6 +98,9 @@ def run(headroom, seed=0):
         assert torch.equal(layer.kept_tokens(), lengths.view(B, HKV))
         assert layer.get_seq_length() == int(lengths.max())
         assert layer.get_mask_sizes(1) == (int(lengths.max()) + 1, 0)
+        # transformers <= 5.3 passes this call's cache_position (a tensor) instead of a length
+        assert layer.get_mask_sizes(torch.arange(7, 10)) == (int(lengths.max()) + 3, 0)
+        assert layer.is_initialized  # transformers' Cache.is_initialized reads it
         for s in range(B * HKV):
             got_k, got_v, got_valid = layer_segment(layer, s)
             assert torch.equal(got_k, oracle.keys[s]), s
@@ -142,6 +145,7 @@ def test_refuses_appends_of_another_shape_and_cache_surgery():
         layer.update(torch.zeros(1, HKV, 1, D), torch.zeros(1, HKV, 1, D))
     for surgery in (layer.crop, layer.reorder_cache, layer.batch_select_indices,
                     layer.batch_repeat_interleave):
-        with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        with pytest.raises(NotImplementedError, match=r"^mixkv: a head-wise compressed cache "
+                           r"cannot be cropped, reordered \(beam search\) or re-batched$"):
             surgery(1)
     assert layer.nbytes() == layer.key_buffer.nbytes * 2

@@ -291,7 +291,7 @@ def test_headwise_cache_keeps_the_ops_selection_and_saves_memory(monkeypatch, ba
                 policy, 0.2, True, i, 3, 20, profile if base == "explicit" else None)
             lengths = offsets.diff().long()
             assert torch.equal(layer.kept_tokens().flatten(), lengths)
-            rows = layer._rows(torch.zeros_like(lengths), lengths)
+            rows = layer._rows(lengths)
             assert torch.equal(layer.key_buffer[rows], want_k)
             assert torch.equal(layer.value_buffer[rows], want_v)
             kept_per_layer.append(lengths)

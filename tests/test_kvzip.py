@@ -315,6 +315,14 @@ def test_without_a_tokenizer_a_text_prompt_is_refused_and_ids_or_a_tokenizer_wor
         M.KVzip(chunk_size=0)
 
 
+def test_compression_during_generation_refuses_a_reconstruction_scorer():
+    model, _ = hf_models.llama()
+    for method in ("kvzip", "mixkv(kvzip)+adakv"):
+        with pytest.raises(NotImplementedError, match="decode_budget does not support"):
+            mixkv.patch(model, method, decode_budget=32, window=W, **_kvzip())
+    assert getattr(model, "_mixkv_patch", None) is None
+
+
 def test_a_budget_above_the_prompt_skips_the_pass_and_changes_nothing():
     model, _ = hf_models.llama()
     ids = torch.tensor([_ids(N)])

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 import mixkv  # noqa: E402
+import mixkv.hf  # noqa: E402,F401  (mixkv.hf.* below, even when this file runs alone)
 from mixkv import methods as M  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 
@@ -120,6 +121,49 @@ def test_names_and_objects_resolve_to_the_same_method():
     assert method.scorer.sinks == 7 and method.policy.pyramid_beta == 5
 
 
+def test_snapkv_window_sets_the_methods_window():
+    default = M.resolve(M.MixKV(M.AdaKV(M.SnapKV())), budget=64)
+    assert default.window == M.DEFAULT_WINDOW == 32
+    nested = M.resolve(M.MixKV(M.AdaKV(M.SnapKV(window=16))), budget=64)
+    assert nested.window == 16 and nested.label == "mixkv+adakv"
+    assert M.resolve(M.SnapKV(window=16), budget=64, window=16).window == 16  # agreeing
+    assert "window=16" in repr(nested.scorer.inner)
+    # the window the scorer sets is the one compression uses: same tokens as window=16
+    q, k, v, mask = make_inputs(2, 4, 2, 70, 16, torch.float32, True, window=16, seed=4)
+    p16 = M.Prefill(queries=q, keys=k, values=v, key_mask=mask, window=16, layer=1,
+                    num_layers=3, scaling=0.3)
+    by_option = M.resolve("mixkv+adakv", budget=BUDGET, window=16)
+    by_scorer = M.resolve(M.MixKV(M.AdaKV(M.SnapKV(window=16))), budget=BUDGET)
+    assert _same(by_option.compress(p16, BUDGET), by_scorer.compress(p16, BUDGET))
+    with pytest.raises(ValueError, match="window=8 conflicts with the window 16"):
+        M.resolve(M.SnapKV(window=16), budget=64, window=8)
+    with pytest.raises(ValueError, match=r"sets different windows \[8, 16\]"):
+        M.resolve(_TwoWindows(), budget=64)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="SnapKV window must be an integer >= 1"):
+            M.SnapKV(window=bad)
+    with pytest.raises(ValueError, match=r"budget \(16\) must be larger than window \(16\)"):
+        M.resolve(M.SnapKV(window=16), budget=16)
+
+
+class _TwoWindows(M.MixKV):
+    """A mixer whose parts set two different windows (only reachable by hand)."""
+
+    def __init__(self):
+        super().__init__(M.SnapKV(window=16))
+        self.window = 8
+
+
+def test_patch_takes_a_method_object_with_the_scorers_window():
+    model, _ = hf_models.llama()
+    _, handle, out = _patched_prefill(model, M.MixKV(M.AdaKV(M.SnapKV(window=8))),
+                                      budget=BUDGET, window=None)
+    assert handle.method.window == 8 and handle.method.label == "mixkv+adakv"
+    kept = [s["kept"] for s in handle.stats()["layers"].values()]
+    assert all(k.sum(-1).tolist() == [2 * BUDGET, 2 * BUDGET] for k in kept)
+    assert out.shape == (2, 67)
+
+
 @pytest.mark.parametrize("label,options,message", [
     ("mixkvv", {}, "unknown method 'mixkvv'"),
     ("mixkv+adakvv", {}, "unknown base 'adakvv'"),
@@ -183,7 +227,8 @@ def _patched_prefill(model, method, pad=20, **options):
     cache = DynamicCache(config=model.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with mixkv.patch(model, method, window=W, **options) as handle, torch.no_grad():
+        with mixkv.patch(model, method, **{"window": W, **options}) as handle, \
+                torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=True,
                   **{hf_models.cache_kwarg(): cache})
             out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -298,7 +343,8 @@ def test_expected_attention_uses_the_next_positions_rope_and_not_the_window(buil
     model, _ = build()
     ids = torch.randint(2, hf_models.TEXT_VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
     p = _model_prefill(model, ids)
-    scorer = M.SCORERS["expected_attention"](future_positions=1, skip_first=0)
+    scorer = M.SCORERS["expected_attention"](future_positions=1, skip_first=0,
+                                             use_covariance=False)
     # By hand: mean pre-RoPE query of the prompt, rotated to position N, as the model would.
     module = p.module
     q = module.q_proj(p.hidden_states).view(1, 40, -1, 16)
@@ -314,6 +360,49 @@ def test_expected_attention_uses_the_next_positions_rope_and_not_the_window(buil
     # query-agnostic: the window queries do not enter
     other = M.Prefill(**{**p.__dict__, "queries": torch.randn_like(p.queries)})
     assert torch.equal(scorer.score(other), scores)
+
+
+@pytest.mark.parametrize("use_covariance", [False, True])
+@pytest.mark.parametrize("build", [hf_models.llama, hf_models.qwen3])
+def test_expected_attention_is_the_gaussian_expectation_of_the_rotated_queries(build,
+                                                                              use_covariance):
+    """By hand, another way round: rotate every prompt query by the averaged future RoPE, take
+    their mean and covariance, and E[exp(s q.k)] = exp(s mu.k + s^2 k'Sigma k / 2)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, _ = build()
+    N, F, skip = 40, 6, 3
+    ids = torch.randint(2, hf_models.TEXT_VOCAB, (1, N), generator=torch.Generator().manual_seed(7))
+    p = _model_prefill(model, ids)
+    # A sharper scaling than the tiny model's own, so that the covariance term moves the scores.
+    p = M.Prefill(**{**p.__dict__, "scaling": 8 * p.scaling})
+    module = p.module
+    q = module.q_proj(p.hidden_states).view(1, N, -1, 16)
+    if getattr(module, "q_norm", None) is not None:
+        q = module.q_norm(q)
+    q = q.float()[:, skip:].transpose(1, 2)                              # [1, Hq, N - skip, D]
+    cos, sin = p.decoder.rotary_emb(p.hidden_states, torch.arange(N, N + F)[None])
+    rotated, _ = apply_rotary_pos_emb(q, q, cos.mean(1, keepdim=True), sin.mean(1, keepdim=True))
+    mean = rotated.mean(2)                                               # [1, Hq, D]
+    centred = rotated - mean[:, :, None]
+    covariance = centred.transpose(-1, -2) @ centred / centred.shape[2]  # [1, Hq, D, D]
+    Hq, Hkv = q.shape[1], p.keys.shape[1]
+    keys = p.keys.float().repeat_interleave(Hq // Hkv, dim=1)            # [1, Hq, N, D]
+    s = p.scaling
+    logits = s * (keys @ mean[..., None])[..., 0]
+    if use_covariance:
+        logits = logits + 0.5 * s * s * torch.einsum("bhnd,bhde,bhne->bhn", keys, covariance,
+                                                     keys)
+    attention = logits.softmax(-1).view(1, Hkv, Hq // Hkv, N).mean(2)[..., :N - W]
+    want = attention * p.values[:, :, :N - W].float().norm(dim=-1)
+    scorer = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
+                                             use_covariance=use_covariance)
+    got = scorer.score(p)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    if use_covariance:  # the term matters: the ranking differs from the mean-only one
+        mean_only = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
+                                                    use_covariance=False).score(p)
+        assert (got - mean_only).abs().max() > 100 * (got - want).abs().max()
 
 
 @pytest.mark.parametrize("label", ["expected_attention", "mixkv(expected_attention)+adakv",

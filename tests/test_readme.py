@@ -42,42 +42,58 @@ def test_exactly_two_commands_main_job_and_tests():
     assert commands == ["make eval", "make test"]
 
 
-def test_makefile_targets_install_then_run():
+def _recipe(target):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL are inherited: drop them.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, "PYTHON=python3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
-    def recipe(target):
-        # Under `make test` the parent make's MAKEFLAGS/MAKELEVEL are inherited: drop them.
-        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-        out = subprocess.run(["make", "--no-print-directory", "-n", target, "PYTHON=python3"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-        return [line.strip() for line in out.splitlines() if line.strip()]
 
-    assert recipe("eval") == ["bash scripts/setup.sh --eval",
-                              "python3 -m mixkv.eval --out results/default"]
-    assert recipe("test") == ["bash scripts/setup.sh --test", "bash scripts/test.sh"]
+def _eval_config(target):
+    """The RunConfig a Makefile eval target runs (its mixkv.eval arguments, parsed)."""
+    from mixkv.eval import __main__ as eval_cli
+
+    install, command = _recipe(target)
+    assert install == "bash scripts/setup.sh --eval"
+    words = shlex.split(command)
+    assert words[:3] == ["python3", "-m", "mixkv.eval"]
+    return vars(eval_cli.parse_args(words[3:]))
+
+
+def test_makefile_targets_install_then_run():
+    assert _recipe("test") == ["bash scripts/setup.sh --test", "bash scripts/test.sh"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+    default = _eval_config("eval")
+    assert default["out"] == "results/default" and default["mode"] == "both"
+    assert {"streamingllm", "knorm", "snapkv", "mixkv"} <= set(default["methods"])
+    large = _eval_config("eval-large")
+    assert large["lengths"] == [2048, 4096] and large["ratios"] == [0.5, 0.75]
+    assert large["budgets"] == [] and large["mode"] == "both"
 
 
 def test_readme_shows_the_committed_default_evaluation():
     committed = (EVAL_DEFAULT / "table.md").read_text()
-    table = committed.split("\n\n")[1].strip()  # the methods x budgets table, all tasks
-    assert table.startswith("| method | budget 64 | budget 128 | budget 256 | budget 512 | n |")
+    table = committed.split("\n\n")[1].strip()  # methods x (regime, budget), all tasks
+    assert table.startswith("| method | agnostic 128 | agnostic 256 | agnostic 512 | "
+                            "aware 128 | aware 256 | aware 512 | n |")
     shown = _section("The two commands")
     assert "<!-- readme-eval-table -->\n" + table + "\n" in shown
     assert "(benchmarks/eval-default/plot.png)" in shown
-    assert (EVAL_DEFAULT / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # ... and that output came from `make eval`'s command: every default, only --out differs.
+    for png in ("plot.png", "agnostic/plot.png", "aware/heatmap.png"):
+        assert (EVAL_DEFAULT / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ... and that output came from `make eval`'s command: its settings, only --out differs.
     import json
 
-    from mixkv.eval import runner
-
     config = json.loads((EVAL_DEFAULT / "summary.json").read_text())["config"]
-    defaults = {k: v for k, v in vars(runner.RunConfig()).items() if k not in ("out", "progress",
-                                                                                "quiet")}
-    for key, value in defaults.items():
-        value = list(value) if isinstance(value, tuple) else value
+    for key, value in _eval_config("eval").items():
+        if key in ("out", "progress", "quiet", "imports", "threads"):  # not in results
+            continue
+        if value is None and key not in config:
+            continue  # an option newer than the committed run, off by default (decode_budget)
         assert config[key] == value, key
 
 

@@ -1,6 +1,8 @@
-// CPU kernels of the fused ops compress (uniform capacity, dense output) and compress_ragged
-// (head-wise capacities, ragged output): scores, budgets and selection in one call.
+// The CPU fused ops compress (uniform capacity, dense output) and compress_ragged (head-wise
+// capacities, ragged output): the shared flow of mixkv/compose.h over the CPU kernels.
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <torch/library.h>
 
 #include "cpu/kernels.h"
 #include "mixkv/compose.h"
@@ -9,6 +11,9 @@ namespace mixkv::cpu {
 namespace {
 
 struct CpuOps {  // the CPU kernels, called directly (no dispatcher round trip)
+  struct DeviceGuard {
+    explicit DeviceGuard(c10::Device) {}
+  };
   static constexpr auto window_importance = &cpu::window_importance;
   static constexpr auto value_norm = &cpu::value_norm;
   static constexpr auto key_diversity = &cpu::key_diversity;
@@ -19,27 +24,9 @@ struct CpuOps {  // the CPU kernels, called directly (no dispatcher round trip)
 };
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling) {
-  return compress_with<CpuOps>(q_window, keys, values, key_mask, budget, window, mode,
-                               redundancy, pool_kernel, pooling, gqa_reduce, scaling);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling, c10::string_view policy,
-    double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
-    const OptTensor& profile) {
-  return compress_ragged_with<CpuOps>(q_window, keys, values, key_mask, budget, window, mode,
-                                      redundancy, pool_kernel, pooling, gqa_reduce, scaling,
-                                      policy, floor_alpha, normalize, layer, num_layers,
-                                      pyramid_beta, profile);
-}
-
 }  // namespace mixkv::cpu
+
+TORCH_LIBRARY_IMPL(mixkv, CPU, m) {
+  m.impl("compress", &mixkv::compress_with<mixkv::cpu::CpuOps>);
+  m.impl("compress_ragged", &mixkv::compress_ragged_with<mixkv::cpu::CpuOps>);
+}

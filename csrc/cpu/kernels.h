@@ -1,5 +1,5 @@
-// CPU implementations of the mixkv ops (registered in register_cpu.cpp). compress and
-// compress_ragged call the others directly, without a dispatcher round trip.
+// CPU implementations of the mixkv ops (registered in register_cpu.cpp; the fused compress and
+// compress_ragged, in compress.cpp, call them directly, without a dispatcher round trip).
 #pragma once
 
 #include <optional>
@@ -54,20 +54,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& score
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
     const at::Tensor& scores, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& capacity, int64_t window, const OptTensor& key_mask);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling, c10::string_view policy,
-    double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
-    const OptTensor& profile);
 
 at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& starts,

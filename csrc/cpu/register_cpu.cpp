@@ -11,7 +11,5 @@ TORCH_LIBRARY_IMPL(mixkv, CPU, m) {
   m.impl("head_budgets", &mixkv::cpu::head_budgets);
   m.impl("select_kv", &mixkv::cpu::select_kv);
   m.impl("select_kv_ragged", &mixkv::cpu::select_kv_ragged);
-  m.impl("compress", &mixkv::cpu::compress);
-  m.impl("compress_ragged", &mixkv::cpu::compress_ragged);
   m.impl("ragged_attention", &mixkv::cpu::ragged_attention);
 }

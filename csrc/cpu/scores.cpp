@@ -263,12 +263,12 @@ void normalise_like(const float* x, float* out, int64_t C, double mean_importanc
   const float spread = hi - lo;
   double sum = 0.0;
   for (int64_t j = 0; j < C; ++j) {
-    out[j] = (real(b, j) && spread > 0.f) ? (x[j] - lo) / spread : 0.f;
+    out[j] = real(b, j) ? unit_scaled(x[j], lo, spread) : 0.f;
     sum += out[j];
   }
   const double mean_unit = sum / static_cast<double>(std::max<int64_t>(count, 1));
   const float factor = mean_unit > 0.0 ? static_cast<float>(mean_importance / mean_unit) : 0.f;
-  for (int64_t j = 0; j < C; ++j) out[j] *= factor;
+  for (int64_t j = 0; j < C; ++j) out[j] = mul_rn(out[j], factor);
 }
 
 }  // namespace
@@ -304,20 +304,14 @@ at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
       const double mean_a = sum_a / static_cast<double>(std::max<int64_t>(count, 1));
       if (use_v) normalise_like(V.const_data_ptr<float>() + bh * C, v_tilde.data(), C, mean_a, real, b);
       if (use_d) normalise_like(Dv.const_data_ptr<float>() + bh * C, d_tilde.data(), C, mean_a, real, b);
-      const float r = mode == Mode::MixKV ? R.const_data_ptr<float>()[bh] : 0.f;
+      const float r = mode_uses_redundancy(mode) ? R.const_data_ptr<float>()[bh] : 0.f;
       float* s = o + bh * C;
       for (int64_t j = 0; j < C; ++j) {
         if (!real(b, j)) {
           s[j] = 0.f;
           continue;
         }
-        switch (mode) {
-          case Mode::Attn: s[j] = a[j]; break;
-          case Mode::KeyDiff: s[j] = d_tilde[j]; break;
-          case Mode::VNorm: s[j] = a[j] + v_tilde[j]; break;
-          case Mode::Mix3: s[j] = (a[j] + v_tilde[j] + d_tilde[j]) / 3.f; break;
-          case Mode::MixKV: s[j] = r * d_tilde[j] + (1.f - r) * (a[j] + v_tilde[j]); break;
-        }
+        s[j] = mix_score(mode, a[j], use_v ? v_tilde[j] : 0.f, use_d ? d_tilde[j] : 0.f, r);
       }
     }
   });

@@ -109,7 +109,7 @@ at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
   const at::Tensor A = importance.to(at::kFloat).contiguous();
   const at::Tensor V = as_float(value_norm, mode_uses_value_norm(mode));
   const at::Tensor Dv = as_float(diversity, mode_uses_diversity(mode));
-  const at::Tensor R = as_float(redundancy, mode == Mode::MixKV);
+  const at::Tensor R = as_float(redundancy, mode_uses_redundancy(mode));
   const at::Tensor mask = bool_mask(key_mask);
 
   MixScores p{};
@@ -121,13 +121,7 @@ at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
   p.out = out.data_ptr<float>();
   p.B = B, p.Hkv = Hkv, p.C = C;
   p.mask_stride = mask.defined() ? mask.size(1) : 0;
-  switch (mode) {
-    case Mode::Attn: p.mode = MixMode::Attn; break;
-    case Mode::KeyDiff: p.mode = MixMode::KeyDiff; break;
-    case Mode::VNorm: p.mode = MixMode::VNorm; break;
-    case Mode::Mix3: p.mode = MixMode::Mix3; break;
-    case Mode::MixKV: p.mode = MixMode::MixKV; break;
-  }
+  p.mode = mode;
   launch_mix_scores(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -199,6 +199,7 @@ at::Tensor call_mix_scores(const at::Tensor& importance, const OptTensor& value_
 // The fused ops through the shared flow (mixkv/compose.h) with this file's selection kernels
 // and the score ops' CUDA kernels.
 struct CudaOps {
+  using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr auto window_importance = &call_window_importance;
   static constexpr auto value_norm = &call_value_norm;
   static constexpr auto key_diversity = &call_key_diversity;
@@ -208,30 +209,6 @@ struct CudaOps {
   static constexpr auto select_kv_ragged = &cuda::select_kv_ragged;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling) {
-  const c10::cuda::CUDAGuard guard(keys.device());
-  return compress_with<CudaOps>(q_window, keys, values, key_mask, budget, window, mode,
-                                redundancy, pool_kernel, pooling, gqa_reduce, scaling);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    const OptTensor& key_mask, int64_t budget, int64_t window, c10::string_view mode,
-    const OptTensor& redundancy, int64_t pool_kernel, c10::string_view pooling,
-    c10::string_view gqa_reduce, std::optional<double> scaling, c10::string_view policy,
-    double floor_alpha, bool normalize, int64_t layer, int64_t num_layers, int64_t pyramid_beta,
-    const OptTensor& profile) {
-  const c10::cuda::CUDAGuard guard(keys.device());
-  return compress_ragged_with<CudaOps>(q_window, keys, values, key_mask, budget, window, mode,
-                                       redundancy, pool_kernel, pooling, gqa_reduce, scaling,
-                                       policy, floor_alpha, normalize, layer, num_layers,
-                                       pyramid_beta, profile);
-}
-
 }  // namespace
 }  // namespace mixkv::cuda
 
@@ -239,6 +216,6 @@ TORCH_LIBRARY_IMPL(mixkv, CUDA, m) {
   m.impl("head_budgets", &mixkv::cuda::head_budgets);
   m.impl("select_kv", &mixkv::cuda::select_kv);
   m.impl("select_kv_ragged", &mixkv::cuda::select_kv_ragged);
-  m.impl("compress", &mixkv::cuda::compress);
-  m.impl("compress_ragged", &mixkv::cuda::compress_ragged);
+  m.impl("compress", &mixkv::compress_with<mixkv::cuda::CudaOps>);
+  m.impl("compress_ragged", &mixkv::compress_ragged_with<mixkv::cuda::CudaOps>);
 }

@@ -428,8 +428,7 @@ constexpr int kMixThreads = 512;
 __global__ void __launch_bounds__(kMixThreads) mix_scores_kernel(const MixScores p) {
   const int64_t bh = blockIdx.x, b = bh / p.Hkv, C = p.C;
   const bool* mask = p.key_mask != nullptr ? p.key_mask + b * p.mask_stride : nullptr;
-  const bool use_v = p.mode == MixMode::VNorm || p.mode == MixMode::Mix3 || p.mode == MixMode::MixKV;
-  const bool use_d = p.mode == MixMode::KeyDiff || p.mode == MixMode::Mix3 || p.mode == MixMode::MixKV;
+  const bool use_v = mode_uses_value_norm(p.mode), use_d = mode_uses_diversity(p.mode);
   const float* a = p.importance + bh * C;
   const float* v = use_v ? p.value_norm + bh * C : nullptr;
   const float* d = use_d ? p.diversity + bh * C : nullptr;
@@ -467,8 +466,8 @@ __global__ void __launch_bounds__(kMixThreads) mix_scores_kernel(const MixScores
   double sum_v = 0.0, sum_d = 0.0;
   for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
     if (mask != nullptr && !mask[j]) continue;
-    if (use_v && v_spread > 0.f) sum_v += (v[j] - v_lo) / v_spread;
-    if (use_d && d_spread > 0.f) sum_d += (d[j] - d_lo) / d_spread;
+    if (use_v) sum_v += unit_scaled(v[j], v_lo, v_spread);
+    if (use_d) sum_d += unit_scaled(d[j], d_lo, d_spread);
   }
   if (use_v) sum_v = block_reduce(sum_v, Sum{});
   if (use_d) sum_d = block_reduce(sum_d, Sum{});
@@ -477,7 +476,7 @@ __global__ void __launch_bounds__(kMixThreads) mix_scores_kernel(const MixScores
   // Rescale so each normalised score's mean equals mean(A); 0 when its mean is 0 (never NaN).
   const float v_factor = mean_v > 0.0 ? static_cast<float>(mean_a / mean_v) : 0.f;
   const float d_factor = mean_d > 0.0 ? static_cast<float>(mean_a / mean_d) : 0.f;
-  const float r = p.mode == MixMode::MixKV ? p.redundancy[bh] : 0.f;
+  const float r = mode_uses_redundancy(p.mode) ? p.redundancy[bh] : 0.f;
 
   // Pass 3: the mix.
   float* out = p.out + bh * C;
@@ -486,18 +485,9 @@ __global__ void __launch_bounds__(kMixThreads) mix_scores_kernel(const MixScores
       out[j] = 0.f;
       continue;
     }
-    const float vt = use_v ? __fmul_rn(v_spread > 0.f ? (v[j] - v_lo) / v_spread : 0.f, v_factor) : 0.f;
-    const float dt = use_d ? __fmul_rn(d_spread > 0.f ? (d[j] - d_lo) / d_spread : 0.f, d_factor) : 0.f;
-    float s = 0.f;
-    switch (p.mode) {
-      case MixMode::Attn: s = a[j]; break;
-      case MixMode::KeyDiff: s = dt; break;
-      case MixMode::VNorm: s = __fadd_rn(a[j], vt); break;
-      case MixMode::Mix3: s = __fadd_rn(__fadd_rn(a[j], vt), dt) / 3.f; break;
-      case MixMode::MixKV:
-        s = __fadd_rn(__fmul_rn(r, dt), __fmul_rn(1.f - r, __fadd_rn(a[j], vt)));
-        break;
-    }
+    const float vt = use_v ? mul_rn(unit_scaled(v[j], v_lo, v_spread), v_factor) : 0.f;
+    const float dt = use_d ? mul_rn(unit_scaled(d[j], d_lo, d_spread), d_factor) : 0.f;
+    const float s = mix_score(p.mode, a[j], vt, dt, r);
     out[j] = s;
   }
 }

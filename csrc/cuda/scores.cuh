@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cuda/kernels.cuh"
+#include "mixkv/mix.h"
 
 namespace mixkv::cuda {
 
@@ -53,8 +54,6 @@ void launch_key_diversity(const KeyDiversity& p, cudaStream_t stream);
 
 // mix_scores: importance, value_norm, diversity [BH, C] float32 (value_norm/diversity may be
 // nullptr when the mode does not use them), redundancy [BH] float32 (mode mixkv only).
-enum class MixMode { Attn, KeyDiff, VNorm, Mix3, MixKV };
-
 struct MixScores {
   const float* importance;
   const float* value_norm;
@@ -63,7 +62,7 @@ struct MixScores {
   const bool* key_mask;  // [B, mask_stride]; candidate j of row b is key_mask[b * mask_stride + j]
   float* out;            // [BH, C]
   int64_t B, Hkv, C, mask_stride;
-  MixMode mode;
+  Mode mode;
 };
 
 void launch_mix_scores(const MixScores& p, cudaStream_t stream);

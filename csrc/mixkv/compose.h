@@ -1,7 +1,8 @@
 // The fused ops compress / compress_ragged, written once for every backend: steps 1-5 of the
 // algorithm (importance, the statistics the mode needs, the mix), then budgets and selection.
 // `Ops` names the backend's kernels as static members with the op signatures: window_importance,
-// value_norm, key_diversity, mix_scores, head_budgets, select_kv, select_kv_ragged.
+// value_norm, key_diversity, mix_scores, head_budgets, select_kv, select_kv_ragged; and its
+// DeviceGuard type. Backends register compress_with<Ops> / compress_ragged_with<Ops> directly.
 #pragma once
 
 #include <optional>
@@ -50,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     c10::string_view gqa_reduce, std::optional<double> scaling) {
   compress_shape(q_window, keys, values, key_mask, budget, window, mode, redundancy, pool_kernel,
                  pooling, gqa_reduce);
+  const typename Ops::DeviceGuard guard(keys.device());
   const Scored s = score_candidates<Ops>(q_window, keys, values, key_mask, window, mode,
                                          redundancy, pool_kernel, pooling, gqa_reduce, scaling);
   return Ops::select_kv(s.score, keys, values, budget - window, window, key_mask);
@@ -65,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_ragged_with(
     const OptTensor& profile) {
   compress_check("compress_ragged", q_window, keys, values, key_mask, budget, window, mode,
                  redundancy, pool_kernel, pooling, gqa_reduce);
+  const typename Ops::DeviceGuard guard(keys.device());
   const Scored s = score_candidates<Ops>(q_window, keys, values, key_mask, window, mode,
                                          redundancy, pool_kernel, pooling, gqa_reduce, scaling);
   const at::Tensor capacity =

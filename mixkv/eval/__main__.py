@@ -51,9 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_list(float), default=[],
                    help="fractions of the prompt removed (instead of, or with, --budgets)")
     p.add_argument("--window", type=int, default=32, help="observation window W")
-    p.add_argument("--mode", choices=("agnostic", "aware"), default="agnostic",
+    p.add_argument("--mode", choices=("agnostic", "aware", "both"), default="agnostic",
                    help="agnostic: compress the context before the question is appended; "
-                        "aware: the question is part of the compressed prompt")
+                        "aware: the question is part of the compressed prompt; both: each "
+                        "regime into OUT/agnostic and OUT/aware, compared side by side in OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", choices=("task", "essay", "noise"), default="task",
                    help="filler text: each task's RULER default, the built-in essay generator, "
@@ -69,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
                         "top-1 agreement, NLL); no task score")
     p.add_argument("--continuation", type=int, default=runner.DEFAULT_CONTINUATION,
                    help="--corpus: tokens of each document's continuation teacher-forced")
+    p.add_argument("--decode-budget", type=int, default=None,
+                   help="also compress during generation: every --interval generated (or "
+                        "teacher-forced) tokens each layer is cut back to this many tokens per "
+                        "KV head (mixkv.patch's decode_budget); with --corpus --continuation "
+                        "512 it measures long-generation fidelity")
+    p.add_argument("--interval", type=int, default=None,
+                   help="--decode-budget: tokens between compressions (default 64)")
     p.add_argument("--out", default="eval-results", help="output folder")
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="always decode max_new_tokens greedily (no teacher-forced shortcut, no "
@@ -84,15 +92,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line's options, defaults resolved (tasks depend on --data / --corpus)."""
     args = parser().parse_args(argv)
     if args.tasks is None:
         args.tasks = [] if args.data or args.corpus else list(runner.DEFAULT_TASKS)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     runner.import_plugins(vars(args).pop("imports", []))  # before the method names are checked
     config = runner.RunConfig(**vars(args))
     summary = runner.run(config)
     print(summary["markdown"])
-    print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png, heatmap.png")
+    if config.mode == "both":
+        print(f"results: {config.out}/table.md, summary.json, plot.png; each regime's in "
+              f"{config.out}/agnostic and {config.out}/aware")
+    else:
+        print(f"results: {config.out}/table.md, summary.json, results.csv, plot.png, "
+              "heatmap.png")
     return 0
 
 

@@ -19,6 +19,11 @@ post-norm), then for every (method, budget):
 3. keeps the patch while the answer is produced (head-wise caches and padded rows need the
    shim's attention), feeding new tokens at their true positions (``position_ids``).
 
+With ``decode_budget=`` (and ``interval=``) among a method's options the shim also compresses
+during generation (``mixkv/hf/decode.py``): the teacher-forced continuation is then fed in
+pieces of ``interval`` tokens, so its fidelity metrics measure a long generation under
+decode-time compression (``--corpus --continuation 512 --decode-budget N``).
+
 Answering: the question (query-agnostic mode) is fed after the compressed context; the gold
 continuation is then teacher-forced on a copy of that cache: its logits over the answer tokens
 are what the fidelity metrics compare with the full cache's (NLL, top-1 agreement, KL). Then
@@ -134,6 +139,15 @@ class Engine:
                              **kwargs)
         return out.logits[0].float()
 
+    def _forward_chunks(self, ids: List[int], cache, start: int, chunk: Optional[int]):
+        """``_forward`` in pieces of ``chunk`` tokens (compression during generation: each
+        piece ends where a token-by-token decode would re-compress, so the logits are those of
+        decoding one token at a time, up to float rounding); one call when ``chunk`` is None."""
+        if not chunk or len(ids) <= chunk:
+            return self._forward(ids, cache, start)
+        return torch.cat([self._forward(ids[i:i + chunk], cache, start + i)
+                          for i in range(0, len(ids), chunk)])
+
     def _new_cache(self):
         from transformers import DynamicCache
 
@@ -198,7 +212,12 @@ class Engine:
             # a reused reconstruction pass still counts: every method pays its own scoring
             compress_seconds = time.perf_counter() - start + reused
             stats = handle.stats()["total"] if handle is not None else {}
-            record = self._answer(prefilled, cache)
+            decoding = getattr(handle, "decoding", None)
+            record = self._answer(prefilled, cache,
+                                  chunk=decoding.interval if decoding is not None else None)
+            if decoding is not None:
+                record.update(decode_budget=decoding.decode_budget, interval=decoding.interval,
+                              decode_compressions=decoding.compressions)
         record.update(
             sample_id=sample.id, task=sample.task, method=method,
             budget=budget if name != "full" else None, ratio=ratio if name != "full" else None,
@@ -230,7 +249,7 @@ class Engine:
         prefilled.reconstructions[key] = (scores, time.perf_counter() - start)
         return scores, 0.0
 
-    def _answer(self, prefilled: Prefilled, cache) -> Dict:
+    def _answer(self, prefilled: Prefilled, cache, chunk: Optional[int] = None) -> Dict:
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
         question, target = prepared.question_ids, prepared.target_ids
         position = len(prepared.prefill_ids)
@@ -247,7 +266,7 @@ class Engine:
         parts = [last[None]]
         if len(target) > 1:
             forced = copy.deepcopy(cache)
-            parts.append(self._forward(target[:-1], forced, position))
+            parts.append(self._forward_chunks(target[:-1], forced, position, chunk))
             del forced
         tf_logits = torch.cat(parts)
         target_t = torch.tensor(target)
@@ -274,7 +293,7 @@ class Engine:
         if monotone and self._answered(sample, generated):
             return self._result(sample, generated, "teacher-forced" if strict else "answered",
                                 fid, strict)
-        last = self._forward(generated, cache, position)[-1]
+        last = self._forward_chunks(generated, cache, position, chunk)[-1]
         more, how = self._greedy(last, cache, position + len(generated), sample, monotone,
                                  generated)
         return self._result(sample, more, how, fid, strict)

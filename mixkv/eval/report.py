@@ -132,6 +132,37 @@ def markdown(summary: Dict, *, task: str = "all", title: Optional[str] = None) -
     return "\n".join(lines) + "\n"
 
 
+def side_by_side_markdown(summaries: Dict[str, Dict], *, task: str = "all",
+                          title: Optional[str] = None) -> str:
+    """One methods x (regime, budget) table of the task score (mean [95% CI]): ``summaries``
+    maps a regime ("agnostic", "aware") to its :func:`summarize` result."""
+    cells, budgets, methods = {}, {}, set()
+    for mode, summary in summaries.items():
+        rows = [r for r in summary["rows"] if r["task"] == task]
+        budgets[mode] = sorted({r["budget"] for r in rows if r["budget"] != "full"},
+                               key=_budget_order)
+        for r in rows:
+            cells[(mode, r["method"], r["budget"])] = r
+            methods.add(r["method"])
+    if not methods:
+        return ""
+    columns = [(mode, b) for mode in summaries for b in budgets[mode]]
+    lines = [title, ""] if title else []
+    lines.append("| method | " + " | ".join(f"{mode} {b}" for mode, b in columns) + " | n |")
+    lines.append("|---|" + "---|" * (len(columns) + 1))
+    for method in sorted(methods, key=_method_order):
+        texts, ns = [], set()
+        for mode, b in columns:
+            r = cells.get((mode, method, "full" if method == "full" else b))
+            texts.append(_fmt(r["score"], r["low"], r["high"]) if r else "–")
+            if r:
+                ns.add(r["n"])
+        label = "full cache" if method == "full" else method
+        lines.append(f"| {label} | " + " | ".join(texts) + " | " +
+                     "/".join(str(n) for n in sorted(ns)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fidelity_markdown(summary: Dict, *, task: str = "all", key: str = "kl") -> str:
     rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
     if not rows:
@@ -221,20 +252,16 @@ def write_csv(records: Iterable[Dict], path: str) -> None:
                              for k, v in r.items()})
 
 
-def plot(summary: Dict, path: str, *, title: str = "") -> None:
-    """Score vs budget (one line per method, full cache dashed) and KL vs budget, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _score_panel(ax, rows: List[Dict], *, key: str = "score", band: bool = True) -> None:
+    """One line per method of ``key`` against the budget (a base and its "+MixKV" variants
+    share a colour; mixes solid, bases dashed), the full cache dotted."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["rows"] if r["task"] == "all"]
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
     positions = {b: i for i, b in enumerate(budgets)}
     methods = sorted({r["method"] for r in rows if r["method"] != "full"}, key=_method_order)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    families = []  # a base and its "+MixKV" variants share a colour
+    families = []
     for method in methods:
         family = base_of(method) or method
         if family not in families:
@@ -244,27 +271,60 @@ def plot(summary: Dict, path: str, *, title: str = "") -> None:
         mine = sorted((r for r in rows if r["method"] == method),
                       key=lambda r: _budget_order(r["budget"]))
         x = [positions[r["budget"]] for r in mine]
-        style = "-" if is_mix(method) else "--"
-        marker = "o" if is_mix(method) else "s"
-        line, = axes[0].plot(x, [r["score"] for r in mine], style, marker=marker, label=method,
-                             color=color)
-        axes[0].fill_between(x, [r["low"] for r in mine], [r["high"] for r in mine],
-                             color=line.get_color(), alpha=0.08)
-        axes[1].plot(x, [r["kl"] for r in mine], style, marker=marker, color=line.get_color(),
-                     label=method)
+        style, marker = ("-", "o") if is_mix(method) else ("--", "s")
+        ax.plot(x, [r[key] for r in mine], style, marker=marker, label=method, color=color)
+        if band:
+            ax.fill_between(x, [r[key + "_low" if key != "score" else "low"] for r in mine],
+                            [r[key + "_high" if key != "score" else "high"] for r in mine],
+                            color=color, alpha=0.08)
     full = [r for r in rows if r["method"] == "full"]
-    if full:
-        axes[0].axhline(full[0]["score"], color="black", linestyle=":", label="full cache")
-    for ax, label in zip(axes, ("task score (mean, 95% CI)", "KL(full || compressed), nats")):
-        ax.set_xticks(range(len(budgets)))
-        ax.set_xticklabels(budgets)
-        ax.set_xlabel("KV budget (tokens per head, window included)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+    if full and key == "score":
+        ax.axhline(full[0]["score"], color="black", linestyle=":", label="full cache")
+    ax.set_xticks(range(len(budgets)))
+    ax.set_xticklabels(budgets)
+    ax.set_xlabel("KV budget (tokens per head, window included)")
+    ax.grid(alpha=0.3)
+
+
+def plot(summary: Dict, path: str, *, title: str = "") -> None:
+    """Score vs budget (one line per method, full cache dotted) and KL vs budget, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rows"] if r["task"] == "all"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    _score_panel(axes[0], rows)
+    _score_panel(axes[1], rows, key="kl", band=False)
+    axes[0].set_ylabel("task score (mean, 95% CI)")
+    axes[1].set_ylabel("KL(full || compressed), nats")
     axes[0].set_ylim(-0.02, 1.02)
     if any(r["kl"] > 0 for r in rows if not math.isnan(r["kl"])):
         axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> None:
+    """Score vs budget, one panel per regime on a shared axis, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5.6 * len(summaries), 4.2),
+                             sharey=True, squeeze=False)
+    for ax, (mode, summary) in zip(axes[0], summaries.items()):
+        _score_panel(ax, [r for r in summary["rows"] if r["task"] == "all"])
+        ax.set_title(f"query-{mode}", fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("task score (mean, 95% CI)")
+    axes[0][-1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

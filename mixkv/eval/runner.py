@@ -53,6 +53,8 @@ class RunConfig:
     limit: Optional[int] = None
     corpus: Optional[str] = None      # natural-text fidelity: a folder of .txt or "builtin"
     continuation: int = DEFAULT_CONTINUATION
+    decode_budget: Optional[int] = None  # compression during generation (every method)
+    interval: Optional[int] = None    # its tokens between compressions (None: the shim's 64)
     out: str = "eval-results"
     shortcut: bool = True
     threads: Optional[int] = None
@@ -73,9 +75,12 @@ def run_settings(config: RunConfig, em) -> Dict:
     profile = None
     if config.redundancy:
         profile = _digest(Path(config.redundancy).read_bytes())
-    return dict(model=em.name, model_source=str(em.source), dtype=config.dtype,
-                mode=config.mode, window=config.window, shortcut=config.shortcut,
-                seed=config.seed, redundancy=profile)
+    settings = dict(model=em.name, model_source=str(em.source), dtype=config.dtype,
+                    mode=config.mode, window=config.window, shortcut=config.shortcut,
+                    seed=config.seed, redundancy=profile)
+    if config.decode_budget is not None:  # only then: earlier runs' rows keep their keys
+        settings.update(decode_budget=config.decode_budget, interval=config.interval)
+    return settings
 
 
 def import_plugins(paths: Sequence[str]) -> None:
@@ -221,8 +226,30 @@ def _log(config: RunConfig, *args):
         print(*args, file=sys.stderr, flush=True)
 
 
+REGIMES = ("agnostic", "aware")
+
+
 def run(config: RunConfig, *, em=None) -> Dict:
-    """Run (or resume) the grid and write the reports; returns the summary dict."""
+    """Run (or resume) the grid and write the reports; returns the summary dict.
+    ``mode="both"`` runs each regime into its own OUT/<mode>/ folder, then writes the regimes
+    side by side in OUT (:func:`write_side_by_side`)."""
+    from .models import load_model
+
+    if config.mode == "both":
+        if em is None:
+            _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} "
+                 "...")
+            em = load_model(config.model, dtype=getattr(torch, config.dtype))
+        summaries = {}
+        for mode in REGIMES:
+            _log(config, f"mixkv.eval: regime {mode} -> {Path(config.out) / mode}")
+            summaries[mode] = run(dataclasses.replace(config, mode=mode,
+                                                      out=str(Path(config.out) / mode)), em=em)
+        return write_side_by_side(summaries, Path(config.out), config=config, em=em)
+    return _run_one(config, em=em)
+
+
+def _run_one(config: RunConfig, *, em=None) -> Dict:
     from .engine import Engine
     from .models import load_model
 
@@ -267,6 +294,9 @@ def run(config: RunConfig, *, em=None) -> Dict:
     options = {}
     if config.redundancy:
         options["redundancy"] = config.redundancy
+    decoding = {}
+    if config.decode_budget is not None or config.interval is not None:
+        decoding = dict(decode_budget=config.decode_budget, interval=config.interval)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -289,7 +319,9 @@ def run(config: RunConfig, *, em=None) -> Dict:
             for j, combo in enumerate(combos):  # full first: the fidelity reference, redone
                 if j not in pending and combo["method"] != "full":
                     continue
-                extra = options if uses_redundancy(combo["method"]) else {}
+                extra = dict(options if uses_redundancy(combo["method"]) else {})
+                if combo["method"] != "full":
+                    extra.update(decoding)
                 record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
                                     **extra)
                 eval_seconds += record["seconds"]
@@ -321,6 +353,9 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
     inputs = list(config.tasks) + [Path(d).name for d in config.data]
     if config.corpus:
         inputs.append(f"corpus {Path(config.corpus).name}")
+    if config.decode_budget is not None:
+        inputs.append(f"decode budget {config.decode_budget} every "
+                      f"{config.interval or 'default'} tokens")
     title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
              f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
     tables = []
@@ -381,6 +416,37 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                                       encoding="utf-8")
     summary["markdown"] = text
     return summary
+
+
+def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConfig,
+                       em=None) -> Dict:
+    """OUT/table.md, plot.png and summary.json comparing the regimes: one methods x (regime,
+    budget) table of the task score, the regimes' paired differences, then each regime's own
+    report (its folder holds results.jsonl, heatmap.png, ...)."""
+    name = em.name if em is not None else config.model
+    inputs = list(config.tasks) + [Path(d).name for d in config.data]
+    title = (f"{name} | {', '.join(inputs)} | length {'/'.join(map(str, config.lengths))} | "
+             f"window {config.window}")
+    parts = [report.side_by_side_markdown(
+        summaries, title=f"**Task score, all tasks, both regimes** ({title}; agnostic: the "
+                         "context is compressed before the question is appended; aware: the "
+                         "question is part of the compressed prompt)")]
+    for mode, summary in summaries.items():
+        parts.append(f"**Paired difference against the base method, {mode}**\n\n" +
+                     (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+    for mode, summary in summaries.items():
+        parts.append(f"## Regime {mode} (folder `{mode}/`)\n\n" + summary["markdown"])
+    text = "\n".join(parts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text, encoding="utf-8")
+    report.plot_regimes(summaries, str(out / "plot.png"), title=title)
+    payload = dict(config=dataclasses.asdict(config),
+                   regimes={mode: dict(folder=mode, rows=summary["rows"],
+                                       paired=summary["paired"])
+                            for mode, summary in summaries.items()})
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
+                                      encoding="utf-8")
+    return dict(regimes=summaries, markdown=text)
 
 
 def _ranges(indices: Sequence[int]) -> str:

@@ -29,7 +29,7 @@ class HeadwiseLayer(DynamicLayer):
         self.device = keys.device
         lengths = offsets.diff().long()
         self._allocate(lengths + headroom, lengths, keys.shape[-1], keys.dtype)
-        rows = self._rows(torch.zeros_like(lengths), lengths)
+        rows = self._rows(lengths)
         self.key_buffer[rows] = keys
         self.value_buffer[rows] = values
         self.valid[rows] = valid
@@ -43,27 +43,27 @@ class HeadwiseLayer(DynamicLayer):
         self.value_buffer = torch.zeros(total, head_dim, dtype=dtype, device=self.device)
         self.valid = torch.zeros(total, dtype=torch.bool, device=self.device)
         self._starts32 = self.starts.int().view(self.batch, self.kv_heads)
-        self._max_length = int(lengths.max()) if lengths.numel() else 0
+        self._max_length = int(lengths.max())  # B * Hkv >= 1 segments
         # Room left in the fullest segment, tracked on the host: every append adds the same q
         # tokens to every segment, so decoding never waits on the device to know it fits.
-        self._spare = int((capacity - lengths).min()) if lengths.numel() else 0
+        self._spare = int((capacity - lengths).min())
 
-    def _rows(self, begin: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Buffer rows starts[s] + begin[s] + (0 .. count[s]-1) of every segment s, in order."""
+    def _rows(self, count: torch.Tensor) -> torch.Tensor:
+        """Buffer rows starts[s] + (0 .. count[s]-1) of every segment s, in order."""
         segment = torch.repeat_interleave(torch.arange(len(count), device=self.device), count)
         local = torch.arange(int(count.sum()), device=self.device) - torch.repeat_interleave(
             count.cumsum(0) - count, count)
-        return self.starts[segment] + begin[segment] + local
+        return self.starts[segment] + local
 
     def _grow(self, needed: int) -> None:
         """Give every segment room for `needed` more tokens plus fresh headroom (one copy)."""
-        old_rows = self._rows(torch.zeros_like(self.lengths), self.lengths)
+        old_rows = self._rows(self.lengths)
         keys, values, valid = (self.key_buffer[old_rows], self.value_buffer[old_rows],
                                self.valid[old_rows])
         headroom = max(self.headroom, needed, int(self.lengths.max()) // 4)
         self._allocate(self.lengths + needed + headroom, self.lengths,
                        keys.shape[-1], keys.dtype)
-        rows = self._rows(torch.zeros_like(self.lengths), self.lengths)
+        rows = self._rows(self.lengths)
         self.key_buffer[rows], self.value_buffer[rows], self.valid[rows] = keys, values, valid
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

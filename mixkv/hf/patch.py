@@ -50,6 +50,8 @@ class _LayerState:
 
     def attend(self, function, module, query, key, value, attention_mask, *args, **kwargs):
         """The attention call of this module (the capture wrapper's interceptor)."""
+        if self.handle.decoding is not None:  # compression during generation (decode.py)
+            self.handle.decoding.observe(self, module, query, key, attention_mask)
         layer = self.handle._layer(self.cache, self.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             if kwargs.get("softcap") is not None:
@@ -99,6 +101,7 @@ class MixKVPatch:
 
     def __init__(self, model: nn.Module, method: Method):
         self.model, self.method = model, method
+        self.decoding = None  # a DecodeCompression (decode.py) when decode_budget is set
         self.decoder, self.modules = find_attention_modules(model)
         config = self.decoder.config
         self.num_layers = len(self.modules)
@@ -156,6 +159,8 @@ class MixKVPatch:
     def _generate(self, *args, **kwargs):
         self._check_generation_config(kwargs.get("generation_config"))
         self._check_generation_config(_KwargsView(kwargs))
+        if self.decoding is not None:
+            self.decoding.check_generate(self.model, kwargs)
         return self._original_generate(*args, **kwargs)
 
     # -- hooks -------------------------------------------------------------------------------
@@ -179,6 +184,9 @@ class MixKVPatch:
             state.hidden
         state.q_window = state.key_mask = state.cache = state.hidden = None
         if cache is None or self.method.scorer is None:
+            return
+        if self.decoding is not None and self.decoding.after_attention(module, cache,
+                                                                       state.layer_idx):
             return
         layer = self._layer(cache, state.layer_idx)
         if not self.compressible(cache, state.layer_idx):
@@ -295,6 +303,8 @@ class MixKVPatch:
                 self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
                                key_mask, (hidden_states or {}).get(idx),
                                (reconstruction or {}).get(idx))
+        if self.decoding is not None:  # decoding goes on from these queries (decode.py)
+            self.decoding.start(window_queries)
 
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
@@ -358,7 +368,8 @@ def check_transformers_version(version: Optional[str] = None) -> bool:
     return False
 
 
-def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
+def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = None,
+          interval: Optional[int] = None, **options) -> MixKVPatch:
     """Compress the KV cache of `model` after every prefill with `method`.
 
     `method` is a name ("mixkv", "mixkv+adakv", "tova+pyramidkv", "mixkv(tova)", ...) or an
@@ -369,10 +380,28 @@ def patch(model: nn.Module, method="mixkv", **options) -> MixKVPatch:
     the method's parts (``redundancy``: "online" or an [L, Hkv] profile for MixKV; ``sinks``,
     ``seed``, ``pool_kernel``, ``floor_alpha``, ...). Returns a handle that is also a context
     manager; ``mixkv.unpatch(model)`` restores the model exactly.
+
+    ``decode_budget`` (tokens per KV head, window included) also compresses during generation:
+    every ``interval`` decoded tokens (64) each layer is cut back to ``decode_budget``, scored
+    with the latest ``window`` queries (``hf/decode.py``); without ``budget`` / ``ratio`` the
+    prefill keeps ``decode_budget`` as well.
     """
     check_transformers_version()
-    resolved = method if isinstance(method, Method) else resolve(method, **options)
+    decoding = None
+    if decode_budget is None and interval is None:
+        resolved = method if isinstance(method, Method) else resolve(method, **options)
+    else:  # compression during generation
+        from .decode import DecodeCompression
+
+        resolved, decoding = DecodeCompression.resolve(method, decode_budget, interval, options)
+        if resolved.needs_reconstruction:
+            raise NotImplementedError(
+                f"mixkv: decode_budget does not support {resolved.label!r}: its scores come "
+                "from a pass that re-reads the whole context (kvzip), not from the latest "
+                "queries; use another scorer for compression during generation")
     handle = MixKVPatch(model, resolved)
+    if decoding is not None:
+        decoding.handle, handle.decoding = handle, decoding
     model._mixkv_patch = handle
     return handle
 

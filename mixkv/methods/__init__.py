@@ -145,8 +145,24 @@ def _check_unused(options: Dict, used: Set[str], label: str) -> None:
                          f"applies to {', '.join(takers)}")
 
 
+DEFAULT_WINDOW = 32
+
+
+def _window(scorer: Optional[Scorer], window: Optional[int], label: str) -> int:
+    """The method's window: window= or the one a scorer part sets (SnapKV(window=...)), which
+    must agree; else DEFAULT_WINDOW."""
+    declared = {p.window for p in (scorer.parts() if scorer is not None else [])
+                if getattr(p, "window", None) is not None}
+    if len(declared) > 1:
+        raise ValueError(f"mixkv: method {label!r} sets different windows {sorted(declared)}")
+    if declared and window is not None and window not in declared:
+        raise ValueError(f"mixkv: window={window} conflicts with the window "
+                         f"{declared.pop()} set by method {label!r}")
+    return window if window is not None else (declared.pop() if declared else DEFAULT_WINDOW)
+
+
 def resolve(method="mixkv", *, budget: Optional[int] = None, ratio: Optional[float] = None,
-            window: int = 32, base: Optional[str] = None, **options) -> Method:
+            window: Optional[int] = None, base: Optional[str] = None, **options) -> Method:
     """Validate a method (name or object) with its budget into a :class:`Method`; errors name
     the method and the argument."""
     used: Set[str] = set()
@@ -156,6 +172,7 @@ def resolve(method="mixkv", *, budget: Optional[int] = None, ratio: Optional[flo
         scorer, policy = _from_object(method, base, options, used)
     label = method_label(scorer, policy)
     _check_unused(options, used, label)
+    window = _window(scorer, window, label)
     if window < 1:
         raise ValueError(f"mixkv: window must be >= 1, got {window}")
     if scorer is not None:

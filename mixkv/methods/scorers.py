@@ -6,7 +6,7 @@ Adding a scorer: one class here (or anywhere, even a notebook) with ``@register_
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -17,10 +17,19 @@ from .base import (BudgetPolicy, Prefill, Scorer, _overrides, load_profile, prof
 
 @register_scorer("snapkv")
 class SnapKV(Scorer):
-    """Attention from the window queries to each candidate, pooled (SnapKV; mode "attn")."""
+    """Attention from the window queries to each candidate, pooled (SnapKV; mode "attn").
 
-    def __init__(self, pool_kernel: int = 5, pooling: str = "avg", gqa_reduce: str = "mean"):
+    ``window``: SnapKV's observation window (the last prompt tokens, whose queries score the
+    others and which are always kept); None leaves it to the method (``patch(window=...)``,
+    default 32). It sets the window of the whole method: ``MixKV(AdaKV(SnapKV(window=16)))``."""
+
+    def __init__(self, pool_kernel: int = 5, pooling: str = "avg", gqa_reduce: str = "mean",
+                 window: Optional[int] = None):
         self.pool_kernel, self.pooling, self.gqa_reduce = pool_kernel, pooling, gqa_reduce
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"mixkv: SnapKV window must be an integer >= 1, got {window!r}")
+        self.window = window
 
     def score(self, p: Prefill) -> Tensor:
         return torch.ops.mixkv.window_importance(p.queries, p.keys, p.key_mask, self.pool_kernel,
@@ -33,8 +42,9 @@ class SnapKV(Scorer):
                     gqa_reduce=self.gqa_reduce, redundancy=None)
 
     def __repr__(self):
+        window = "" if self.window is None else f", window={self.window}"
         return (f"SnapKV(pool_kernel={self.pool_kernel}, pooling={self.pooling!r}, "
-                f"gqa_reduce={self.gqa_reduce!r})")
+                f"gqa_reduce={self.gqa_reduce!r}{window})")
 
 
 @register_scorer("knorm")
@@ -203,27 +213,34 @@ def _rotate_half(x: Tensor) -> Tensor:
 @register_scorer("expected_attention")
 class ExpectedAttention(Scorer):
     """Query-agnostic: the attention each key would get from the *future* queries, estimated
-    without them (after kvpress's ExpectedAttentionPress, mean term only, no covariance).
+    without them (after kvpress's ExpectedAttentionPress).
 
-    The mean pre-RoPE query of the prompt (the layer's hidden states through ``q_proj`` and
-    ``q_norm``; the first ``skip_first`` real tokens, attention sinks, left out) is rotated by
-    the RoPE rotation averaged over the next ``future_positions`` positions; its softmax
-    attention over the real keys, averaged over each KV head's query heads, is weighted by the
-    value norm (``(a + epsilon) * |V|``)."""
+    The pre-RoPE queries of the prompt (the layer's hidden states through ``q_proj`` and
+    ``q_norm``; the first ``skip_first`` real tokens, attention sinks, left out) are modelled as a
+    Gaussian per query head, mean mu and covariance Sigma, rotated by the RoPE rotation R
+    averaged over the next ``future_positions`` positions. A key's expected logit is then
+    ``s R mu . k + s^2 k^T (R Sigma R^T) k / 2`` (s the attention scaling; the second term,
+    ``use_covariance``, is log E[exp] of the Gaussian's spread); its softmax over the real keys,
+    averaged over each KV head's query heads, is weighted by the value norm
+    (``(a + epsilon) * |V|``)."""
 
     needs_hidden_states = True
 
-    def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0):
+    def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0,
+                 use_covariance: bool = True):
         self.future_positions, self.skip_first, self.epsilon = \
             future_positions, skip_first, epsilon
+        self.use_covariance = use_covariance
 
     def score(self, p: Prefill) -> Tensor:
         B, Hkv, N, D = p.keys.shape
-        mean_query = self._mean_future_query(p)                          # [B, Hq, D]
+        mean_query, covariance = self._future_query_statistics(p)        # [B, Hq, D(, D)]
         Hq = mean_query.shape[1]
         keys = p.keys.float().repeat_interleave(Hq // Hkv, dim=1)       # [B, Hq, N, D]
         scale = D ** -0.5 if p.scaling is None else p.scaling
         logits = (keys @ mean_query[..., None]).squeeze(-1) * scale      # [B, Hq, N]
+        if covariance is not None:
+            logits = logits + 0.5 * scale ** 2 * ((keys @ covariance) * keys).sum(-1)
         if p.key_mask is not None:
             logits = logits.masked_fill(~p.key_mask[:, None, :].bool(), float("-inf"))
         attention = logits.softmax(-1).view(B, Hkv, Hq // Hkv, N).mean(2)[..., :p.candidates]
@@ -232,6 +249,10 @@ class ExpectedAttention(Scorer):
                            0.0)
 
     def _mean_future_query(self, p: Prefill) -> Tensor:
+        return self._future_query_statistics(p)[0]
+
+    def _future_query_statistics(self, p: Prefill) -> Tuple[Tensor, Optional[Tensor]]:
+        """(R mu [B, Hq, D], R Sigma R^T [B, Hq, D, D] or None without use_covariance)."""
         module, decoder, hidden = p.module, p.decoder, p.hidden_states
         rotary = getattr(decoder, "rotary_emb", None)
         if getattr(module, "q_proj", None) is None or rotary is None or hidden is None:
@@ -244,17 +265,30 @@ class ExpectedAttention(Scorer):
         queries = module.q_proj(hidden).view(B, N, -1, D)
         if getattr(module, "q_norm", None) is not None:
             queries = module.q_norm(queries)
+        queries = queries.float()
         real = torch.ones(B, N, dtype=torch.bool, device=hidden.device) if p.key_mask is None \
             else p.key_mask.bool().to(hidden.device)
         rank = real.long().cumsum(-1)                                    # 1-based among real
         used = (real & (rank > self.skip_first)).float()
         used = torch.where(used.sum(-1, keepdim=True) > 0, used, real.float())
-        mean = (queries.float() * used[..., None, None]).sum(1) / used.sum(1)[:, None, None]
+        count = used.sum(1)[:, None, None]                               # [B, 1, 1]
+        mean = (queries * used[..., None, None]).sum(1) / count          # [B, Hq, D]
         # Future positions continue each row's real tokens (left padding has no positions).
         future = rank[:, -1:] + torch.arange(self.future_positions, device=hidden.device)
         kwargs = {}
         if isinstance(getattr(rotary, "rope_type", None), dict):  # one RoPE per layer type
             kwargs["layer_type"] = decoder.config.layer_types[p.layer]
         cos, sin = rotary(hidden, future, **kwargs)                      # [B, F, D]
-        cos, sin = cos.float().mean(1)[:, None, :], sin.float().mean(1)[:, None, :]
-        return (mean * cos + _rotate_half(mean) * sin).to(p.keys.device)
+        cos, sin = cos.float().mean(1), sin.float().mean(1)              # [B, D]
+        # The averaged rotation as a matrix: R x = cos * x + sin * rotate_half(x).
+        eye = torch.eye(D, device=hidden.device)
+        rotation = torch.diag_embed(cos) + sin[:, :, None] * _rotate_half(eye).T  # [B, D, D]
+        rotation = rotation[:, None]                                     # [B, 1, D, D]
+        mean_rotated = (rotation @ mean[..., None]).squeeze(-1)
+        covariance = None
+        if self.use_covariance:
+            centred = (queries - mean[:, None]) * used[..., None, None]   # [B, N, Hq, D]
+            covariance = torch.einsum("bnhd,bnhe->bhde", centred, centred) / count[..., None]
+            covariance = rotation @ covariance @ rotation.transpose(-1, -2)
+            covariance = covariance.to(p.keys.device)
+        return mean_rotated.to(p.keys.device), covariance

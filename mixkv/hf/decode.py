@@ -1,0 +1,275 @@
+"""Compression during generation: ``mixkv.patch(model, method, decode_budget=..., interval=...)``.
+
+After the prefill compression (``budget``), every ``interval`` decoded tokens each compressed
+layer is cut back to ``decode_budget`` tokens per KV head (window included), so a generation of
+any length holds at most ``decode_budget + interval`` tokens per head (head-wise budgets: per
+head on average over a row's heads; PyramidKV: the layer's own share). The method scores the
+cached tokens as at prefill, with the latest ``window`` queries as the window: the shim's
+attention wrapper keeps a rolling buffer of each layer's last ``window`` post-RoPE queries
+(:meth:`DecodeCompression.observe`), and the window (the ``window`` most recent tokens, whose
+queries those are) is always kept.
+
+The trigger is a count of decoded tokens, the same for every row, so a row of a left-padded
+batch is compressed at the same steps as the row run alone; a row that holds at most
+``decode_budget`` real tokens keeps all of them. A layer whose every head holds at most
+``decode_budget`` tokens is left as it is, bit for bit.
+
+Dense caches (uniform budgets): :meth:`Method.compress` on the layer's K/V, the real-token mask
+following the layer (``CompressedLayer.kept_real`` plus the decoded tokens). Head-wise caches:
+each (row, KV head) segment is laid out left-padded as a row of its own (one KV head, a key mask
+of its own), scored by the method's scorer, the policy splits each row's capacity from the
+segments' importance (padding: importance 0; each head capped at its real candidates), and
+``select_kv_ragged`` picks the tokens; the result is a new :class:`HeadwiseLayer` with
+``interval`` tokens of headroom, so decoding until the next compression appends in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..methods import Method, Prefill, resolve
+from . import capture
+from .layers import CompressedLayer, HeadwiseLayer
+
+DEFAULT_INTERVAL = 64
+
+
+class DecodeCompression:
+    """Per-layer state of compression during generation; ``handle.decoding`` of a patch."""
+
+    def __init__(self, method: Method, decode_budget, interval=None):
+        self.method = method
+        self.decode_budget, self.interval = check_options(decode_budget, interval,
+                                                          method.window)
+        check_method(method)
+        self.window = method.window
+        self.handle = None
+        self.compressions = 0      # layer compressions done during decoding (all layers)
+        self._queries = {}         # layer -> [B, Hq, <= W, D] the latest queries
+        self._since = {}           # layer -> tokens decoded since the prefill / last compression
+        self._decoding = {}        # layer -> the current call is a decode call
+        self._key_mask = {}        # layer -> [B, N] real keys of a plain layer's decode call
+
+    @classmethod
+    def resolve(cls, method, decode_budget, interval, options: dict):
+        """(Method, DecodeCompression) for ``mixkv.patch(model, method, decode_budget=...,
+        interval=..., **options)``: the arguments are checked against the method's window
+        before anything else (its budget defaults to ``decode_budget``)."""
+        if isinstance(method, Method):
+            resolved = method
+            check_options(decode_budget, interval, resolved.window)
+        else:
+            # The window first (window=, or the one a scorer sets), with a stand-in budget.
+            window = resolve(method, **{**options, "budget": None, "ratio": 0.0}).window
+            check_options(decode_budget, interval, window)
+            if options.get("budget") is None and options.get("ratio") is None:
+                options = dict(options, budget=decode_budget)
+            resolved = resolve(method, **options)
+        return resolved, cls(resolved, decode_budget, interval)
+
+    def start(self, window_queries: dict) -> None:
+        """Start the query buffers from a prefill's window queries ({layer: [B, Hq, >= W, D]}),
+        as a patched prefill would (``handle.compress_cache`` calls this)."""
+        for idx, queries in window_queries.items():
+            self._queries[idx] = queries[..., -self.window:, :].detach().clone()
+            self._since[idx] = 0
+            self._key_mask.pop(idx, None)
+
+    @staticmethod
+    def check_generate(model, kwargs) -> None:
+        """Refuse generate options the query buffers cannot follow: beam search reorders the
+        cache's rows, assisted decoding crops them."""
+        beams = kwargs.get("num_beams")
+        for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+            if beams is None and config is not None:
+                beams = getattr(config, "num_beams", None)
+        if beams is not None and beams > 1:
+            raise NotImplementedError("mixkv: decode_budget does not support beam search "
+                                      f"(num_beams={beams}); use greedy or sampling")
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            raise NotImplementedError("mixkv: decode_budget does not support assisted or "
+                                      "prompt-lookup decoding (they crop the cache)")
+
+    # -- the attention call (from the shim's interceptor) -----------------------------------
+    def observe(self, state, module, query: torch.Tensor, key: torch.Tensor,
+                attention_mask) -> None:
+        """Record this call's queries: a prefill starts the buffer, decode calls roll it."""
+        idx = state.layer_idx
+        layer = state.handle._layer(state.cache, idx)
+        query = query.detach()
+        if not isinstance(layer, HeadwiseLayer) and capture.is_prefill(query, key):
+            self._queries[idx] = query[..., -self.window:, :].clone()
+            self._since[idx] = 0
+            self._decoding[idx] = False
+            self._key_mask.pop(idx, None)
+            return
+        held = self._queries.get(idx)
+        if held is not None and held.shape[:2] != query.shape[:2]:
+            held = None  # another batch: a cache this run did not prefill
+        latest = query if held is None else torch.cat([held, query], dim=-2)
+        self._queries[idx] = latest[..., -self.window:, :].contiguous()
+        self._since[idx] = self._since.get(idx, 0) + query.shape[-2]
+        self._decoding[idx] = True
+        if type(layer) is DynamicLayer:  # not compressed at prefill: the model's mask holds
+            self._key_mask[idx] = capture.real_keys(attention_mask, key.shape[0],
+                                                    key.shape[-2])
+
+    # -- after the attention call (from the shim's forward hook) ---------------------------
+    def after_attention(self, module, cache, idx: int) -> bool:
+        """Compress layer `idx` when `interval` tokens were decoded since the last time; True
+        when this call was a decode call (nothing left for the prefill path)."""
+        if not self._decoding.pop(idx, False):
+            return False
+        if self._since.get(idx, 0) < self.interval:
+            return True
+        self._since[idx] = 0
+        layer = self.handle._layer(cache, idx)
+        if idx in self.handle.sliding_layers or getattr(layer, "is_sliding", False):
+            return True
+        with torch.no_grad():
+            if isinstance(layer, HeadwiseLayer):
+                self._compress_headwise(module, cache, idx, layer)
+            elif type(layer) in (DynamicLayer, CompressedLayer):
+                self._compress_dense(module, cache, idx, layer)
+        return True
+
+    def _prefill(self, module, idx, queries, keys, values, key_mask) -> Prefill:
+        scaling = getattr(module, "scaling", None)
+        return Prefill(queries=queries, keys=keys, values=values, key_mask=key_mask,
+                       window=self.window, layer=idx, num_layers=self.handle.num_layers,
+                       scaling=None if scaling is None else float(scaling), module=module,
+                       decoder=self.handle.decoder)
+
+    def _window_queries(self, idx, device) -> Optional[torch.Tensor]:
+        queries = self._queries.get(idx)
+        if queries is None or queries.shape[-2] < self.window:
+            return None  # fewer queries than the window so far: wait for more
+        return queries.to(device)
+
+    def _compress_dense(self, module, cache, idx, layer) -> None:
+        keys, values = layer.keys, layer.values
+        B, Hkv, N, D = keys.shape
+        queries = self._window_queries(idx, keys.device)
+        if N <= self.decode_budget or queries is None:
+            return
+        if isinstance(layer, CompressedLayer):
+            key_mask = layer.kept_real
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, key_mask.new_ones(B, N - key_mask.shape[1])], 1)
+        else:
+            key_mask = self._key_mask.get(idx)
+        if key_mask is not None:
+            key_mask = key_mask.to(keys.device)
+        kept = self.method.compress(self._prefill(module, idx, queries, keys, values, key_mask),
+                                    self.decode_budget)
+        if kept.offsets is not None:  # head-wise budgets on a layer the prefill left whole
+            valid = torch.ones_like(kept.positions, dtype=torch.bool)
+            if key_mask is not None:
+                row = torch.arange(B, device=keys.device).repeat_interleave(Hkv)
+                valid = key_mask[row.repeat_interleave(kept.offsets.diff().long()),
+                                 kept.positions.long()]
+            cache.layers[idx] = HeadwiseLayer(kept.keys, kept.values, kept.offsets, valid, B,
+                                              Hkv, headroom=self.interval)
+        else:
+            # Padded slots rank last and kept positions ascend: they come first, in every head.
+            kept_real = None if key_mask is None else \
+                key_mask.gather(1, kept.positions[:, 0].long())
+            cache.layers[idx] = CompressedLayer(kept.keys, kept.values, kept_real)
+        self.compressions += 1
+
+    def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
+        B, Hkv = layer.batch, layer.kv_heads
+        lengths = layer.lengths
+        W, budget = self.window, self.decode_budget
+        queries = self._window_queries(idx, layer.device)
+        longest = int(lengths.max())
+        if longest <= budget or queries is None:
+            return
+        S, D = B * Hkv, layer.key_buffer.shape[-1]
+        # Segment s laid out left-padded in [S, longest]: token t of s at slot longest - L_s + t
+        # (its buffer row starts[s] + t).
+        segment = torch.repeat_interleave(torch.arange(S, device=layer.device), lengths)
+        local = torch.arange(int(lengths.sum()), device=layer.device) - torch.repeat_interleave(
+            lengths.cumsum(0) - lengths, lengths)
+        rows = layer.starts[segment] + local
+        slot = longest - lengths[segment] + local
+        keys = layer.key_buffer.new_zeros(S, longest, D)
+        values = layer.value_buffer.new_zeros(S, longest, D)
+        mask = torch.zeros(S, longest, dtype=torch.bool, device=layer.device)
+        keys[segment, slot] = layer.key_buffer[rows]
+        values[segment, slot] = layer.value_buffer[rows]
+        mask[segment, slot] = layer.valid[rows]
+        Hq, Dq = queries.shape[1], queries.shape[-1]
+        per_segment = queries.reshape(B, Hkv, Hq // Hkv, W, Dq).reshape(S, Hq // Hkv, W, Dq)
+        # Every segment is a row with one KV head: its own key mask.
+        segments = self._prefill(module, idx, per_segment.contiguous(), keys[:, None],
+                                 values[:, None], mask)
+        m = self.method
+        importance, scores = (m._checked(x, segments)
+                              for x in m.scorer.score_with_importance(segments))
+        C = longest - W
+        real = mask[:, :C]
+        importance = torch.where(real[:, None, :], importance, 0.0).view(B, Hkv, C)
+        capacity = budget - W
+        if m.policy.headwise:
+            # The policy sees each row's heads together; a slot is real there when it is real
+            # in some head, and each head is then capped at its own real candidates.
+            row_mask = mask.view(B, Hkv, longest).any(1)
+            whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
+                                  values.view(B, Hkv, longest, D), row_mask)
+            capacities = m.policy.capacities(importance.contiguous(), capacity, whole)
+        else:
+            capacities = torch.full((B, Hkv), capacity, device=layer.device)
+        capacities = torch.minimum(capacities.to(layer.device).long(),
+                                   real.sum(-1).view(B, Hkv))
+        kept_keys, kept_values, positions, offsets = torch.ops.mixkv.select_kv_ragged(
+            scores.contiguous(), keys[:, None], values[:, None],
+            capacities.view(S, 1).to(torch.int32), W, mask)
+        kept_lengths = offsets.diff().long()
+        if torch.equal(kept_lengths, lengths):
+            return  # nothing removed (a policy may keep more than decode_budget in a head)
+        kept_segment = torch.repeat_interleave(torch.arange(S, device=layer.device),
+                                               kept_lengths)
+        valid = mask[kept_segment, positions.long()]
+        cache.layers[idx] = HeadwiseLayer(kept_keys, kept_values, offsets, valid, B, Hkv,
+                                          headroom=self.interval)
+        self.compressions += 1
+
+
+def check_options(decode_budget, interval, window: int):
+    """Validated (decode_budget, interval) for a method with this window; errors name the
+    argument. (None, None) when neither is given."""
+    if decode_budget is None:
+        if interval is not None:
+            raise ValueError(f"mixkv: interval={interval!r} needs decode_budget= (the tokens per "
+                             "KV head a generation keeps)")
+        return None, None
+    if isinstance(decode_budget, bool) or not isinstance(decode_budget, int):
+        raise TypeError(f"mixkv: decode_budget must be an int (tokens per KV head, window "
+                        f"included), got {decode_budget!r}")
+    if interval is None:
+        interval = DEFAULT_INTERVAL
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"mixkv: interval must be an int >= 1 (decoded tokens between "
+                         f"compressions), got {interval!r}")
+    if decode_budget <= window:
+        raise ValueError(f"mixkv: decode_budget ({decode_budget}) must be larger than window "
+                         f"({window}): the budget counts the window")
+    return decode_budget, interval
+
+
+def check_method(method: Method) -> None:
+    """Methods compression during generation cannot run: clear errors."""
+    if method.scorer is None:
+        raise ValueError("mixkv: decode_budget needs a compressing method, not 'full'")
+    if method.needs_hidden_states:
+        raise NotImplementedError(
+            f"mixkv: decode_budget does not support method {method.label!r}: its scorer reads "
+            "the layers' hidden states, which decoding does not keep")
+    if method.headwise and method.redundancy is not None:
+        raise NotImplementedError(
+            "mixkv: decode_budget with head-wise budgets does not support an offline "
+            "redundancy profile yet; use redundancy='online' or base='snapkv'")

@@ -1,0 +1,109 @@
+"""Long-generation fidelity in the evaluation harness (--decode-budget, --interval): on a corpus
+document the continuation is teacher-forced in pieces of `interval` tokens under decode-time
+compression; its logits must be those of a patched token-by-token loop, a decode budget that
+covers everything must change nothing, and the runner/CLI carry the settings."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+import mixkv  # noqa: E402
+from mixkv.eval import metrics  # noqa: E402
+from mixkv.eval.engine import Engine  # noqa: E402
+from mixkv.eval.runner import RunConfig, run  # noqa: E402
+from mixkv.eval.tasks import corpus_samples  # noqa: E402
+
+from test_eval_corpus import document  # noqa: E402
+from test_eval_engine import cache_kw, tiny_eval_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+W = 8
+
+
+def _prefilled(engine, tmp_path, length=120, continuation=150):
+    (tmp_path / "doc.txt").write_text(document(120))
+    sample = corpus_samples(str(tmp_path), length=length, count_tokens=len,
+                            continuation=continuation)[0]
+    prefilled = engine.prefill(engine.prepare(sample))
+    engine.run(prefilled, "full")  # the reference logits
+    return prefilled
+
+
+@pytest.mark.parametrize("method,interval", [("mixkv", 12), ("snapkv+adakv", 12),
+                                             ("mixkv", 5)])  # 5 < W: prefill queries count
+def test_chunked_teacher_forcing_equals_a_token_by_token_patched_loop(tmp_path, method,
+                                                                       interval):
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    prefilled = _prefilled(engine, tmp_path)
+    prepared = prefilled.prepared
+    target = prepared.target_ids
+    assert len(target) >= 140
+    options = dict(budget=48, decode_budget=40, interval=interval)
+    record = engine.run(prefilled, method, **options)
+    assert record["decode_budget"] == 40 and record["interval"] == interval
+    assert record["decode_compressions"] > 0
+    # The same generation by hand: a patched prefill, then one token at a time.
+    model, start = em.model, len(prepared.prefill_ids)
+    with mixkv.patch(model, method, window=W, **options):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prepared.prefill_ids]), use_cache=True,
+                        **{cache_kw(model): cache})
+            logits = [out.logits[0, -1].float()]
+            for i, token in enumerate(target[:-1]):
+                out = model(input_ids=torch.tensor([[token]]),
+                            position_ids=torch.tensor([[start + i]]), use_cache=True,
+                            **{cache_kw(model): cache})
+                logits.append(out.logits[0, -1].float())
+        held = max(layer.get_seq_length() for layer in cache.layers)
+    assert held <= 40 + interval + 48  # bounded (a head-wise head may hold more than the mean)
+    want = metrics.fidelity(prefilled.full_tf_logits, torch.stack(logits), torch.tensor(target))
+    assert record["kl"] == pytest.approx(want["kl"], rel=1e-3, abs=1e-6)
+    assert record["top1_agree"] == pytest.approx(want["top1_agree"])
+
+
+def test_decode_budget_covering_everything_leaves_fidelity_unchanged(tmp_path):
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    prefilled = _prefilled(engine, tmp_path)
+    plain = engine.run(prefilled, "mixkv", budget=48)
+    covered = engine.run(prefilled, "mixkv", budget=48, decode_budget=400, interval=12)
+    cut = engine.run(prefilled, "mixkv", budget=48, decode_budget=40, interval=12)
+    assert covered["decode_compressions"] == 0 and cut["decode_compressions"] > 0
+    assert covered["kl"] == pytest.approx(plain["kl"], rel=1e-4, abs=1e-7)
+    assert covered["top1_agree"] == plain["top1_agree"]
+    assert cut["kl"] != pytest.approx(plain["kl"], rel=1e-3)  # the cut is measured
+
+
+def test_runner_and_cli_carry_the_decode_budget(tmp_path):
+    from mixkv.eval.__main__ import parser
+
+    args = parser().parse_args(["--corpus", "--decode-budget", "256", "--interval", "32",
+                                "--continuation", "512"])
+    assert (args.decode_budget, args.interval, args.continuation) == (256, 32, 512)
+    em = tiny_eval_model()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d.txt").write_text(document(150))
+    config = RunConfig(tasks=[], lengths=[200], samples=1, methods=["snapkv", "mixkv"],
+                       budgets=[32], corpus=str(docs), continuation=60, window=W,
+                       decode_budget=40, interval=10, out=str(tmp_path / "out"),
+                       progress=False, quiet=True)
+    run(config, em=em)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    assert {r["method"] for r in rows} == {"full", "snapkv", "mixkv"}
+    for r in rows:
+        assert r["settings"]["decode_budget"] == 40 and r["settings"]["interval"] == 10
+        if r["method"] != "full":
+            assert r["decode_budget"] == 40 and r["decode_compressions"] > 0
+    assert "decode budget 40 every 10 tokens" in (tmp_path / "out" / "table.md").read_text()
+    # Without the decode budget the rows are other results (other settings): all redone.
+    plain = RunConfig(**{**config.__dict__, "decode_budget": None, "interval": None})
+    run(plain, em=em)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    assert len(rows) == 6 and sum("decode_budget" in r["settings"] for r in rows) == 3

@@ -1,0 +1,97 @@
+"""`--mode both`: each regime runs into its own folder (resumable on its own) and the two are
+reported side by side: one table whose cells are each regime's own numbers, a plot per regime."""
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from mixkv.eval import report  # noqa: E402
+from mixkv.eval.__main__ import parser  # noqa: E402
+from mixkv.eval.engine import Engine  # noqa: E402
+from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
+
+from test_eval_engine import W, tiny_eval_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(out, **changes):
+    base = dict(tasks=["niah_single"], lengths=[160], samples=2, methods=["snapkv", "mixkv"],
+                budgets=[24, 48], window=W, out=str(out), progress=False, quiet=True,
+                mode="both")
+    return RunConfig(**{**base, **changes})
+
+
+def _cells(table: str, label: str):
+    """The cells of the row `label` of the first markdown table in `table`."""
+    for line in table.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [c.strip() for c in line.strip("|").split("|")][1:]
+    raise AssertionError(f"no row {label!r} in\n{table}")
+
+
+def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypatch):
+    modes = []
+    original = Engine.prefill
+
+    def recording(self, prepared):
+        modes.append(self.mode)
+        return original(self, prepared)
+
+    monkeypatch.setattr(Engine, "prefill", recording)
+    em = tiny_eval_model()
+    summary = run(_config(tmp_path), em=em)
+    assert modes == ["agnostic"] * 2 + ["aware"] * 2
+    for mode in ("agnostic", "aware"):
+        records = load_records(tmp_path / mode / "results.jsonl")
+        assert len(records) == 2 * (1 + 2 * 2) and {r["mode"] for r in records} == {mode}
+        assert (tmp_path / mode / "table.md").exists()
+    table = (tmp_path / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert header == "| method | agnostic 24 | agnostic 48 | aware 24 | aware 48 | n |"
+    # every cell is the regime's own summary row
+    for method, label in (("snapkv", "snapkv"), ("mixkv", "mixkv"), ("full", "full cache")):
+        cells = _cells(table, label)
+        want = []
+        for mode in ("agnostic", "aware"):
+            rows = {r["budget"]: r for r in summary["regimes"][mode]["rows"]
+                    if r["task"] == "all" and r["method"] == method}
+            for budget in ("24", "48"):
+                r = rows["full" if method == "full" else budget]
+                want.append(f"{r['score']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
+        assert cells[:4] == want and cells[4] == "2"
+    assert "## Regime agnostic" in table and "## Regime aware" in table
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    payload = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(payload["regimes"]) == ["agnostic", "aware"]
+
+    # rerun: each folder resumes, nothing is prefilled again
+    modes.clear()
+    run(_config(tmp_path), em=em)
+    assert modes == []
+
+
+def test_side_by_side_marks_missing_cells_and_orders_bases_before_mixes():
+    def row(method, budget, score):
+        return dict(task="all", method=method, budget=budget, n=3, score=score, low=score,
+                    high=score)
+
+    summaries = {"agnostic": dict(rows=[row("full", "full", 1.0), row("mixkv", "64", 0.5),
+                                        row("snapkv", "64", 0.25)]),
+                 "aware": dict(rows=[row("snapkv", "64", 0.75), row("snapkv", "128", 1.0)])}
+    text = report.side_by_side_markdown(summaries)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| method | agnostic 64 | aware 64 | aware 128 | n |"
+    assert [re.match(r"\| ([^|]+) \|", line).group(1) for line in lines[1:]] == \
+        ["full cache", "snapkv", "mixkv"]
+    assert _cells(text, "mixkv")[:3] == ["0.50 [0.50, 0.50]", "–", "–"]
+    assert _cells(text, "full cache")[:3] == ["1.00 [1.00, 1.00]", "–", "–"]
+
+
+def test_cli_accepts_both():
+    assert parser().parse_args(["--mode", "both"]).mode == "both"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--mode", "either"])
