@@ -5,7 +5,8 @@
 #   scripts/mutation.sh mixkv/hf/headwise.py  one file, with its tests from the table below
 #   TESTS="tests/a.py tests/b.py" scripts/mutation.sh mixkv/hf/patch.py   other tests
 # Runs in a scratch copy (build/mutation) so the tree is never mutated; prints the survivors and
-# the score (killed / (killed + survived)). MAX_CHILDREN sets the parallel workers.
+# the score (killed / (killed + survived)). MAX_CHILDREN sets the parallel workers; SCRATCH another
+# scratch folder, for a second run at the same time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,7 +27,7 @@ tests_for() {
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
                                      mixkv/hf/decode.py mixkv/eval/engine.py mixkv/eval/runner.py)
-SCRATCH=build/mutation
+SCRATCH=${SCRATCH:-build/mutation}  # one scratch folder per concurrent run
 # mutmut forks one child per mutant from a process that has run torch: with OpenMP worker
 # threads alive in the parent, a forked child's first parallel op deadlocks (libgomp is not
 # fork-safe). One thread per process avoids the pool; MAX_CHILDREN gives the parallelism.

@@ -63,6 +63,13 @@ def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypa
                 r = rows["full" if method == "full" else budget]
                 want.append(f"{r['score']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
         assert cells[:4] == want and cells[4] == "2"
+    assert table.startswith(f"**Task score, all tasks, both regimes** (tiny-llama | niah_single "
+                            f"| length 160 | window {W}; agnostic: the context is compressed "
+                            "before the question is appended; aware: the question is part of "
+                            "the compressed prompt)\n")
+    for mode in ("agnostic", "aware"):
+        paired = table.split(f"**Paired difference against the base method, {mode}**")[1]
+        assert paired.split("\n\n")[1].splitlines()[2].startswith("| mixkv - snapkv | 24 | 2 |")
     assert "## Regime agnostic" in table and "## Regime aware" in table
     assert (tmp_path / "plot.png").stat().st_size > 0
     payload = json.loads((tmp_path / "summary.json").read_text())
