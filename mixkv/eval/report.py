@@ -163,13 +163,18 @@ def side_by_side_markdown(summaries: Dict[str, Dict], *, task: str = "all",
     return "\n".join(lines) + "\n"
 
 
-def fidelity_markdown(summary: Dict, *, task: str = "all", key: str = "kl") -> str:
+def _compressed_grid(summary: Dict, task: str):
+    """(budgets, methods, {(method, budget): row}) of the compressed methods' rows of `task`."""
     rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
-    if not rows:
-        return ""
     budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
     methods = sorted({r["method"] for r in rows}, key=_method_order)
-    cell = {(r["method"], r["budget"]): r for r in rows}
+    return budgets, methods, {(r["method"], r["budget"]): r for r in rows}
+
+
+def fidelity_markdown(summary: Dict, *, task: str = "all", key: str = "kl") -> str:
+    budgets, methods, cell = _compressed_grid(summary, task)
+    if not methods:
+        return ""
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for method in methods:
@@ -187,12 +192,9 @@ def fidelity_ci_markdown(summary: Dict, *, task: str,
                                ("delta_nll", "NLL increase, nats", 3))) -> str:
     """One methods x budgets table per fidelity metric for ``task``, each cell the mean over
     samples with its bootstrap 95% interval."""
-    rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
-    if not rows:
+    budgets, methods, cell = _compressed_grid(summary, task)
+    if not methods:
         return ""
-    budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
-    methods = sorted({r["method"] for r in rows}, key=_method_order)
-    cell = {(r["method"], r["budget"]): r for r in rows}
     parts = []
     for key, label, digits in keys:
         lines = [f"| {label} | " + " | ".join(f"budget {b}" for b in budgets) + " | n |",

@@ -233,41 +233,42 @@ def run(config: RunConfig, *, em=None) -> Dict:
     """Run (or resume) the grid and write the reports; returns the summary dict.
     ``mode="both"`` runs each regime into its own OUT/<mode>/ folder, then writes the regimes
     side by side in OUT (:func:`write_side_by_side`)."""
-    from .models import load_model
-
-    if config.mode == "both":
-        if em is None:
-            _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} "
-                 "...")
-            em = load_model(config.model, dtype=getattr(torch, config.dtype))
-        summaries = {}
-        for mode in REGIMES:
-            _log(config, f"mixkv.eval: regime {mode} -> {Path(config.out) / mode}")
-            summaries[mode] = run(dataclasses.replace(config, mode=mode,
-                                                      out=str(Path(config.out) / mode)), em=em)
-        return write_side_by_side(summaries, Path(config.out), config=config, em=em)
-    return _run_one(config, em=em)
-
-
-def _run_one(config: RunConfig, *, em=None) -> Dict:
-    from .engine import Engine
-    from .models import load_model
-
     for task in config.tasks:
         if task not in TASKS:
             raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
     for method in config.methods:  # a misspelt method fails before the model loads
         registry.parse(method)
+    if config.mode == "both":
+        em = em if em is not None else _load(config)
+        summaries = {}
+        for mode in REGIMES:
+            _log(config, f"mixkv.eval: regime {mode} -> {Path(config.out) / mode}")
+            summaries[mode] = _run_one(dataclasses.replace(
+                config, mode=mode, out=str(Path(config.out) / mode)), em=em)
+        return write_side_by_side(summaries, Path(config.out), config=config, em=em)
+    return _run_one(config, em=em)
+
+
+def _load(config: RunConfig):
+    from .models import load_model
+
+    _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} ...")
+    em = load_model(config.model, dtype=getattr(torch, config.dtype))
+    _log(config, f"mixkv.eval: loaded {em.name} in {em.load_seconds:.1f} s"
+         + (f"; tokenizer fixes: {'; '.join(em.fixes)}" if em.fixes else ""))
+    return em
+
+
+def _run_one(config: RunConfig, *, em=None) -> Dict:
+    from .engine import Engine
+
     torch.set_num_threads(threads_for(config.threads))
     torch.manual_seed(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if em is None:
-        _log(config, f"mixkv.eval: loading {config.model or 'the packaged default model'} ...")
-        em = load_model(config.model, dtype=getattr(torch, config.dtype))
-        _log(config, f"mixkv.eval: loaded {em.name} in {em.load_seconds:.1f} s"
-             + (f"; tokenizer fixes: {'; '.join(em.fixes)}" if em.fixes else ""))
+        em = _load(config)
     engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut,
                     hidden_states=any(registry.needs_hidden_states(m)
                                       for m in config.methods))

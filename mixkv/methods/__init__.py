@@ -210,23 +210,24 @@ def is_mix(label: str) -> bool:
     return base_of(label) is not None
 
 
-def needs_hidden_states(label: str) -> bool:
-    """Whether the method's scorers read the layers' hidden states (capture them)."""
+def _any_part(label: str, flag: str) -> bool:
+    """Whether a scorer part of the method sets the class flag `flag` (False for bad names)."""
     try:
         scorer, _ = parse(label)
     except (ValueError, TypeError):
         return False
-    return scorer is not None and any(s.needs_hidden_states for s in scorer.parts())
+    return scorer is not None and any(getattr(s, flag) for s in scorer.parts())
+
+
+def needs_hidden_states(label: str) -> bool:
+    """Whether the method's scorers read the layers' hidden states (capture them)."""
+    return _any_part(label, "needs_hidden_states")
 
 
 def needs_reconstruction(label: str) -> bool:
     """Whether the method's scores come from a reconstruction pass (compression after the
     whole prefill; mixkv/hf/reconstruct.py)."""
-    try:
-        scorer, _ = parse(label)
-    except (ValueError, TypeError):
-        return False
-    return scorer is not None and any(s.needs_reconstruction for s in scorer.parts())
+    return _any_part(label, "needs_reconstruction")
 
 
 def order_key(label: str) -> tuple:
