@@ -16,8 +16,8 @@ EVAL_ARGS ?=
 # `make eval-large`: 2,048- and 4,096-token prompts, budgets as ratios, every base, more samples
 # (hours on 2 cores; resumable: rerun to continue). Committed outputs: benchmarks/eval-large/.
 EVAL_LARGE_OUT ?= results/large
-EVAL_LARGE = --mode both --lengths 2048,4096 --budgets "" --ratios 0.5,0.75 --samples 25 \
-	--methods "snapkv,mixkv,pyramidkv,mixkv+pyramidkv,adakv,mixkv+adakv,streamingllm,knorm,expected_attention,mixkv(expected_attention)+adakv"
+EVAL_LARGE = --mode both --lengths 2048,4096 --budgets "" --ratios 0.5,0.75 --samples 10 \
+	--methods "snapkv,mixkv,pyramidkv,mixkv+pyramidkv,adakv,mixkv+adakv,streamingllm,knorm,expected_attention,mixkv(expected_attention),kvzip,mixkv(kvzip),kvzip+adakv,mixkv(kvzip)+adakv"
 
 .PHONY: eval eval-large test demo notebook setup
 eval:

@@ -7,6 +7,11 @@ import pytest
 import torch
 
 import mixkv  # noqa: F401  (loads the op library)
+from mixkv.eval import report
+
+# The report PNGs are drawn in full by every evaluation test; at a low resolution the drawing
+# code is the same and the tests spend a fraction of the time rasterising.
+report.DPI = 24
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 128]

@@ -19,6 +19,8 @@ from ..methods import base_of, is_mix, order_key
 from .metrics import bootstrap_ci
 
 FIDELITY = ("kl", "top1_agree", "delta_nll")
+# Resolution of the PNG reports; the tests lower it (rendering is most of their time).
+DPI = 110
 
 
 def budget_key(record: Dict) -> str:
@@ -308,7 +310,7 @@ def plot(summary: Dict, path: str, *, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -330,7 +332,7 @@ def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> N
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
@@ -405,6 +407,6 @@ def heatmap(records: Sequence[Dict], path: str, *, title: str = "", bins: int = 
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="mean task score")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return True
