@@ -47,6 +47,26 @@ def test_documents_are_cut_at_words_within_the_counts(tmp_path):
     assert math.isnan(__import__("mixkv.eval.metrics", fromlist=["score"]).score("none", "x", []))
 
 
+def test_passages_are_consecutive_and_never_overlap(tmp_path):
+    (tmp_path / "a.txt").write_text(document(300))          # ~1,500 characters
+    text = (tmp_path / "a.txt").read_text().strip()
+    samples = corpus_samples(str(tmp_path), length=300, count_tokens=len, bos=1,
+                             continuation=100, passages=9)
+    assert [s.id for s in samples] == ["corpus-a-300", "corpus-a-300-2", "corpus-a-300-3",
+                                       "corpus-a-300-4"]    # 4 x ~400 fit, a fifth does not
+    assert [s.meta["passage"] for s in samples] == [1, 2, 3, 4]
+    rebuilt = ""
+    for s in samples:
+        assert 1 + len(s.context) <= 300 and len(s.context) > 300 - 20
+        assert len(s.target) <= 100 and not s.context[0].isspace()
+        rebuilt += (" " if rebuilt else "") + s.context + s.target
+        assert " ".join(text.split()).startswith(" ".join(rebuilt.split()))
+    assert len(" ".join(rebuilt.split())) > len(" ".join(text.split())) - 400
+    first_two = corpus_samples(str(tmp_path), length=300, count_tokens=len, bos=1,
+                               continuation=100, passages=2)
+    assert first_two == samples[:2]
+
+
 def test_builtin_corpus_is_shipped():
     files = corpus_files(None)
     assert files == corpus_files("builtin") and len(files) >= 4
@@ -84,13 +104,14 @@ def test_runner_corpus_rows_get_their_own_tables(tmp_path):
                        out=str(tmp_path / "out"), progress=False, quiet=True)
     summary = run(config, em=em)
     corpus_rows = [r for r in summary["rows"] if r["task"] == "corpus"]
-    assert {r["n"] for r in corpus_rows} == {3}
+    assert {r["n"] for r in corpus_rows} == {6}              # 2 passages of each document
     assert all(r["kl_low"] <= r["kl"] <= r["kl_high"] for r in corpus_rows)
     pooled = [r for r in summary["rows"] if r["task"] == "all"]
     assert {r["n"] for r in pooled} == {2}                  # the passkey samples only
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "3 document prefix(es) compressed, the next 24 tokens teacher-forced" in table
-    assert "| mixkv - snapkv | 32 | 3 |" in table           # paired KL on the documents
+    assert ("6 passage(s) of 3 document(s), each prefix compressed and the next 24 tokens "
+            "teacher-forced") in table
+    assert "| mixkv - snapkv | 32 | 6 |" in table           # paired KL on the passages
     assert [r["n"] for r in summary["paired"]] == [2]       # the score pairs: passkey only
     assert "| KL(full || compressed), nats | budget 32 | n |" in table
     assert "**corpus**" not in table                        # no task-score table for it

@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt lengths in tokens (chat template included), comma-separated; "
                         "--data contexts are cut in the middle to the largest")
     p.add_argument("--samples", type=int, default=runner.DEFAULT_SAMPLES,
-                   help="samples per task and length")
+                   help="samples per task and length (--corpus: passages per document, "
+                        "consecutive, as many as fit up to this)")
     p.add_argument("--methods", type=_list(str), default=list(runner.DEFAULT_METHODS),
                    help="methods, by registered name (mixkv.methods): NAME, NAME+BASE (a "
                         "base's budgets: snapkv, pyramidkv, adakv, explicit) or "

@@ -190,7 +190,7 @@ def build_samples(config: RunConfig, em) -> List[Sample]:
         bos = int(bool(em.adds_bos and em.tokenizer.bos_token_id is not None))
         for length in config.lengths:
             found = corpus_samples(config.corpus, length=length, count_tokens=count, bos=bos,
-                                   continuation=config.continuation)
+                                   continuation=config.continuation, passages=config.samples)
             if not found:
                 print(f"mixkv.eval: no document of --corpus {config.corpus} holds {length} + "
                       f"{config.continuation} tokens", file=sys.stderr, flush=True)
@@ -330,6 +330,8 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                     continue
                 record.update(common, prefill_seconds=prefilled.seconds, seed=config.seed,
                               length=sample.meta.get("length"), settings=planned[i, j])
+                if "document" in sample.meta:
+                    record["document"] = sample.meta["document"]
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 done.add(key[i, j])
@@ -374,11 +376,12 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                       report.fidelity_markdown(summary, key="top1_agree"))
     corpus = [r for r in records if r["task"] == CORPUS_TASK]
     if corpus:
-        documents = len({r["sample_id"] for r in corpus})
+        passages = len({r["sample_id"] for r in corpus})
+        documents = len({r.get("document", r["sample_id"]) for r in corpus})
         tables.append(
-            f"**Natural-text fidelity** ({title}: {documents} document prefix(es) "
-            f"compressed, the next {config.continuation} tokens teacher-forced; mean over "
-            "tokens, then documents, [95% CI])\n\n" +
+            f"**Natural-text fidelity** ({title}: {passages} passage(s) of {documents} "
+            f"document(s), each prefix compressed and the next {config.continuation} tokens "
+            "teacher-forced; mean over tokens, then passages, [95% CI])\n\n" +
             report.fidelity_ci_markdown(summary, task=CORPUS_TASK))
         paired_text = report.paired_markdown(summary, key="paired_fidelity")
         if paired_text:

@@ -555,31 +555,36 @@ def _largest(count: int, fits: Callable[[int], bool]) -> int:
 
 def corpus_samples(directory: Optional[str], *, length: int,
                    count_tokens: Callable[[str], int], bos: int = 0,
-                   continuation: int = DEFAULT_CONTINUATION) -> List[Sample]:
-    """One sample per document of the corpus: its first ``length`` tokens (``count_tokens``
-    of the raw text, plus ``bos`` for a prepended BOS) are the prefix that gets compressed, and
-    the next
-    ``continuation`` tokens are teacher-forced after it: the fidelity metrics (KL, top-1
-    agreement, NLL difference against the full cache) are those of the continuation of natural
-    text. Both are cut at word boundaries (the continuation keeps its leading whitespace), never
-    over the token counts. The prompt is the raw text (no chat template, no question); a
-    document without room for the prefix and at least half the continuation after it gives no
-    sample at that length.
+                   continuation: int = DEFAULT_CONTINUATION, passages: int = 1) -> List[Sample]:
+    """Up to ``passages`` samples per document of the corpus, consecutive and non-overlapping:
+    a passage's first ``length`` tokens (``count_tokens`` of the raw text, plus ``bos`` for a
+    prepended BOS) are the prefix that gets compressed, and the next ``continuation`` tokens
+    are teacher-forced after it: the fidelity metrics (KL, top-1 agreement, NLL difference
+    against the full cache) are those of the continuation of natural text. The next passage
+    starts where that continuation ended. Both parts are cut at word boundaries (the
+    continuation keeps its leading whitespace), never over the token counts. The prompt is the
+    raw text (no chat template, no question); a passage without room for the prefix and at least
+    half the continuation gives no sample, and ends that document.
     The task score is not defined (metric ``"none"``): these rows report fidelity only."""
     samples = []
     for path in corpus_files(directory):
         text = path.read_text(encoding="utf-8", errors="replace").strip()
         pieces = re.findall(r"\s*\S+", text)
-        k = _largest(len(pieces), lambda n: bos + count_tokens("".join(pieces[:n])) <= length)
-        rest = pieces[k:]
-        m = _largest(len(rest), lambda n: count_tokens("".join(rest[:n])) <= continuation)
-        prefix, target = "".join(pieces[:k]), "".join(rest[:m])
-        if k == len(pieces) or count_tokens(target) < continuation // 2 or \
-                bos + count_tokens(prefix) < length - 64:
-            continue
-        samples.append(Sample(
-            id=f"{CORPUS_TASK}-{path.stem}-{length}", task=CORPUS_TASK, context=prefix,
-            question="", answers=[], metric="none", target=target, max_new_tokens=1,
-            separator="", meta=dict(raw=True, document=path.name, length=length,
-                                    continuation=continuation)))
+        for passage in range(1, passages + 1):
+            k = _largest(len(pieces), lambda n: bos + count_tokens("".join(pieces[:n]).lstrip())
+                         <= length)
+            rest = pieces[k:]
+            m = _largest(len(rest), lambda n: count_tokens("".join(rest[:n])) <= continuation)
+            prefix, target = "".join(pieces[:k]).lstrip(), "".join(rest[:m])
+            if k == len(pieces) or count_tokens(target) < continuation // 2 or \
+                    bos + count_tokens(prefix) < length - 64:
+                break
+            suffix = "" if passage == 1 else f"-{passage}"  # the first keeps its old id
+            samples.append(Sample(
+                id=f"{CORPUS_TASK}-{path.stem}-{length}{suffix}", task=CORPUS_TASK,
+                context=prefix, question="", answers=[], metric="none", target=target,
+                max_new_tokens=1, separator="",
+                meta=dict(raw=True, document=path.name, passage=passage, length=length,
+                          continuation=continuation)))
+            pieces = rest[m:]
     return samples
