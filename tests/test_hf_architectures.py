@@ -12,6 +12,7 @@ op is built.
 """
 
 import functools
+import sys
 import warnings
 
 import pytest
@@ -357,6 +358,8 @@ def test_cache_built_without_config_on_sliding_models(name, attn):
 def test_sliding_warning_points_at_the_caller():
     model, _ = setup("gemma3", "sdpa")
     with pytest.warns(UserWarning, match="sliding-window") as caught:
+        line = sys._getframe().f_lineno + 1
         handle = mixkv.patch(model, "mixkv", budget=BUDGET, window=W)
     handle.unpatch()
-    assert caught[0].filename == __file__
+    if "mutmut" not in sys.modules:  # mutation runs wrap every function in a frame outside mixkv
+        assert (caught[0].filename, caught[0].lineno) == (__file__, line)

@@ -68,13 +68,18 @@ class _LayerState:
         return function(module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def _caller_stacklevel() -> int:
-    """warnings.warn stacklevel of the first frame outside the mixkv package."""
+def _warn_from_caller(message: str) -> None:
+    """A UserWarning attributed to the first frame outside the mixkv package: the user's line,
+    however many frames of mixkv (or of wrappers around them) lie in between."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
+    frame = sys._getframe(1)
+    while frame.f_back is not None and \
+            os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}),
+                           module_globals=frame.f_globals)
 
 
 def _cache_of(kwargs):
@@ -110,9 +115,8 @@ class MixKVPatch:
         if getattr(config, "sliding_window", None) and not layer_types:
             self.sliding_layers = list(range(self.num_layers))
         if self.sliding_layers:
-            warnings.warn(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers use "
-                          "sliding-window attention and stay uncompressed",
-                          stacklevel=_caller_stacklevel())
+            _warn_from_caller(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers "
+                              "use sliding-window attention and stay uncompressed")
         if method.headwise and getattr(config, "attn_logit_softcapping", None):
             raise NotImplementedError(
                 f"mixkv: {type(model).__name__} soft-caps attention logits, which the head-wise "
@@ -361,10 +365,9 @@ def check_transformers_version(version: Optional[str] = None) -> bool:
     if _version_tuple(version) >= OLDEST_TRANSFORMERS:
         return True
     oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
-    warnings.warn(f"mixkv: transformers {version} is older than {oldest}, the oldest the shim "
-                  "supports (README 'Supported versions'); with kvpress, whose transformers is "
-                  "older, use mixkv.kvpress's presses",
-                  stacklevel=_caller_stacklevel())
+    _warn_from_caller(f"mixkv: transformers {version} is older than {oldest}, the oldest the "
+                      "shim supports (README 'Supported versions'); with kvpress, whose "
+                      "transformers is older, use mixkv.kvpress's presses")
     return False
 
 
