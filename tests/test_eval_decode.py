@@ -107,3 +107,26 @@ def test_runner_and_cli_carry_the_decode_budget(tmp_path):
     run(plain, em=em)
     rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
     assert len(rows) == 6 and sum("decode_budget" in r["settings"] for r in rows) == 3
+
+
+@pytest.mark.parametrize("method, reason", [
+    ("expected_attention", "hidden states"), ("mixkv(kvzip)+adakv", "re-reads the whole context")])
+def test_runner_refuses_what_decoding_cannot_run_before_loading(tmp_path, monkeypatch, method,
+                                                                reason):
+    from mixkv.eval import runner
+
+    def no_load(config):
+        raise AssertionError("the model was loaded before the methods were checked")
+
+    monkeypatch.setattr(runner, "_load", no_load)
+    config = RunConfig(tasks=[], lengths=[200], samples=1, methods=["snapkv", method],
+                       budgets=[32], corpus="builtin", window=W, decode_budget=40,
+                       out=str(tmp_path / "out"), progress=False, quiet=True)
+    with pytest.raises((NotImplementedError, ValueError), match=reason):
+        run(config)
+    for mode in ("agnostic", "both"):  # --mode both checks before its one load too
+        with pytest.raises((NotImplementedError, ValueError), match=reason):
+            run(RunConfig(**{**config.__dict__, "mode": mode}))
+    with pytest.raises(ValueError, match=r"decode_budget \(20\) must be larger than window"):
+        run(RunConfig(**{**config.__dict__, "methods": ["snapkv"], "decode_budget": 20,
+                         "window": 24}))

@@ -238,6 +238,13 @@ def run(config: RunConfig, *, em=None) -> Dict:
             raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
     for method in config.methods:  # a misspelt method fails before the model loads
         registry.parse(method)
+    if config.decode_budget is not None or config.interval is not None:
+        from ..hf.decode import DecodeCompression  # so does one decoding cannot run
+
+        for method in config.methods:
+            if method != "full":
+                DecodeCompression.resolve(method, config.decode_budget, config.interval,
+                                          dict(window=config.window))
     if config.mode == "both":
         em = em if em is not None else _load(config)
         summaries = {}

@@ -265,6 +265,11 @@ def check_method(method: Method) -> None:
     """Methods compression during generation cannot run: clear errors."""
     if method.scorer is None:
         raise ValueError("mixkv: decode_budget needs a compressing method, not 'full'")
+    if method.needs_reconstruction:
+        raise NotImplementedError(
+            f"mixkv: decode_budget does not support {method.label!r}: its scores come "
+            "from a pass that re-reads the whole context (kvzip), not from the latest "
+            "queries; use another scorer for compression during generation")
     if method.needs_hidden_states:
         raise NotImplementedError(
             f"mixkv: decode_budget does not support method {method.label!r}: its scorer reads "

@@ -397,11 +397,6 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
         from .decode import DecodeCompression
 
         resolved, decoding = DecodeCompression.resolve(method, decode_budget, interval, options)
-        if resolved.needs_reconstruction:
-            raise NotImplementedError(
-                f"mixkv: decode_budget does not support {resolved.label!r}: its scores come "
-                "from a pass that re-reads the whole context (kvzip), not from the latest "
-                "queries; use another scorer for compression during generation")
     handle = MixKVPatch(model, resolved)
     if decoding is not None:
         decoding.handle, handle.decoding = handle, decoding
