@@ -6,7 +6,8 @@
 #   TESTS="tests/a.py tests/b.py" scripts/mutation.sh mixkv/hf/patch.py   other tests
 # Runs in a scratch copy (build/mutation) so the tree is never mutated; prints the survivors and
 # the score (killed / (killed + survived)). MAX_CHILDREN sets the parallel workers; SCRATCH another
-# scratch folder, for a second run at the same time.
+# scratch folder, for a second run at the same time; RESUME=1 continues an interrupted run of the
+# same sources (mutmut skips the mutants it already decided), e.g. runner.py's hours over sessions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,14 +28,16 @@ tests_for() {
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
                                      mixkv/hf/decode.py mixkv/eval/engine.py mixkv/eval/runner.py)
-SCRATCH=${SCRATCH:-build/mutation}  # one scratch folder per concurrent run
+SCRATCH_ROOT=${SCRATCH:-build/mutation}  # one scratch root per concurrent run
 # mutmut forks one child per mutant from a process that has run torch: with OpenMP worker
 # threads alive in the parent, a forked child's first parallel op deadlocks (libgomp is not
 # fork-safe). One thread per process avoids the pool; MAX_CHILDREN gives the parallelism.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 for target in "${TARGETS[@]}"; do
   selection=${TESTS:-$(tests_for "$target")}
-  rm -rf "$SCRATCH" && mkdir -p "$SCRATCH"
+  SCRATCH="$SCRATCH_ROOT/$(basename "$target" .py)"
+  [ "${RESUME:-0}" = 1 ] || rm -rf "$SCRATCH"
+  mkdir -p "$SCRATCH"
   # The tracked tree plus the built op library; mutmut copies it again into mutants/.
   git ls-files -z | xargs -0 cp --parents -t "$SCRATCH"
   cp mixkv/_C*.so "$SCRATCH/mixkv/"
