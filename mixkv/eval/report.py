@@ -104,8 +104,8 @@ def _fmt(mean, low, high, digits=2):
 def markdown(summary: Dict, *, task: str = "all", title: Optional[str] = None) -> str:
     """Methods x budgets table of the task score (mean [95% CI]) for one task or "all"."""
     rows = [r for r in summary["rows"] if r["task"] == task]
-    if not rows:
-        return ""
+    if not rows:  # a run with nothing recorded yet still says what it is
+        return f"{title}\n\n(no results)\n" if title else ""
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
     methods = sorted({r["method"] for r in rows}, key=_method_order)
     cell = {(r["method"], r["budget"]): r for r in rows}
