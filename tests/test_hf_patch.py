@@ -59,6 +59,18 @@ def test_unpatch_restores_bit_identical_logits():
     mixkv.unpatch(model)  # second unpatch is a no-op
 
 
+def test_module_level_unpatch_restores_the_model():
+    model = tiny_llama()
+    ids = prompt(50)
+    before = model(ids).logits
+    handle = mixkv.patch(model, "mixkv", budget=20, window=W)
+    assert model._mixkv_patch is handle
+    greedy(model, ids)
+    mixkv.unpatch(model)
+    assert torch.equal(model(ids).logits, before)
+    assert "generate" not in vars(model) and not hasattr(model, "_mixkv_patch")
+
+
 @pytest.mark.parametrize("method", ["mixkv", "snapkv", "keydiff", "vnorm", "mix3", "knorm",
                                     "streamingllm", "random"])
 def test_kept_tokens_are_the_ops_selection(monkeypatch, method):
