@@ -210,7 +210,13 @@ def test_ratio_budget():
         cache = DynamicCache(config=model.config)
         model(prompt(100), past_key_values=cache, use_cache=True)
     assert cache.layers[0].keys.shape[-2] == 25
-    assert handle.stats()["total"]["ratio"] == pytest.approx(0.25)
+    stats = handle.stats()
+    full = sum(2 * layer.keys.numel() * 4 * 4 for layer in cache.layers)  # 100 of 25, float32
+    assert stats["total"] == dict(bytes_before=full, bytes_after=full // 4, ratio=0.25)
+    assert sorted(stats["layers"]) == list(range(len(cache.layers)))
+    for layer in stats["layers"].values():
+        assert layer["prompt"] == 100 and layer["bytes_after"] * 4 == layer["bytes_before"]
+        assert torch.equal(layer["kept"], torch.full_like(layer["kept"], 25))
 
 
 def test_offline_redundancy_profile(tmp_path):
@@ -256,6 +262,15 @@ def test_refuses_static_and_offloaded_caches():
                   use_cache=True)
         with pytest.raises(NotImplementedError, match="chunked prefill"):
             model.generate(ids, max_new_tokens=2, prefill_chunk_size=16)
+        # The same settings inside a GenerationConfig object, and on the model's own.
+        from transformers import GenerationConfig
+
+        with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+            model.generate(ids, generation_config=GenerationConfig(
+                max_new_tokens=2, cache_implementation="static"))
+        with pytest.raises(NotImplementedError, match="chunked prefill"):
+            model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2,
+                                                                   prefill_chunk_size=16))
 
 
 def test_refuses_bad_options_and_double_patching():
