@@ -401,3 +401,18 @@ def _prefilled(model, ids):
     cache = DynamicCache(config=model.config)
     model(ids, past_key_values=cache, use_cache=True)
     return cache
+
+
+def test_headwise_decode_refuses_a_softcap_the_config_does_not_announce():
+    # Gemma2-style models announce soft-capping in their config and are refused at patch time;
+    # a softcap reaching the attention call any other way must not be silently dropped.
+    model = tiny_llama()
+    ids = prompt(60)
+    with mixkv.patch(model, "adakv", budget=20, window=W):
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        step = dict(past_key_values=cache, position_ids=torch.tensor([[60]]), use_cache=True)
+        with pytest.raises(NotImplementedError, match="head-wise budgets do not support "
+                                                      "attention logit soft-capping"):
+            model(ids[:, -1:], softcap=30.0, **step)
+        model(ids[:, -1:], softcap=None, **step)   # None: no soft-capping, accepted
