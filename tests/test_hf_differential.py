@@ -24,8 +24,6 @@ import hf_models  # noqa: E402
 from conftest import close  # noqa: E402
 from test_hf_headwise_cache import causal_and_valid, layer_segment, reference_attention  # noqa: E402
 
-shim = importlib.import_module("mixkv.hf.patch")  # the module (mixkv.hf.patch is the function)
-
 W, BUDGET = 8, 20
 CACHE = hf_models.cache_kwarg()
 ROWS = (60, 15)  # real tokens per row; row 1 has fewer than the budget, so it keeps padding
@@ -79,7 +77,8 @@ def with_headroom(monkeypatch, headroom):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "headroom": headroom})
 
-    monkeypatch.setattr(shim, "HeadwiseLayer", Layer)
+    # layers.layer_from_kept builds every head-wise layer (prefill and decode compression).
+    monkeypatch.setattr(importlib.import_module("mixkv.hf.layers"), "HeadwiseLayer", Layer)
 
 
 @pytest.fixture

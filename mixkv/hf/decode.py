@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..methods import Method, Prefill, resolve
 from . import capture
-from .layers import CompressedLayer, HeadwiseLayer
+from .layers import CompressedLayer, HeadwiseLayer, layer_from_kept
 
 DEFAULT_INTERVAL = 64
 
@@ -165,19 +165,8 @@ class DecodeCompression:
             key_mask = key_mask.to(keys.device)
         kept = self.method.compress(self._prefill(module, idx, queries, keys, values, key_mask),
                                     self.decode_budget)
-        if kept.offsets is not None:  # head-wise budgets on a layer the prefill left whole
-            valid = torch.ones_like(kept.positions, dtype=torch.bool)
-            if key_mask is not None:
-                row = torch.arange(B, device=keys.device).repeat_interleave(Hkv)
-                valid = key_mask[row.repeat_interleave(kept.offsets.diff().long()),
-                                 kept.positions.long()]
-            cache.layers[idx] = HeadwiseLayer(kept.keys, kept.values, kept.offsets, valid, B,
-                                              Hkv, headroom=self.interval)
-        else:
-            # Padded slots rank last and kept positions ascend: they come first, in every head.
-            kept_real = None if key_mask is None else \
-                key_mask.gather(1, kept.positions[:, 0].long())
-            cache.layers[idx] = CompressedLayer(kept.keys, kept.values, kept_real)
+        # Head-wise budgets on a layer the prefill left whole give a HeadwiseLayer.
+        cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv, headroom=self.interval)
         self.compressions += 1
 
     def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
@@ -213,16 +202,13 @@ class DecodeCompression:
         C = longest - W
         real = mask[:, :C]
         importance = torch.where(real[:, None, :], importance, 0.0).view(B, Hkv, C)
-        capacity = budget - W
-        if m.policy.headwise:
-            # The policy sees each row's heads together; a slot is real there when it is real
-            # in some head, and each head is then capped at its own real candidates.
-            row_mask = mask.view(B, Hkv, longest).any(1)
-            whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
-                                  values.view(B, Hkv, longest, D), row_mask)
-            capacities = m.policy.capacities(importance.contiguous(), capacity, whole)
-        else:
-            capacities = torch.full((B, Hkv), capacity, device=layer.device)
+        # Head-wise layers exist only under head-wise policies. The policy sees each row's
+        # heads together; a slot is real there when it is real in some head, and each head is
+        # then capped at its own real candidates.
+        row_mask = mask.view(B, Hkv, longest).any(1)
+        whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
+                              values.view(B, Hkv, longest, D), row_mask)
+        capacities = m.policy.capacities(importance.contiguous(), budget - W, whole)
         capacities = torch.minimum(capacities.to(layer.device).long(),
                                    real.sum(-1).view(B, Hkv))
         kept_keys, kept_values, positions, offsets = torch.ops.mixkv.select_kv_ragged(

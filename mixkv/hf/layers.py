@@ -65,3 +65,24 @@ class CompressedLayer(DynamicLayer):
         super().reorder_cache(beam_idx)
         if self.kept_real is not None:
             self.kept_real = self.kept_real.index_select(0, beam_idx.to(self.kept_real.device))
+
+
+def layer_from_kept(kept, key_mask: Optional[torch.Tensor], batch: int, kv_heads: int,
+                    headroom: Optional[int] = None) -> DynamicLayer:
+    """The cache layer holding a compression's kept tokens (a ``methods.Kept``): a
+    :class:`HeadwiseLayer` when heads keep different counts (``kept.offsets``), else a
+    :class:`CompressedLayer`. ``key_mask`` [B, N] marks the prompt's real tokens (None: no
+    padding); the layer remembers which kept tokens are real so decoding masks the rest."""
+    if kept.offsets is not None:
+        valid = torch.ones_like(kept.positions, dtype=torch.bool)
+        if key_mask is not None:
+            row = torch.arange(batch, device=key_mask.device).repeat_interleave(kv_heads)
+            valid = key_mask[row.repeat_interleave(kept.offsets.diff().long()),
+                             kept.positions.long()]
+        extra = {} if headroom is None else dict(headroom=headroom)
+        return HeadwiseLayer(kept.keys, kept.values, kept.offsets, valid, batch, kv_heads,
+                             **extra)
+    # Padded slots rank last and kept positions ascend, so they come first in every head:
+    # head 0's positions say which kept tokens are real for the whole row.
+    kept_real = None if key_mask is None else key_mask.gather(1, kept.positions[:, 0].long())
+    return CompressedLayer(kept.keys, kept.values, kept_real)

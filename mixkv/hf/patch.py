@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..methods import Method, Prefill, resolve
 from . import capture, reconstruct
-from .layers import CompressedLayer, HeadwiseLayer
+from .layers import CompressedLayer, HeadwiseLayer, layer_from_kept
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
 # newest runs in the main suite). README "Supported versions".
@@ -251,24 +251,10 @@ class MixKVPatch:
                           decoder=self.decoder, hidden_states=hidden,
                           reconstruction=reconstruction)
         kept = m.compress(prefill, budget)
-        if kept.offsets is not None:
-            valid = torch.ones_like(kept.positions, dtype=torch.bool)
-            if key_mask is not None:
-                row = torch.repeat_interleave(
-                    torch.arange(B, device=keys.device).repeat_interleave(Hkv),
-                    kept.offsets.diff().long())
-                valid = key_mask[row, kept.positions.long()]
-            cache.layers[idx] = HeadwiseLayer(kept.keys, kept.values, kept.offsets, valid, B,
-                                              Hkv)
-            self._stats[idx] = dict(kept=kept.offsets.diff().view(B, Hkv).cpu(),
-                                    bytes_before=before,
-                                    bytes_after=kept.keys.nbytes + kept.values.nbytes, prompt=N)
-            return
-        # Same for every head: padded slots come first in each row.
-        kept_real = None if key_mask is None else key_mask.gather(1, kept.positions[:, 0].long())
-        cache.layers[idx] = CompressedLayer(kept.keys, kept.values, kept_real)
-        self._stats[idx] = dict(kept=torch.full((B, Hkv), kept.keys.shape[-2]),
-                                bytes_before=before,
+        cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv)
+        counts = torch.full((B, Hkv), kept.keys.shape[-2]) if kept.offsets is None else \
+            kept.offsets.diff().view(B, Hkv).cpu()
+        self._stats[idx] = dict(kept=counts, bytes_before=before,
                                 bytes_after=kept.keys.nbytes + kept.values.nbytes, prompt=N)
 
     # -- public ------------------------------------------------------------------------------
