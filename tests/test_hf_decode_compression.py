@@ -405,3 +405,42 @@ def test_bad_arguments_are_refused_by_name():
     resolved = mixkv.methods.resolve("mixkv", budget=24, window=W)  # a resolved Method
     with mixkv.patch(model, resolved, decode_budget=32, interval=4) as handle:
         assert handle.method is resolved and handle.decoding.decode_budget == 32
+
+
+@pytest.mark.parametrize("method", ["mixkv", "mixkv+adakv"])
+def test_compress_cache_then_decoding_equals_a_patched_prefill(method):
+    """The evaluation's path (an unpatched prefill, then ``compress_cache``) starts the decode
+    count like a patched prefill: token by token, recompressions happen at the same steps and
+    the caches stay equal."""
+    if "+" in method and not hasattr(torch.ops.mixkv, "ragged_attention"):
+        pytest.skip("head-wise attention op not built")
+    from mixkv.hf.capture import capture_prefill
+
+    model = tiny_llama()
+    ids = prompt(40)
+    options = dict(budget=24, window=W, decode_budget=26, interval=4)
+    runs = []
+    for path in ("patched", "compress_cache"):
+        cache = DynamicCache(config=model.config)
+        if path == "compress_cache":
+            with capture_prefill(model, W) as captured:
+                model(ids, past_key_values=cache, use_cache=True)
+        with mixkv.patch(model, method, **options) as handle:
+            if path == "patched":
+                model(ids, past_key_values=cache, use_cache=True)
+            else:
+                handle.compress_cache(cache, captured.queries)
+            counts = []
+            for step in range(10):
+                model(ids[:, step:step + 1], past_key_values=cache, use_cache=True,
+                      position_ids=torch.tensor([[40 + step]]))
+                counts.append(handle.decoding.compressions)
+        runs.append((counts, cache))
+    (counts, cache), (other_counts, other) = runs
+    assert counts == other_counts and counts[0] == 0 and counts[-1] > 0
+    assert counts.index(counts[-1]) < 9          # the last compression came before the end
+    for layer, other_layer in zip(cache.layers, other.layers):
+        assert torch.equal(layer.keys if not isinstance(layer, HeadwiseLayer) else
+                           layer.key_buffer, other_layer.keys
+                           if not isinstance(other_layer, HeadwiseLayer)
+                           else other_layer.key_buffer)
