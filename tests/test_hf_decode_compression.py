@@ -195,14 +195,18 @@ def test_padded_rows_equal_single_runs(method, base):
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padded_batch_shorter_than_the_prefill_budget(attn):
+@pytest.mark.parametrize("attn,method", [("sdpa", "mixkv"), ("eager", "mixkv"),
+                                         ("sdpa", "mixkv+adakv")])
+def test_padded_batch_shorter_than_the_prefill_budget(attn, method):
     """No layer is compressed at prefill (every row fits the budget): the first decode-time
-    compression reads the padding off the model's own decode mask."""
+    compression reads the padding off the model's own decode mask (head-wise budgets: into
+    each segment's valid flags)."""
+    if "+" in method and not hasattr(torch.ops.mixkv, "ragged_attention"):
+        pytest.skip("head-wise attention op not built")
     model = tiny_llama(attn)
     rows = [prompt(20, seed=5)[0], prompt(13, seed=6)[0]]
     options = dict(budget=24, window=W, decode_budget=26, interval=4)
-    with mixkv.patch(model, "mixkv", **options) as handle:
+    with mixkv.patch(model, method, **options) as handle:
         alone = [generate(model, r[None], 14)[0][0, len(r):] for r in rows]
         batch = torch.zeros(2, 20, dtype=torch.long)
         mask = torch.zeros(2, 20, dtype=torch.long)
@@ -212,8 +216,15 @@ def test_padded_batch_shorter_than_the_prefill_budget(attn):
         seq, _, cache = generate(model, batch, 14, attention_mask=mask)
         assert handle.decoding.compressions - before == 4  # steps 8 and 12, two layers
     # The short row holds 13 + 13 real tokens, one over the budget's 26 slots: a padded slot.
-    assert isinstance(cache.layers[0], CompressedLayer)
-    assert cache.layers[0].kept_real.sum(-1).tolist() == [26, 25]
+    if method == "mixkv":
+        assert isinstance(cache.layers[0], CompressedLayer)
+        assert cache.layers[0].kept_real.sum(-1).tolist() == [26, 25]
+    else:  # head-wise: the long row has no padding, so every slot of its segments is valid
+        layer = cache.layers[0]
+        assert isinstance(layer, HeadwiseLayer)
+        for h in range(layer.kv_heads):
+            start, length = int(layer.starts[h]), int(layer.lengths[h])
+            assert bool(layer.valid[start:start + length].all()), h
     for b in range(2):
         assert torch.equal(seq[b, 20:], alone[b]), b
 
