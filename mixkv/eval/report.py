@@ -286,7 +286,10 @@ def _score_panel(ax, rows: List[Dict], *, key: str = "score", band: bool = True)
         ax.axhline(full[0]["score"], color="black", linestyle=":", label="full cache")
     ax.set_xticks(range(len(budgets)))
     ax.set_xticklabels(budgets)
-    ax.set_xlabel("KV budget (tokens per head, window included)")
+    ratios = [str(b).startswith("ratio=") for b in budgets]
+    ax.set_xlabel("ratio: fraction of the prompt removed" if ratios and all(ratios) else
+                  "KV budget (tokens per head, window included)" if not any(ratios) else
+                  "KV budget (tokens per head) or ratio (fraction removed)")
     ax.grid(alpha=0.3)
 
 
@@ -306,12 +309,18 @@ def plot(summary: Dict, path: str, *, title: str = "") -> None:
     axes[0].set_ylim(-0.02, 1.02)
     if any(r["kl"] > 0 for r in rows if not math.isnan(r["kl"])):
         axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    _legend_outside(fig, axes[0])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_outside(fig, ax) -> None:
+    """The methods' legend right of the panels, where it hides no line."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, frameon=False)
 
 
 def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> None:
@@ -328,11 +337,11 @@ def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> N
         ax.set_title(f"query-{mode}", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("task score (mean, 95% CI)")
-    axes[0][-1].legend(fontsize=8)
+    _legend_outside(fig, axes[0][-1])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 
