@@ -273,6 +273,20 @@ def test_refuses_static_and_offloaded_caches():
                                                                    prefill_chunk_size=16))
 
 
+def test_default_method_is_mixkv():
+    model = tiny_llama()
+    with mixkv.patch(model, budget=20, window=W) as handle:
+        assert handle.method.label == "mixkv"
+
+
+def test_model_generation_config_is_checked_at_patch_time():
+    model = tiny_llama()
+    model.generation_config.cache_implementation = "static"
+    with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        mixkv.patch(model, "mixkv", budget=20, window=W)
+    assert not hasattr(model, "_mixkv_patch")
+
+
 def test_refuses_bad_options_and_double_patching():
     model = tiny_llama()
     with pytest.raises(ValueError, match="unknown method 'mixkvv'"):
