@@ -455,3 +455,43 @@ def test_compress_cache_then_decoding_equals_a_patched_prefill(method):
                            layer.key_buffer, other_layer.keys
                            if not isinstance(other_layer, HeadwiseLayer)
                            else other_layer.key_buffer)
+
+
+def test_gemma3_recompression_uses_the_models_attention_scaling(monkeypatch):
+    """Decode-time twin of test_hf_model_inputs' scaling case: Gemma3 scales attention by
+    query_pre_attn_scalar ** -0.5, not head_dim ** -0.5; the recompression of its full-attention
+    layers is the ops' selection with the module's own scaling (and a default scaling would
+    have kept other tokens, so the check can tell)."""
+    model, make_inputs = hf_models.gemma3()
+    seen = hf_models.record_attention(monkeypatch)
+    N, budget, decode_budget, interval = 70, 40, 30, 5
+    ids = make_inputs(N)["input_ids"]
+    with pytest.warns(UserWarning, match="sliding-window"):
+        handle = mixkv.patch(model, "mixkv", budget=budget, window=W,
+                             decode_budget=decode_budget, interval=interval)
+    with handle:
+        cache = DynamicCache(config=model.config)
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for step in range(interval):
+            out = model(token, past_key_values=cache, position_ids=torch.tensor([[N + step]]),
+                        use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+    compressed = [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressedLayer)]
+    assert compressed and handle.decoding.compressions == len(compressed)
+    differs = []
+    for i in compressed:
+        calls = [c for c in seen.calls if c["layer"] == i]
+        queries = torch.cat([calls[0]["query"][..., -(W - interval):, :]]
+                            + [c["query"] for c in calls[1:]], dim=-2)
+        last, scaling = calls[-1], calls[-1]["scaling"]
+        assert scaling == model.get_decoder().layers[i].self_attn.scaling != 16 ** -0.5
+
+        def kept(s):
+            return torch.ops.mixkv.compress(queries, last["key"], last["value"], None,
+                                            decode_budget, W, "mixkv", None, 5, "avg", "mean", s)
+
+        want_k, want_v, _ = kept(scaling)
+        assert torch.equal(cache.layers[i].keys, want_k)
+        assert torch.equal(cache.layers[i].values, want_v)
+        differs.append(not torch.equal(kept(None)[0], want_k))
+    assert any(differs)
