@@ -399,6 +399,21 @@ def test_bad_arguments_are_refused_by_name():
         with pytest.raises(NotImplementedError, match="assisted or prompt-lookup"):
             model.generate(prompt(40), max_new_tokens=4, prompt_lookup_num_tokens=3,
                            pad_token_id=0)
+        with pytest.raises(NotImplementedError, match="assisted or prompt-lookup"):
+            model.generate(prompt(40), max_new_tokens=4, assistant_model=tiny_llama(),
+                           pad_token_id=0)
+        # Beam search asked for by a GenerationConfig, or by the model's own config.
+        from transformers import GenerationConfig
+
+        with pytest.raises(NotImplementedError, match=r"beam search \(num_beams=3\)"):
+            model.generate(prompt(40), generation_config=GenerationConfig(
+                max_new_tokens=4, num_beams=3, pad_token_id=0))
+        model.generation_config.num_beams = 2
+        with pytest.raises(NotImplementedError, match=r"beam search \(num_beams=2\)"):
+            model.generate(prompt(40), max_new_tokens=4, pad_token_id=0)
+        model.generation_config.num_beams = 1  # one beam is greedy: accepted
+        out = model.generate(prompt(40), max_new_tokens=4, num_beams=1, pad_token_id=0)
+        assert out.shape == (1, 44)
     # Nothing was left patched by the refusals; decode_budget alone sets the prefill budget.
     with mixkv.patch(model, "snapkv", window=W, decode_budget=30, interval=4) as handle:
         assert handle.method.budget == 30 and handle.decoding.interval == 4
@@ -407,6 +422,14 @@ def test_bad_arguments_are_refused_by_name():
         assert cache.layers[0].keys.shape[-2] == 30
     with mixkv.patch(model, "snapkv", window=W, budget=30, decode_budget=40) as handle:
         assert handle.decoding.interval == 64  # the documented default
+    # A ratio sets the prefill budget instead; interval=1 recompresses after every token.
+    with mixkv.patch(model, "snapkv", window=W, ratio=0.5, decode_budget=40,
+                     interval=1) as handle:
+        assert (handle.method.ratio, handle.method.budget, handle.decoding.interval) == \
+            (0.5, None, 1)
+        cache = DynamicCache(config=model.config)
+        model(prompt(60), past_key_values=cache, use_cache=True)
+        assert cache.layers[0].keys.shape[-2] == 30
     # A window set by the scorer object counts (SnapKV(window=16): 20 > 16 is allowed).
     with mixkv.patch(model, MixKV(SnapKV(window=16)), decode_budget=20) as handle:
         assert handle.method.window == 16 and handle.method.budget == 20
