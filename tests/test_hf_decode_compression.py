@@ -473,11 +473,11 @@ def test_compress_cache_then_decoding_equals_a_patched_prefill(method):
     (counts, cache), (other_counts, other) = runs
     assert counts == other_counts and counts[0] == 0 and counts[-1] > 0
     assert counts.index(counts[-1]) < 9          # the last compression came before the end
+    def stored_keys(layer):
+        return layer.key_buffer if isinstance(layer, HeadwiseLayer) else layer.keys
+
     for layer, other_layer in zip(cache.layers, other.layers):
-        assert torch.equal(layer.keys if not isinstance(layer, HeadwiseLayer) else
-                           layer.key_buffer, other_layer.keys
-                           if not isinstance(other_layer, HeadwiseLayer)
-                           else other_layer.key_buffer)
+        assert torch.equal(stored_keys(layer), stored_keys(other_layer))
 
 
 def test_gemma3_recompression_uses_the_models_attention_scaling(monkeypatch):
