@@ -365,6 +365,62 @@ def test_headwise_recompression_keeps_each_heads_top_scores():
             assert torch.equal(kept[:k], candidates[top])
 
 
+@needs_ragged
+@pytest.mark.parametrize("seed,decode_budget", [(1, 30), (2, 48)])
+def test_headwise_recompression_splits_unequal_segments_like_adakv(seed, decode_budget):
+    """AdaKV's split at a re-compression when the prefill left the heads unequal: each head's
+    capacity is AdaKV's allocation (reference.head_budgets) of importances the test computes on
+    each head's own segment alone (reference.window_importance), right-aligned with zeros where
+    a shorter head has no token; a head never keeps more candidates than it holds. In the second
+    case AdaKV gives layer 0's shorter head (36 candidates against 44) more than it holds: the
+    row's real slots are its longest head's, and the shorter head is capped at what it holds."""
+    from mixkv import reference
+
+    model = tiny_llama()
+    N, interval = 60, 8
+    with mixkv.patch(model, "adakv", budget=40, window=W, decode_budget=decode_budget,
+                     interval=interval) as handle:
+        cache = DynamicCache(config=model.config)
+        token = model(prompt(N, seed=seed), past_key_values=cache,
+                      use_cache=True).logits[:, -1:].argmax(-1)
+        for step in range(interval):
+            if step == interval - 1:  # the step that re-compresses: each head's tokens before it
+                segments = [[layer.key_buffer[int(s0):int(s0 + n)].clone()
+                             for s0, n in zip(layer.starts, layer.lengths)]
+                            for layer in cache.layers]
+            out = model(token, past_key_values=cache, position_ids=torch.tensor([[N + step]]),
+                        use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+    assert handle.decoding.compressions >= 1  # a layer whose heads all fit stays whole (checked)
+    unequal = capped = False
+    for i, layer in enumerate(cache.layers):
+        queries = handle.decoding._queries[i]                  # the latest W: [1, 4, W, D]
+        kept_lengths = layer.kept_tokens()[0]
+        heads = []
+        for h, before in enumerate(segments[i]):
+            start = int(layer.starts[h])
+            last = layer.key_buffer[start + int(kept_lengths[h]) - 1]   # the step's new token
+            heads.append(torch.cat([before, last[None]]))
+        unequal |= len({len(k) for k in heads}) > 1
+        longest = max(len(k) for k in heads)
+        C = longest - W
+        importance = torch.zeros(1, 2, C)
+        for h, keys in enumerate(heads):
+            scores = reference.window_importance(queries[:, 2 * h:2 * h + 2], keys[None, None])
+            importance[0, h, C - scores.shape[-1]:] = scores[0, 0]
+        capacities = reference.head_budgets(importance, decode_budget - W, "adaptive")[0]
+        for h, keys in enumerate(heads):
+            want = min(int(capacities[h]), len(keys) - W)
+            capped |= want < int(capacities[h])
+            assert int(kept_lengths[h]) == want + W, (i, h)
+            start = int(layer.starts[h])
+            kept = layer.key_buffer[start:start + want + W]
+            top = importance[0, h, C - (len(keys) - W):].topk(want).indices.sort().values
+            assert torch.equal(kept[:want], keys[top]) and torch.equal(kept[want:], keys[-W:])
+    assert unequal  # the case under test: heads of one row holding different counts
+    assert capped == (seed == 2)
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 def test_bad_arguments_are_refused_by_name():
