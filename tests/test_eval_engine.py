@@ -2,6 +2,7 @@
 compressing a copy of the full prefill cache == a patched prefill (generate and a hand-written
 loop), the full cache is untouched, and the runner resumes without redoing work."""
 
+import contextlib
 import copy
 import json
 
@@ -28,11 +29,12 @@ METHODS = ["snapkv", "mixkv", "adakv", "pyramidkv", "mixkv+adakv", "mixkv+pyrami
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, initializer_range=0.02):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, attn_implementation="sdpa")
+                         max_position_embeddings=2048, attn_implementation="sdpa",
+                         initializer_range=initializer_range)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -96,8 +98,8 @@ def test_capture_restores_the_attention_lookup():
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
 
 
-def tiny_eval_model():
-    return EvalModel(model=tiny_llama(), tokenizer=CharTokenizer(), name="tiny-llama",
+def tiny_eval_model(**model_options):
+    return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(), name="tiny-llama",
                      source="config", load_seconds=0.0, fixes=[], stop_ids=[], adds_bos=False)
 
 
@@ -323,3 +325,25 @@ def test_ratio_budgets_run_through_the_engine():
             assert record["ratio"] == ratio and record["budget"] is None
             kept = max(W + 1, round(prompt * (1 - ratio)))
             assert record["kv_ratio"] == pytest.approx(kept / prompt, abs=0.01), (label, ratio)
+
+
+@pytest.mark.parametrize("mode,label", [("agnostic", "full"), ("aware", "full"),
+                                        ("aware", "snapkv"), ("aware", "mixkv+adakv")])
+def test_decoded_answer_equals_generate(mode, label):
+    """Without the shortcut and without a gold continuation the engine decodes greedily, token
+    by token: its answer is ``generate``'s on the same prompt (patched with the method in the
+    query-aware mode, where the whole prompt is the prefill), and it stops at max_new_tokens.
+    Larger random weights make the tiny model's greedy tokens depend on their positions."""
+    em = tiny_eval_model(initializer_range=0.3)
+    engine = Engine(em, window=W, mode=mode, shortcut=False)
+    sample = Sample(id="d", task="hand", context="a b c d e f g h " * 10, question="Q?",
+                    answers=["?"], answer_prefix="A:", target="", max_new_tokens=9)
+    prepared = engine.prepare(sample)
+    record = engine.run(engine.prefill(prepared), label, None if label == "full" else 40)
+    ids = torch.tensor([prepared.prefill_ids + prepared.question_ids])
+    with contextlib.ExitStack() as stack:
+        if label != "full":
+            stack.enter_context(mixkv.patch(em.model, label, budget=40, window=W))
+        out = em.model.generate(ids, max_new_tokens=9, do_sample=False)
+    assert record["output"] == em.decode(out[0, ids.shape[1]:].tolist())
+    assert record["decoding"] == "max_new_tokens" and record["output_tokens"] == 9

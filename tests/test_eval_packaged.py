@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from mixkv.eval.models import PACKAGED, EvalModel, PackagedModel, assemble  # no
 from mixkv.eval.runner import _ranges  # noqa: E402
 from mixkv.eval.tasks import make_samples  # noqa: E402
 
-from hf_models import CharTokenizer, gemma3  # noqa: E402
+from hf_models import CharTokenizer, gemma3, mistral  # noqa: E402
 
 PIECES = [b"GGUF" + bytes(range(256)) * 3, b"second piece " * 50, b"", b"tail\x00\xff"]
 
@@ -137,14 +138,24 @@ def test_base_model_prompts_are_plain_text():
         em.count_tokens(head + question + " " + sample.answer_prefix) <= 600
 
 
-def test_layers_left_alone_match_the_shim():
+@pytest.mark.parametrize("build,sliding", [
+    (gemma3, [0, 2]),                                          # layer_types: interleaved
+    (lambda: mistral(sliding_window=16), [0, 1]),              # a window and no layer_types
+    (mistral, [])])
+def test_layers_left_alone_match_the_shim(build, sliding):
     import mixkv
 
-    model, _ = gemma3()
+    model, _ = build()
     layers = layers_left_alone(model)
-    assert layers == dict(layers=4, compressed=[1, 3], sliding_window=[0, 2])
-    with pytest.warns(UserWarning, match="2 of 4 layers use sliding-window"):
+    count = len(model.get_decoder().layers)
+    assert layers == dict(layers=count, sliding_window=sliding,
+                          compressed=[i for i in range(count) if i not in sliding])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         handle = mixkv.patch(model, "snapkv", budget=16, window=4)
+    said = [str(w.message) for w in caught if "sliding-window" in str(w.message)]
+    assert said == ([f"mixkv: {len(sliding)} of {count} layers use sliding-window attention "
+                     "and stay uncompressed"] if sliding else [])
     with handle:
         assert handle.sliding_layers == layers["sliding_window"]
     assert _ranges([0, 1, 2, 4, 6, 7]) == "0-2, 4, 6-7" and _ranges([]) == ""

@@ -68,19 +68,14 @@ def capture_window_queries(model, window: int):
 
 
 def layers_left_alone(model) -> Dict:
-    """The decoder layers the shim does not compress, by reason, as ``mixkv.patch`` decides
-    (``MixKVPatch.sliding_layers``: a ``layer_types`` entry naming sliding attention, or every
-    layer when the config has a ``sliding_window`` and no ``layer_types``), and the layer count:
+    """The decoder layers the shim does not compress, by reason (``hf.patch.sliding_layers``,
+    the shim's own decision), and the layer count:
     ``dict(layers=18, compressed=[5, 11, 17], sliding_window=[0, 1, ...])``."""
-    from ..hf.patch import find_attention_modules
+    from ..hf.patch import find_attention_modules, sliding_layers
 
     decoder, modules = find_attention_modules(model)
-    config = decoder.config
     count = len(modules)
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
-    if getattr(config, "sliding_window", None) and not layer_types:
-        sliding = list(range(count))
+    sliding = sliding_layers(decoder.config, count)
     return dict(layers=count, compressed=[i for i in range(count) if i not in sliding],
                 sliding_window=sliding)
 

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -101,6 +101,16 @@ def find_attention_modules(model: nn.Module):
     return decoder, modules
 
 
+def sliding_layers(config, num_layers: int) -> List[int]:
+    """The layers that use sliding-window attention, which the shim leaves uncompressed: those
+    a ``layer_types`` entry names sliding, or every layer when the config has a
+    ``sliding_window`` and no ``layer_types`` (Mistral)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) and not layer_types:
+        return list(range(num_layers))
+    return sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
+
+
 class MixKVPatch:
     """Handle returned by :func:`patch`: a context manager; ``unpatch()``; ``stats()``."""
 
@@ -110,10 +120,7 @@ class MixKVPatch:
         self.decoder, self.modules = find_attention_modules(model)
         config = self.decoder.config
         self.num_layers = len(self.modules)
-        layer_types = getattr(config, "layer_types", None) or []
-        self.sliding_layers = sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
-        if getattr(config, "sliding_window", None) and not layer_types:
-            self.sliding_layers = list(range(self.num_layers))
+        self.sliding_layers = sliding_layers(config, self.num_layers)
         if self.sliding_layers:
             _warn_from_caller(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers "
                               "use sliding-window attention and stay uncompressed")
