@@ -153,6 +153,61 @@ def test_side_by_side_report(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def two_lengths():
+    """Records at 256 and 512 tokens: MixKV finds every needle at 256 and none at 512."""
+    rows = []
+    for length in (256, 512):
+        for row in records(corpus=False):
+            if row["method"] == "mixkv":
+                row["score"] = float(length == 256)
+            rows.append(dict(row, length=length, sample_id=f"{row['sample_id']}-{length}"))
+    return rows
+
+
+def test_several_lengths_get_their_own_tables(tmp_path):
+    rows = two_lengths()
+    summary = write_reports(rows, tmp_path, config=config(tmp_path, lengths=[256, 512],
+                                                            corpus=None))
+    text = (tmp_path / "table.md").read_text()
+    assert sections(text) == [
+        "Task score, all tasks", "niah_multikey", "niah_single",
+        "Paired difference against the base method (same samples)",
+        "Task score, all tasks, 256-token prompts",
+        "Paired difference against the base method, 256-token prompts",
+        "Task score, all tasks, 512-token prompts",
+        "Paired difference against the base method, 512-token prompts",
+        "Mean KL(full || compressed) over the answer tokens (nats)",
+        "Top-1 agreement with the full cache over the answer tokens"]
+    pooled, short, long = (text.index(title) for title in (
+        "**Task score, all tasks**", "256-token prompts**", "512-token prompts**"))
+    assert "| mixkv | 0.50 [" in text[pooled:short]                   # 12 rows, half found
+    assert "| mixkv | 1.00 [1.00, 1.00] | 6 |" in text[short:long]
+    assert "| mixkv | 0.00 [0.00, 0.00] | 6 |" in text[long:]
+    assert "| mixkv - snapkv | 64 | 6 | +1.000" in text[short:long]
+    assert "| mixkv - snapkv | 64 | 6 | +0.000" in text[long:]
+    saved = json.loads((tmp_path / "summary.json").read_text())["summary"]["by_length"]
+    assert sorted(saved) == ["256", "512"] and saved["256"]["rows"] == \
+        summary["by_length"][256]["rows"]
+    # Both regimes: each length's side-by-side table follows the pooled one.
+    summaries = {}
+    for mode in ("agnostic", "aware"):
+        (tmp_path / mode).mkdir()
+        summaries[mode] = write_reports(rows, tmp_path / mode, config=config(
+            tmp_path / mode, mode=mode, lengths=[256, 512], corpus=None))
+    text = write_side_by_side(summaries, tmp_path, config=config(
+        tmp_path, mode="both", lengths=[256, 512], corpus=None))["markdown"]
+    assert sections(text)[:5] == [
+        "Task score, all tasks, both regimes", "Paired difference against the base method, "
+        "agnostic", "Paired difference against the base method, aware",
+        "Task score, all tasks, both regimes, 256-token prompts",
+        "Task score, all tasks, both regimes, 512-token prompts"]
+    assert "| mixkv | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | 6 |" in text
+    # One length: no per-length sections (the pooled tables are that length's).
+    write_reports([r for r in rows if r["length"] == 512], tmp_path,
+                  config=config(tmp_path, lengths=[512], corpus=None))
+    assert "-token prompts" not in (tmp_path / "table.md").read_text()
+
+
 def test_progress_messages_go_to_stderr_unless_quiet(tmp_path, capsys):
     runner._log(config(tmp_path, quiet=False), "mixkv.eval:", "loading", 3)
     captured = capsys.readouterr()

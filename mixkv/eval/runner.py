@@ -377,6 +377,14 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                 tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
         tables.append("**Paired difference against the base method (same samples)**\n\n" +
                       (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+        # Several prompt lengths: the pooled tables above, then each length on its own.
+        summary["by_length"] = by_length(records, seed=config.seed)
+        for length, part in summary["by_length"].items():
+            tables.append(report.markdown(
+                part, title=f"**Task score, all tasks, {length:,}-token prompts**"))
+            tables.append(f"**Paired difference against the base method, {length:,}-token "
+                          "prompts**\n\n" +
+                          (report.paired_markdown(part) or "(no method/base pairs)\n"))
         tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
                       report.fidelity_markdown(summary, key="kl"))
         tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
@@ -429,6 +437,17 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
     return summary
 
 
+def by_length(records: List[Dict], *, seed: int = 0) -> Dict[int, Dict]:
+    """{length: summary of that length's scored records} when the records span several prompt
+    lengths, else {} (one length: the pooled summary is that length's)."""
+    scored = [r for r in records if r.get("metric") != "none" and r.get("length") is not None]
+    lengths = sorted({r["length"] for r in scored})
+    if len(lengths) < 2:
+        return {}
+    return {length: report.summarize([r for r in scored if r["length"] == length], seed=seed)
+            for length in lengths}
+
+
 def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConfig,
                        em=None) -> Dict:
     """OUT/table.md, plot.png and summary.json comparing the regimes: one methods x (regime,
@@ -445,6 +464,13 @@ def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConf
     for mode, summary in summaries.items():
         parts.append(f"**Paired difference against the base method, {mode}**\n\n" +
                      (report.paired_markdown(summary) or "(no method/base pairs)\n"))
+    lengths = sorted({length for summary in summaries.values()
+                      for length in summary.get("by_length", {})})
+    for length in lengths:
+        parts.append(report.side_by_side_markdown(
+            {mode: summary["by_length"][length] for mode, summary in summaries.items()
+             if length in summary.get("by_length", {})},
+            title=f"**Task score, all tasks, both regimes, {length:,}-token prompts**"))
     for mode, summary in summaries.items():
         parts.append(f"## Regime {mode} (folder `{mode}/`)\n\n" + summary["markdown"])
     text = "\n".join(parts)
@@ -453,7 +479,8 @@ def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConf
     report.plot_regimes(summaries, str(out / "plot.png"), title=title)
     payload = dict(config=dataclasses.asdict(config),
                    regimes={mode: dict(folder=mode, rows=summary["rows"],
-                                       paired=summary["paired"])
+                                       paired=summary["paired"],
+                                       by_length=summary.get("by_length", {}))
                             for mode, summary in summaries.items()})
     (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
                                       encoding="utf-8")
