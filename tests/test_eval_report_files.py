@@ -185,6 +185,7 @@ def test_several_lengths_get_their_own_tables(tmp_path):
     assert "| mixkv | 0.00 [0.00, 0.00] | 6 |" in text[long:]
     assert "| mixkv - snapkv | 64 | 6 | +1.000" in text[short:long]
     assert "| mixkv - snapkv | 64 | 6 | +0.000" in text[long:]
+    two_rows = png_height(tmp_path / "plot.png")      # one row of panels per length
     saved = json.loads((tmp_path / "summary.json").read_text())["summary"]["by_length"]
     assert sorted(saved) == ["256", "512"] and saved["256"]["rows"] == \
         summary["by_length"][256]["rows"]
@@ -202,10 +203,23 @@ def test_several_lengths_get_their_own_tables(tmp_path):
         "Task score, all tasks, both regimes, 256-token prompts",
         "Task score, all tasks, both regimes, 512-token prompts"]
     assert "| mixkv | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | 6 |" in text
+    side_by_side_rows = png_height(tmp_path / "plot.png")
     # One length: no per-length sections (the pooled tables are that length's).
     write_reports([r for r in rows if r["length"] == 512], tmp_path,
                   config=config(tmp_path, lengths=[512], corpus=None))
     assert "-token prompts" not in (tmp_path / "table.md").read_text()
+    assert two_rows > 1.6 * png_height(tmp_path / "plot.png")
+    for mode in ("agnostic", "aware"):
+        summaries[mode] = write_reports([r for r in rows if r["length"] == 512], tmp_path / mode,
+                                        config=config(tmp_path / mode, mode=mode, corpus=None))
+    write_side_by_side(summaries, tmp_path, config=config(tmp_path, mode="both", corpus=None))
+    assert side_by_side_rows > 1.6 * png_height(tmp_path / "plot.png")
+
+
+def png_height(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path)).shape[0]
 
 
 def test_progress_messages_go_to_stderr_unless_quiet(tmp_path, capsys):

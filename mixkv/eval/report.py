@@ -293,23 +293,35 @@ def _score_panel(ax, rows: List[Dict], *, key: str = "score", band: bool = True)
     ax.grid(alpha=0.3)
 
 
+def _by_length(summary: Dict) -> List:
+    """[(prompt length or None, summary)]: one entry per length of a run over several (the
+    runner's ``summary["by_length"]``), else the pooled summary alone."""
+    return list(summary.get("by_length", {}).items()) or [(None, summary)]
+
+
 def plot(summary: Dict, path: str, *, title: str = "") -> None:
-    """Score vs budget (one line per method, full cache dotted) and KL vs budget, as a PNG."""
+    """Score vs budget (one line per method, full cache dotted) and KL vs budget, as a PNG;
+    one row of panels per prompt length when the run has several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["rows"] if r["task"] == "all"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    _score_panel(axes[0], rows)
-    _score_panel(axes[1], rows, key="kl", band=False)
-    axes[0].set_ylabel("task score (mean, 95% CI)")
-    axes[1].set_ylabel("KL(full || compressed), nats")
-    axes[0].set_ylim(-0.02, 1.02)
-    if any(r["kl"] > 0 for r in rows if not math.isnan(r["kl"])):
-        axes[1].set_yscale("log")
-    _legend_outside(fig, axes[0])
+    parts = _by_length(summary)
+    fig, axes = plt.subplots(len(parts), 2, figsize=(11, 4.2 * len(parts)), squeeze=False)
+    for (length, part), (score_ax, kl_ax) in zip(parts, axes):
+        rows = [r for r in part["rows"] if r["task"] == "all"]
+        _score_panel(score_ax, rows)
+        _score_panel(kl_ax, rows, key="kl", band=False)
+        score_ax.set_ylabel("task score (mean, 95% CI)")
+        kl_ax.set_ylabel("KL(full || compressed), nats")
+        score_ax.set_ylim(-0.02, 1.02)
+        if any(r["kl"] > 0 for r in rows if not math.isnan(r["kl"])):
+            kl_ax.set_yscale("log")
+        if length is not None:
+            score_ax.set_title(f"{length:,}-token prompts", fontsize=10)
+            kl_ax.set_title(f"{length:,}-token prompts", fontsize=10)
+    _legend_outside(fig, axes[0][0])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -324,19 +336,27 @@ def _legend_outside(fig, ax) -> None:
 
 
 def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> None:
-    """Score vs budget, one panel per regime on a shared axis, as a PNG."""
+    """Score vs budget, one panel per regime on a shared axis (one row per prompt length when
+    the runs have several), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.6 * len(summaries), 4.2),
+    modes = list(summaries)
+    lengths = sorted({length for summary in summaries.values()
+                      for length, _ in _by_length(summary)}, key=lambda n: n or 0)
+    fig, axes = plt.subplots(len(lengths), len(modes), figsize=(5.6 * len(modes),
+                                                              4.2 * len(lengths)),
                              sharey=True, squeeze=False)
-    for ax, (mode, summary) in zip(axes[0], summaries.items()):
-        _score_panel(ax, [r for r in summary["rows"] if r["task"] == "all"])
-        ax.set_title(f"query-{mode}", fontsize=10)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("task score (mean, 95% CI)")
+    for row, length in zip(axes, lengths):
+        for ax, mode in zip(row, modes):
+            part = dict(_by_length(summaries[mode])).get(length)
+            _score_panel(ax, [r for r in part["rows"] if r["task"] == "all"] if part else [])
+            ax.set_title(f"query-{mode}" + (f", {length:,}-token prompts" if length else ""),
+                         fontsize=10)
+            ax.set_ylim(-0.02, 1.02)
+        row[0].set_ylabel("task score (mean, 95% CI)")
     _legend_outside(fig, axes[0][-1])
     if title:
         fig.suptitle(title, fontsize=10)
