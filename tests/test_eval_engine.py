@@ -99,8 +99,9 @@ def test_capture_restores_the_attention_lookup():
 
 
 def tiny_eval_model(**model_options):
-    return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(), name="tiny-llama",
-                     source="config", load_seconds=0.0, fixes=[], stop_ids=[], adds_bos=False)
+    return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(),
+                     name="tiny-llama", source="config", load_seconds=0.0, fixes=[], stop_ids=[],
+                     adds_bos=False)
 
 
 def test_engine_full_is_its_own_reference_and_records_fidelity():

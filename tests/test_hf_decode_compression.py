@@ -396,10 +396,10 @@ def test_headwise_recompression_splits_unequal_segments_like_adakv(seed, decode_
     for i, layer in enumerate(cache.layers):
         queries = handle.decoding._queries[i]                  # the latest W: [1, 4, W, D]
         kept_lengths = layer.kept_tokens()[0]
+        starts = [int(s0) for s0 in layer.starts]
         heads = []
         for h, before in enumerate(segments[i]):
-            start = int(layer.starts[h])
-            last = layer.key_buffer[start + int(kept_lengths[h]) - 1]   # the step's new token
+            last = layer.key_buffer[starts[h] + int(kept_lengths[h]) - 1]  # the step's new token
             heads.append(torch.cat([before, last[None]]))
         unequal |= len({len(k) for k in heads}) > 1
         longest = max(len(k) for k in heads)
@@ -413,8 +413,7 @@ def test_headwise_recompression_splits_unequal_segments_like_adakv(seed, decode_
             want = min(int(capacities[h]), len(keys) - W)
             capped |= want < int(capacities[h])
             assert int(kept_lengths[h]) == want + W, (i, h)
-            start = int(layer.starts[h])
-            kept = layer.key_buffer[start:start + want + W]
+            kept = layer.key_buffer[starts[h]:starts[h] + want + W]
             top = importance[0, h, C - (len(keys) - W):].topk(want).indices.sort().values
             assert torch.equal(kept[:want], keys[top]) and torch.equal(kept[want:], keys[-W:])
     assert unequal  # the case under test: heads of one row holding different counts
@@ -529,6 +528,7 @@ def test_compress_cache_then_decoding_equals_a_patched_prefill(method):
     (counts, cache), (other_counts, other) = runs
     assert counts == other_counts and counts[0] == 0 and counts[-1] > 0
     assert counts.index(counts[-1]) < 9          # the last compression came before the end
+
     def stored_keys(layer):
         return layer.key_buffer if isinstance(layer, HeadwiseLayer) else layer.keys
 

@@ -64,6 +64,17 @@ def summarize(records: Sequence[Dict], *, seed: int = 0) -> Dict:
                 paired_fidelity=paired(fidelity_only, seed=seed))
 
 
+def summarize_by_length(records: Sequence[Dict], *, seed: int = 0) -> Dict[int, Dict]:
+    """{length: summary of that length's scored records} when the records span several prompt
+    lengths, else {} (one length: the pooled summary is that length's)."""
+    scored = [r for r in records if r.get("metric") != "none" and r.get("length") is not None]
+    lengths = sorted({r["length"] for r in scored})
+    if len(lengths) < 2:
+        return {}
+    return {length: summarize([r for r in scored if r["length"] == length], seed=seed)
+            for length in lengths}
+
+
 def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
     """Paired differences of each method against its base (same samples, same budget)."""
     by_key = {(r["sample_id"], r["method"], budget_key(r)): r for r in records}
@@ -343,15 +354,15 @@ def plot_regimes(summaries: Dict[str, Dict], path: str, *, title: str = "") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(summaries)
-    lengths = sorted({length for summary in summaries.values()
-                      for length, _ in _by_length(summary)}, key=lambda n: n or 0)
-    fig, axes = plt.subplots(len(lengths), len(modes), figsize=(5.6 * len(modes),
+    parts = {mode: dict(_by_length(summary)) for mode, summary in summaries.items()}
+    lengths = sorted({length for part in parts.values() for length in part},
+                     key=lambda n: n or 0)
+    fig, axes = plt.subplots(len(lengths), len(parts), figsize=(5.6 * len(parts),
                                                               4.2 * len(lengths)),
                              sharey=True, squeeze=False)
     for row, length in zip(axes, lengths):
-        for ax, mode in zip(row, modes):
-            part = dict(_by_length(summaries[mode])).get(length)
+        for ax, mode in zip(row, parts):
+            part = parts[mode].get(length)
             _score_panel(ax, [r for r in part["rows"] if r["task"] == "all"] if part else [])
             ax.set_title(f"query-{mode}" + (f", {length:,}-token prompts" if length else ""),
                          fontsize=10)

@@ -378,7 +378,7 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
         tables.append("**Paired difference against the base method (same samples)**\n\n" +
                       (report.paired_markdown(summary) or "(no method/base pairs)\n"))
         # Several prompt lengths: the pooled tables above, then each length on its own.
-        summary["by_length"] = by_length(records, seed=config.seed)
+        summary["by_length"] = report.summarize_by_length(records, seed=config.seed)
         for length, part in summary["by_length"].items():
             tables.append(report.markdown(
                 part, title=f"**Task score, all tasks, {length:,}-token prompts**"))
@@ -435,17 +435,6 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                                       encoding="utf-8")
     summary["markdown"] = text
     return summary
-
-
-def by_length(records: List[Dict], *, seed: int = 0) -> Dict[int, Dict]:
-    """{length: summary of that length's scored records} when the records span several prompt
-    lengths, else {} (one length: the pooled summary is that length's)."""
-    scored = [r for r in records if r.get("metric") != "none" and r.get("length") is not None]
-    lengths = sorted({r["length"] for r in scored})
-    if len(lengths) < 2:
-        return {}
-    return {length: report.summarize([r for r in scored if r["length"] == length], seed=seed)
-            for length in lengths}
 
 
 def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConfig,
