@@ -171,3 +171,26 @@ def test_rows_without_settings_are_never_reused(em, tmp_path, engine_runs, capsy
     run(config(out), em=em)
     assert len(engine_runs) == SAMPLES * 2 and reported(out) == SAMPLES * COMBOS
     assert f"{len(lines)} written without settings by an older mixkv" in capsys.readouterr().err
+
+
+def test_a_rebuild_reports_the_recorded_seconds_beside_its_own(em, tmp_path, engine_runs):
+    """summary.json's timing: this invocation's seconds and evaluations, and the seconds recorded
+    in the rows it reports, so a resume that ran nothing does not pass for a 1-second run."""
+    out = tmp_path / "out"
+    run(config(out), em=em)
+    first = json.loads((out / "summary.json").read_text())["timing"]
+    rows = load_records(out / "results.jsonl")
+    assert first["evaluations_run"] == SAMPLES * COMBOS
+    assert first["recorded_eval_seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+    assert first["recorded_eval_seconds"] == pytest.approx(first["eval_seconds"])
+    assert first["recorded_prefill_seconds"] == pytest.approx(first["prefill_seconds"])
+    assert first["recorded_prefill_seconds"] == pytest.approx(
+        sum({r["sample_id"]: r["prefill_seconds"] for r in rows}.values()))
+
+    engine_runs.clear()
+    run(config(out), em=em)
+    again = json.loads((out / "summary.json").read_text())["timing"]
+    assert engine_runs == [] and again["evaluations_run"] == 0
+    assert again["prefill_seconds"] == 0 and again["eval_seconds"] == 0
+    for name in ("recorded_eval_seconds", "recorded_prefill_seconds"):
+        assert again[name] == pytest.approx(first[name])

@@ -312,6 +312,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         bar = tqdm(total=total, initial=already, desc="mixkv.eval", unit="eval",
                    dynamic_ncols=True)
     prefill_seconds = eval_seconds = 0.0
+    ran = 0
     with open(results_path, "a+b") as tail:  # a run killed mid-line left no newline: add it
         if tail.tell() > 0:
             tail.seek(-1, os.SEEK_END)
@@ -342,6 +343,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
                 done.add(key[i, j])
+                ran += 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"{sample.task} {combo['method']} "
@@ -349,12 +351,15 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     if bar is not None:
         bar.close()
     records = [r for r in load_records(results_path) if record_key(r) in wanted]
-    summary = write_reports(records, out, config=config, em=em,
-                            timing=dict(total_seconds=time.perf_counter() - started,
-                                        load_seconds=em.load_seconds,
-                                        prefill_seconds=prefill_seconds,
-                                        eval_seconds=eval_seconds))
-    return summary
+    # This invocation's seconds, and the recorded ones: a resumed run, or a rebuild that ran
+    # nothing, would otherwise report its own few seconds as the cost of the whole table.
+    prefills = {(r["sample_id"], r.get("mode")): r.get("prefill_seconds", 0.0) for r in records}
+    timing = dict(total_seconds=time.perf_counter() - started, load_seconds=em.load_seconds,
+                  prefill_seconds=prefill_seconds, eval_seconds=eval_seconds,
+                  evaluations_run=ran,
+                  recorded_prefill_seconds=sum(prefills.values()),
+                  recorded_eval_seconds=sum(r.get("seconds", 0.0) for r in records))
+    return write_reports(records, out, config=config, em=em, timing=timing)
 
 
 def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
