@@ -329,12 +329,13 @@ def test_ratio_budgets_run_through_the_engine():
 
 
 @pytest.mark.parametrize("mode,label", [("agnostic", "full"), ("aware", "full"),
-                                        ("aware", "snapkv"), ("aware", "mixkv+adakv")])
+                                        ("aware", "snapkv"), ("aware", "mixkv+adakv"),
+                                        ("aware", "kvzip"), ("aware", "mixkv(kvzip)+adakv")])
 def test_decoded_answer_equals_generate(mode, label):
     """Without the shortcut and without a gold continuation the engine decodes greedily, token
     by token: its answer is ``generate``'s on the same prompt (patched with the method in the
-    query-aware mode, where the whole prompt is the prefill), and it stops at max_new_tokens.
-    Larger random weights make the tiny model's greedy tokens depend on their positions."""
+    query-aware mode, where the whole prompt is the prefill; KVzip's reconstruction pass runs in
+    the engine as in the shim), and it stops at max_new_tokens. Larger random weights make the tiny model's greedy tokens depend on their positions."""
     em = tiny_eval_model(initializer_range=0.3)
     engine = Engine(em, window=W, mode=mode, shortcut=False)
     sample = Sample(id="d", task="hand", context="a b c d e f g h " * 10, question="Q?",
@@ -344,7 +345,8 @@ def test_decoded_answer_equals_generate(mode, label):
     ids = torch.tensor([prepared.prefill_ids + prepared.question_ids])
     with contextlib.ExitStack() as stack:
         if label != "full":
-            stack.enter_context(mixkv.patch(em.model, label, budget=40, window=W))
+            options = dict(tokenizer=em.tokenizer) if "kvzip" in label else {}
+            stack.enter_context(mixkv.patch(em.model, label, budget=40, window=W, **options))
         out = em.model.generate(ids, max_new_tokens=9, do_sample=False)
     assert record["output"] == em.decode(out[0, ids.shape[1]:].tolist())
     assert record["decoding"] == "max_new_tokens" and record["output_tokens"] == 9
