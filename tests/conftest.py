@@ -94,6 +94,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Runs whose tests read the tables, not the pictures: drawing a run's PNGs takes most of a
+    tiny evaluation's time (tests/test_eval_report_files.py checks the plots)."""
+    from mixkv.eval import report
+
+    monkeypatch.setattr(report, "plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(report, "plot_regimes", lambda *args, **kwargs: None)
+    monkeypatch.setattr(report, "heatmap", lambda *args, **kwargs: False)
+
+
 @pytest.fixture(params=["auto", "generic"])
 def cpu_kernels(request, monkeypatch):
     """The CPU ops' inner loops: the run-time choice (AVX2+FMA where the CPU has it) and the

@@ -20,7 +20,7 @@ from mixkv.eval.tasks import corpus_samples  # noqa: E402
 from test_eval_corpus import document  # noqa: E402
 from test_eval_engine import cache_kw, tiny_eval_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")
 W = 8
 
 

@@ -205,6 +205,7 @@ def test_gemma3_joins_loads_and_generates(gemma):
 
 @needs_gemma
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_plots")
 def test_gemma3_tiny_eval_run(gemma, tmp_path):
     from mixkv.eval.runner import RunConfig, run
 

@@ -15,7 +15,7 @@ from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 
 from test_eval_engine import W, tiny_eval_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")
 SAMPLES = 2
 COMBOS = 3  # full, snapkv@24, mixkv@24
 

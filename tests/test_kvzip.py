@@ -334,6 +334,7 @@ def test_a_budget_above_the_prompt_skips_the_pass_and_changes_nothing():
     assert torch.equal(got, want)
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_evaluation_runs_kvzip_plain_and_mixed_with_one_pass_per_sample(tmp_path, monkeypatch):
     from mixkv.eval.runner import RunConfig, load_records, run
     from test_eval_engine import tiny_eval_model

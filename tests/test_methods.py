@@ -430,6 +430,7 @@ def test_compressing_a_captured_prefill_equals_the_patched_prefill(label):
 
 # -- the evaluation ------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("no_plots")
 def test_eval_runs_registered_and_new_scorers_and_pairs_them(tmp_path):
     from test_eval_engine import tiny_eval_model
 
