@@ -350,3 +350,48 @@ def test_decoded_answer_equals_generate(mode, label):
         out = em.model.generate(ids, max_new_tokens=9, do_sample=False)
     assert record["output"] == em.decode(out[0, ids.shape[1]:].tolist())
     assert record["decoding"] == "max_new_tokens" and record["output_tokens"] == 9
+
+
+def test_engine_defaults_are_the_runners():
+    """An API user's Engine behaves as `mixkv.eval` does by default: window, regime, shortcut."""
+    engine = Engine(tiny_eval_model())
+    defaults = RunConfig()
+    assert (engine.window, engine.mode, engine.shortcut) == \
+        (defaults.window, defaults.mode, defaults.shortcut)
+    assert engine.hidden_states is False   # captured only for the methods that read them
+
+
+def test_kvzip_pass_is_shared_within_a_plan_and_counted_in_each_result(monkeypatch):
+    """One reconstruction pass per sample and plan (prompt, chunking): methods of the same plan
+    reuse it and count its seconds in their compression time; another plan runs its own pass.
+    The pass scores exactly the layers the shim compresses."""
+    import time
+
+    from mixkv.hf import reconstruct
+
+    passes = []
+    original = reconstruct.reconstruction_scores
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        passes.append((time.perf_counter() - start, kwargs.get("layers")))
+        return out
+
+    monkeypatch.setattr(reconstruct, "reconstruction_scores", timed)
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    sample = Sample(id="k", task="hand", context="one two three four " * 20, question="Q?",
+                    answers=["x"], answer_prefix="A:", target=" x", max_new_tokens=3)
+    prefilled = engine.prefill(engine.prepare(sample))
+    first = engine.run(prefilled, "kvzip", 40)
+    assert len(passes) == 1
+    assert passes[0][1] == list(range(em.model.config.num_hidden_layers))
+    assert passes[0][0] <= first["compress_seconds"] <= first["seconds"]
+
+    mixed = engine.run(prefilled, "mixkv(kvzip)+adakv", 40)
+    assert len(passes) == 1
+    assert passes[0][0] <= mixed["compress_seconds"] <= passes[0][0] + mixed["seconds"]
+
+    engine.run(prefilled, "kvzip", 40, chunk_size=7)
+    assert len(passes) == 2
