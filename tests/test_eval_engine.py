@@ -335,7 +335,8 @@ def test_decoded_answer_equals_generate(mode, label):
     """Without the shortcut and without a gold continuation the engine decodes greedily, token
     by token: its answer is ``generate``'s on the same prompt (patched with the method in the
     query-aware mode, where the whole prompt is the prefill; KVzip's reconstruction pass runs in
-    the engine as in the shim), and it stops at max_new_tokens. Larger random weights make the tiny model's greedy tokens depend on their positions."""
+    the engine as in the shim), and it stops at max_new_tokens. Larger random weights make the
+    tiny model's greedy tokens depend on their positions."""
     em = tiny_eval_model(initializer_range=0.3)
     engine = Engine(em, window=W, mode=mode, shortcut=False)
     sample = Sample(id="d", task="hand", context="a b c d e f g h " * 10, question="Q?",
@@ -395,3 +396,20 @@ def test_kvzip_pass_is_shared_within_a_plan_and_counted_in_each_result(monkeypat
 
     engine.run(prefilled, "kvzip", 40, chunk_size=7)
     assert len(passes) == 2
+
+
+def test_prefill_computes_the_last_positions_logits_only():
+    """The prefill needs one row of logits: the whole prompt's would be N x vocab floats
+    (800 MB for a 4,096-token prompt and SmolLM2's 49,152-token vocabulary)."""
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    shapes = []
+    hook = em.model.register_forward_hook(
+        lambda module, args, out: shapes.append(out.logits.shape))
+    try:
+        sample = Sample(id="l", task="hand", context="one two three " * 10, question="Q?",
+                        answers=["x"], answer_prefix="A:")
+        engine.prefill(engine.prepare(sample))
+    finally:
+        hook.remove()
+    assert [tuple(s) for s in shapes] == [(1, 1, em.model.config.vocab_size)]
