@@ -5,6 +5,7 @@ loop), the full cache is untouched, and the runner resumes without redoing work.
 import contextlib
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -330,15 +331,19 @@ def test_ratio_budgets_run_through_the_engine():
 
 @pytest.mark.parametrize("mode,label", [("agnostic", "full"), ("aware", "full"),
                                         ("aware", "snapkv"), ("aware", "mixkv+adakv"),
-                                        ("aware", "kvzip"), ("aware", "mixkv(kvzip)+adakv")])
+                                        ("aware", "kvzip"), ("aware", "mixkv(kvzip)+adakv"),
+                                        ("aware", "expected_attention"),
+                                        ("aware", "mixkv(expected_attention)")])
 def test_decoded_answer_equals_generate(mode, label):
     """Without the shortcut and without a gold continuation the engine decodes greedily, token
     by token: its answer is ``generate``'s on the same prompt (patched with the method in the
-    query-aware mode, where the whole prompt is the prefill; KVzip's reconstruction pass runs in
-    the engine as in the shim), and it stops at max_new_tokens. Larger random weights make the
+    query-aware mode, where the whole prompt is the prefill; KVzip's reconstruction pass and
+    expected attention's hidden states reach the method as in the shim), and it stops at
+    max_new_tokens. Larger random weights make the
     tiny model's greedy tokens depend on their positions."""
     em = tiny_eval_model(initializer_range=0.3)
-    engine = Engine(em, window=W, mode=mode, shortcut=False)
+    engine = Engine(em, window=W, mode=mode, shortcut=False,
+                    hidden_states=label != "full" and mixkv.methods.needs_hidden_states(label))
     sample = Sample(id="d", task="hand", context="a b c d e f g h " * 10, question="Q?",
                     answers=["?"], answer_prefix="A:", target="", max_new_tokens=9)
     prepared = engine.prepare(sample)
@@ -366,8 +371,6 @@ def test_kvzip_pass_is_shared_within_a_plan_and_counted_in_each_result(monkeypat
     """One reconstruction pass per sample and plan (prompt, chunking): methods of the same plan
     reuse it and count its seconds in their compression time; another plan runs its own pass.
     The pass scores exactly the layers the shim compresses."""
-    import time
-
     from mixkv.hf import reconstruct
 
     passes = []
@@ -413,3 +416,31 @@ def test_prefill_computes_the_last_positions_logits_only():
     finally:
         hook.remove()
     assert [tuple(s) for s in shapes] == [(1, 1, em.model.config.vocab_size)]
+
+
+def test_a_method_that_reads_hidden_states_needs_an_engine_that_captures_them():
+    em = tiny_eval_model()
+    sample = Sample(id="h", task="hand", context="one two three " * 20, question="Q?",
+                    answers=["x"], answer_prefix="A:")
+    engine = Engine(em, window=W)
+    prefilled = engine.prefill(engine.prepare(sample))
+    assert not prefilled.hidden_states
+    with pytest.raises(ValueError, match=r"method 'expected_attention' reads the layers' hidden "
+                                         r"states: build the Engine with hidden_states=True"):
+        engine.run(prefilled, "expected_attention", 40)
+
+
+def test_timings_are_parts_of_the_wall_time_and_full_is_the_default_method():
+    em = tiny_eval_model()
+    engine = Engine(em, window=W)
+    sample = Sample(id="t", task="hand", context="one two three " * 20, question="Q?",
+                    answers=["x"], answer_prefix="A:", target=" x")
+    start = time.perf_counter()
+    prefilled = engine.prefill(engine.prepare(sample))
+    assert 0 < prefilled.seconds <= time.perf_counter() - start
+    full = engine.run(prefilled)
+    assert full["method"] == "full" and full["kv_ratio"] == 1.0 and full["kl"] == 0.0
+    for label in ("snapkv", "mixkv+adakv"):
+        start = time.perf_counter()
+        record = engine.run(prefilled, label, 40)
+        assert 0 < record["compress_seconds"] <= record["seconds"] <= time.perf_counter() - start
