@@ -444,3 +444,28 @@ def test_timings_are_parts_of_the_wall_time_and_full_is_the_default_method():
         start = time.perf_counter()
         record = engine.run(prefilled, label, 40)
         assert 0 < record["compress_seconds"] <= record["seconds"] <= time.perf_counter() - start
+
+
+@pytest.mark.parametrize("mode", ["agnostic", "aware"])
+def test_a_result_record_describes_its_run(mode):
+    """Every field the reports and the resume read, against the prepared prompt it came from."""
+    em = tiny_eval_model()
+    engine = Engine(em, window=W, mode=mode)
+    sample = Sample(id="rec", task="hand", context="one two three " * 20, question="Q?",
+                    answers=["x", "y"], answer_prefix="A:", target=" x", metric="contains_all",
+                    meta={"depth": 0.25})
+    prepared = engine.prepare(sample)
+    prefilled = engine.prefill(prepared)
+    prompt = len(prepared.prefill_ids) + len(prepared.question_ids)
+    assert (prompt > len(prepared.prefill_ids)) == (mode == "agnostic")  # question outside
+    for label, budget, ratio in (("full", 40, 0.5), ("snapkv", 40, None), ("mixkv", None, 0.5)):
+        record = engine.run(prefilled, label, budget, ratio)
+        compressed = label != "full"
+        expected = dict(sample_id="rec", task="hand", method=label, mode=mode, window=W,
+                        budget=budget if compressed else None,
+                        ratio=ratio if compressed else None, prompt_tokens=prompt,
+                        context_tokens=len(prepared.prefill_ids), answers=["x", "y"],
+                        metric="contains_all", depth=0.25)
+        assert {name: record[name] for name in expected} == expected, label
+        assert 0 < record["compress_seconds"] <= record["seconds"]
+        assert (record["kv_ratio"] < 1) == compressed
