@@ -469,3 +469,31 @@ def test_a_result_record_describes_its_run(mode):
         assert {name: record[name] for name in expected} == expected, label
         assert 0 < record["compress_seconds"] <= record["seconds"]
         assert (record["kv_ratio"] < 1) == compressed
+
+
+def test_the_answer_shortcut_stops_where_the_answer_is_found_and_labels_how():
+    """With the shortcut, a string-match answer ends decoding once found: a gold target the
+    model would emit is taken as decoded ("teacher-forced"), a free answer stops at "answered";
+    without it, decoding runs on to max_new_tokens. target_greedy says whether the model's
+    greedy tokens are the gold target."""
+    em = tiny_eval_model(initializer_range=0.3)
+    base = dict(id="s", task="hand", context="a b c d e f g h " * 10, question="Q?",
+                answer_prefix="A:", max_new_tokens=6)
+    free = Engine(em, window=W, shortcut=False)
+    greedy = free.run(free.prefill(free.prepare(Sample(answers=["?"], **base))))["output"]
+    assert len(em.encode(greedy)) == 6 and len(em.encode(greedy[:3])) == 3
+    answer = greedy[:3]
+    cases = {  # (shortcut, target): (output, decoding, target_greedy)
+        (True, answer): (answer, "teacher-forced", True),
+        (True, ""): (answer, "answered", False),
+        (False, answer): (greedy, "max_new_tokens", True),
+        (False, ""): (greedy, "max_new_tokens", False),
+        (True, greedy[:2] + "\x00"): (answer, "answered", False),   # gold diverges at token 3
+    }
+    for (shortcut, target), expected in cases.items():
+        engine = Engine(em, window=W, shortcut=shortcut)
+        sample = Sample(answers=[answer], target=target, **base)
+        record = engine.run(engine.prefill(engine.prepare(sample)))
+        got = (record["output"], record["decoding"], record["target_greedy"])
+        assert got == expected, (shortcut, target)
+        assert record["score"] == 1.0
