@@ -3,6 +3,7 @@ compressing a copy of the full prefill cache == a patched prefill (generate and 
 loop), the full cache is untouched, and the runner resumes without redoing work."""
 
 import contextlib
+import dataclasses
 import copy
 import json
 import time
@@ -497,3 +498,43 @@ def test_the_answer_shortcut_stops_where_the_answer_is_found_and_labels_how():
         got = (record["output"], record["decoding"], record["target_greedy"])
         assert got == expected, (shortcut, target)
         assert record["score"] == 1.0
+
+
+def test_runner_progress_bar_counts_results_and_names_the_current_one(tmp_path, capsys):
+    config = _config(tmp_path, tasks=["passkey"], samples=1, methods=["snapkv"], budgets=[24],
+                     progress=True)
+    run(config, em=tiny_eval_model())
+    bar = capsys.readouterr().err
+    assert "mixkv.eval" in bar and "2/2" in bar and "passkey snapkv 24" in bar
+    run(config, em=tiny_eval_model())   # resumed: the bar starts full
+    again = capsys.readouterr().err
+    assert "2/2" in again and "0/2" not in again and "1/2" not in again
+
+
+def test_runner_loads_the_named_model_logs_it_and_reads_full_only_once(tmp_path, monkeypatch,
+                                                                       capsys):
+    from mixkv.eval import models
+
+    loaded = []
+
+    def load_model(name, dtype):
+        loaded.append((name, dtype))
+        return dataclasses.replace(tiny_eval_model(), load_seconds=1.25, fixes=["a fix"])
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    config = _config(tmp_path, tasks=["passkey"], samples=1, methods=["full", "snapkv"],
+                     budgets=[24], quiet=False, model="/models/tiny", dtype="bfloat16")
+    run(config)
+    assert loaded == [("/models/tiny", torch.bfloat16)]
+    log = capsys.readouterr().err
+    assert "mixkv.eval: loading /models/tiny ..." in log
+    assert "mixkv.eval: loaded tiny-llama in 1.2 s; tokenizer fixes: a fix" in log
+    methods = [r["method"] for r in load_records(tmp_path / "results.jsonl")]
+    assert methods == ["full", "snapkv"]   # "full" named in --methods is the reference, once
+
+
+def test_results_file_blank_and_torn_lines_are_skipped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n\n   \n{"b": 2}\n{"c": ', encoding="utf-8")
+    assert load_records(path) == [{"a": 1}, {"b": 2}]
+    assert load_records(tmp_path / "absent.jsonl") == []
