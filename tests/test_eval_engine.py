@@ -538,3 +538,30 @@ def test_results_file_blank_and_torn_lines_are_skipped(tmp_path):
     path.write_text('{"a": 1}\n\n   \n{"b": 2}\n{"c": ', encoding="utf-8")
     assert load_records(path) == [{"a": 1}, {"b": 2}]
     assert load_records(tmp_path / "absent.jsonl") == []
+
+
+def test_the_shortcut_decodes_what_greedy_decoding_would():
+    """The shortcut takes the gold target's greedily matched tokens as decoded: wherever the
+    target ends, diverges, or holds a stop token (before, at or after max_new_tokens), the
+    record equals the token-by-token greedy answer's when the answer is never found."""
+    em = tiny_eval_model(initializer_range=0.3)
+    base = dict(id="g", task="hand", context="a b c d e f g h " * 10, question="Q?",
+                answer_prefix="A:", answers=["\x01"])
+    free = Engine(em, window=W, shortcut=False)
+    greedy = free.run(free.prefill(free.prepare(Sample(max_new_tokens=8, **base))))["output"]
+    assert len(greedy) == 8
+    stop_at = next(i for i in range(2, 6) if greedy[i] not in greedy[:i])
+    cases = [  # (target, max_new_tokens, stop token index in greedy or None)
+        (greedy[:6], 3, None), (greedy[:2], 6, None), (greedy[:2] + "\x00", 6, None),
+        (greedy[:stop_at + 2], stop_at, stop_at), (greedy[:stop_at + 2], 6, stop_at),
+        (greedy[:1], 6, stop_at), (greedy[:stop_at + 2], stop_at + 1, stop_at)]
+    for target, max_new_tokens, stop in cases:
+        em.stop_ids = [] if stop is None else em.encode(greedy[stop])
+        records = []
+        for shortcut in (True, False):
+            engine = Engine(em, window=W, shortcut=shortcut)
+            sample = Sample(target=target, max_new_tokens=max_new_tokens, **base)
+            records.append(engine.run(engine.prefill(engine.prepare(sample))))
+        fields = ("output", "decoding", "target_greedy", "score")
+        shortcut, decoded = ({name: r[name] for name in fields} for r in records)
+        assert shortcut == decoded, (target, max_new_tokens, stop)
