@@ -20,7 +20,8 @@ tests_for() {
     mixkv/hf/capture.py) echo "tests/test_hf_capture.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py tests/test_kvzip.py tests/test_hf_decode_compression.py tests/test_eval_engine.py tests/test_kvpress_optional.py" ;;
     mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py" ;;
-    mixkv/eval/engine.py|mixkv/eval/runner.py) echo "tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py" ;;
+    mixkv/eval/engine.py) echo "tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py" ;;
+    mixkv/eval/runner.py) echo "tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py tests/test_methods.py" ;;
     *) echo "tests" ;;
   esac
 }

@@ -565,3 +565,14 @@ def test_the_shortcut_decodes_what_greedy_decoding_would():
         fields = ("output", "decoding", "target_greedy", "score")
         shortcut, decoded = ({name: r[name] for name in fields} for r in records)
         assert shortcut == decoded, (target, max_new_tokens, stop)
+
+
+def test_runner_refuses_an_unknown_task_before_loading_the_model(tmp_path, monkeypatch):
+    from mixkv.eval import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    config = _config(tmp_path, tasks=["passkey", "niah_singel"])
+    with pytest.raises(ValueError, match="mixkv.eval: unknown task 'niah_singel'; choose from "
+                                         "passkey, niah_single, "):
+        run(config)
+    assert not (tmp_path / "results.jsonl").exists()
