@@ -472,6 +472,11 @@ def test_a_result_record_describes_its_run(mode):
         assert (record["kv_ratio"] < 1) == compressed
 
 
+def other(char):
+    """A character the tiny tokenizer encodes differently from ``char``."""
+    return "#" if char != "#" else "%"
+
+
 def test_the_answer_shortcut_stops_where_the_answer_is_found_and_labels_how():
     """With the shortcut, a string-match answer ends decoding once found: a gold target the
     model would emit is taken as decoded ("teacher-forced"), a free answer stops at "answered";
@@ -489,7 +494,7 @@ def test_the_answer_shortcut_stops_where_the_answer_is_found_and_labels_how():
         (True, ""): (answer, "answered", False),
         (False, answer): (greedy, "max_new_tokens", True),
         (False, ""): (greedy, "max_new_tokens", False),
-        (True, greedy[:2] + "\x00"): (answer, "answered", False),   # gold diverges at token 3
+        (True, greedy[:2] + other(greedy[2])): (answer, "answered", False),   # gold diverges at token 3
     }
     for (shortcut, target), expected in cases.items():
         engine = Engine(em, window=W, shortcut=shortcut)
@@ -552,7 +557,7 @@ def test_the_shortcut_decodes_what_greedy_decoding_would():
     assert len(greedy) == 8
     stop_at = next(i for i in range(2, 6) if greedy[i] not in greedy[:i])
     cases = [  # (target, max_new_tokens, stop token index in greedy or None)
-        (greedy[:6], 3, None), (greedy[:2], 6, None), (greedy[:2] + "\x00", 6, None),
+        (greedy[:6], 3, None), (greedy[:2], 6, None), (greedy[:2] + other(greedy[2]), 6, None),
         (greedy[:stop_at + 2], stop_at, stop_at), (greedy[:stop_at + 2], 6, stop_at),
         (greedy[:1], 6, stop_at), (greedy[:stop_at + 2], stop_at + 1, stop_at)]
     for target, max_new_tokens, stop in cases:
@@ -576,3 +581,38 @@ def test_runner_refuses_an_unknown_task_before_loading_the_model(tmp_path, monke
                                          "passkey, niah_single, "):
         run(config)
     assert not (tmp_path / "results.jsonl").exists()
+
+
+class ChatChars(CharTokenizer):
+    chat_template = "role tags"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def test_natural_text_skips_the_chat_template_that_tasks_use():
+    em = dataclasses.replace(tiny_eval_model(), tokenizer=ChatChars())
+    engine = Engine(em, window=W)
+    task = Sample(id="c", task="hand", context="ctx", question="Q?", answers=["x"],
+                  answer_prefix="A:")
+    prepared = engine.prepare(task)
+    assert em.decode(prepared.prefill_ids).startswith("<user>ctx")
+    assert em.decode(prepared.question_ids).endswith("Q?<assistant>A:")
+    document = Sample(id="d", task="corpus", context="the document", question=" its end",
+                      answers=[], separator="", meta={"raw": True})
+    prepared = engine.prepare(document)
+    assert em.decode(prepared.prefill_ids) == "the document"
+    assert em.decode(prepared.question_ids) == " its end"
+
+
+def test_the_score_reads_the_samples_metadata():
+    """LongBench's classification score needs the sample's class list (meta["all_classes"])."""
+    em = tiny_eval_model(initializer_range=0.3)
+    engine = Engine(em, window=W, shortcut=False)
+    base = dict(id="m", task="hand", context="a b c d e f g h " * 10, question="Q?",
+                answer_prefix="A:", max_new_tokens=4)
+    greedy = engine.run(engine.prefill(engine.prepare(Sample(answers=["?"], **base))))["output"]
+    classes = [greedy[:2], other(greedy[0]) * 3]
+    sample = Sample(answers=[greedy[:2]], metric="classification",
+                    meta={"all_classes": classes}, **base)
+    assert engine.run(engine.prefill(engine.prepare(sample)))["score"] == 1.0
