@@ -15,7 +15,7 @@ import mixkv  # noqa: E402
 from mixkv.eval import metrics  # noqa: E402
 from mixkv.eval.engine import Engine  # noqa: E402
 from mixkv.eval.runner import RunConfig, run  # noqa: E402
-from mixkv.eval.tasks import corpus_samples  # noqa: E402
+from mixkv.eval.tasks import Sample, corpus_samples  # noqa: E402
 
 from test_eval_corpus import document  # noqa: E402
 from test_eval_engine import cache_kw, tiny_eval_model  # noqa: E402
@@ -130,3 +130,31 @@ def test_runner_refuses_what_decoding_cannot_run_before_loading(tmp_path, monkey
     with pytest.raises(ValueError, match=r"decode_budget \(20\) must be larger than window"):
         run(RunConfig(**{**config.__dict__, "methods": ["snapkv"], "decode_budget": 20,
                          "window": 24}))
+
+
+def test_the_shortcut_decodes_in_the_same_pieces_as_greedy_decoding():
+    """With compression during generation, a gold target changes no answer: its teacher
+    forcing runs on a copy of the cache and leaves the real cache's compression schedule alone
+    (it once advanced it), and the shortcut feeds the gold prefix it takes as decoded in
+    interval-sized pieces. Answer, stop reason and re-compressions are token-by-token greedy
+    decoding's, with and without a target."""
+    from test_eval_engine import other
+
+    em = tiny_eval_model(initializer_range=0.3)
+    base = dict(id="g", task="hand", context="a b c d e f g h " * 10, question="Q?",
+                answer_prefix="A:", answers=["\x01"], max_new_tokens=12)
+    options = dict(decode_budget=36, interval=3)
+    free = Engine(em, window=W, shortcut=False)
+    greedy = free.run(free.prefill(free.prepare(Sample(**base))), "snapkv", 40, **options)
+    assert greedy["decode_compressions"] > 2 and len(greedy["output"]) == 12
+    text = greedy["output"]
+    for target in (text[:1], text[:4], text[:7] + other(text[7]), text[:10]):
+        records = []
+        for shortcut in (True, False):
+            engine = Engine(em, window=W, shortcut=shortcut)
+            prefilled = engine.prefill(engine.prepare(Sample(target=target, **base)))
+            records.append(engine.run(prefilled, "snapkv", 40, **options))
+        fields = ("output", "decoding", "target_greedy", "decode_compressions")
+        shortcut, decoded = ({name: r[name] for name in fields} for r in records)
+        assert shortcut == decoded, target
+        assert decoded["output"] == text

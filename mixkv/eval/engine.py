@@ -208,8 +208,7 @@ class Engine:
             compress_seconds = time.perf_counter() - start + reused
             stats = handle.stats()["total"] if handle is not None else {}
             decoding = getattr(handle, "decoding", None)
-            record = self._answer(prefilled, cache,
-                                  chunk=decoding.interval if decoding is not None else None)
+            record = self._answer(prefilled, cache, decoding)
             if decoding is not None:
                 record.update(decode_budget=decoding.decode_budget, interval=decoding.interval,
                               decode_compressions=decoding.compressions)
@@ -244,8 +243,11 @@ class Engine:
         prefilled.reconstructions[key] = (scores, time.perf_counter() - start)
         return scores, 0.0
 
-    def _answer(self, prefilled: Prefilled, cache, chunk: Optional[int] = None) -> Dict:
+    def _answer(self, prefilled: Prefilled, cache, decoding=None) -> Dict:
+        """The answer and fidelity record; ``decoding``: the patch's compression during
+        generation (its interval sets the pieces every forward is cut into), or None."""
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
+        chunk = decoding.interval if decoding is not None else None
         question, target = prepared.question_ids, prepared.target_ids
         position = len(prepared.prefill_ids)
         monotone = sample.metric in MONOTONE_METRICS
@@ -260,8 +262,10 @@ class Engine:
         # Teacher forcing on a copy: the predictions for the k gold tokens.
         parts = [last[None]]
         if len(target) > 1:
+            # The copy's decoding must not move the real cache's compression schedule.
             forced = copy.deepcopy(cache)
-            parts.append(self._forward_chunks(target[:-1], forced, position, chunk))
+            with decoding.side_branch() if decoding is not None else contextlib.nullcontext():
+                parts.append(self._forward_chunks(target[:-1], forced, position, chunk))
             del forced
         tf_logits = torch.cat(parts)
         target_t = torch.tensor(target)

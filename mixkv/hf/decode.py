@@ -25,6 +25,7 @@ segments' importance (padding: importance 0; each head capped at its real candid
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -77,6 +78,18 @@ class DecodeCompression:
             self._queries[idx] = queries[..., -self.window:, :].detach().clone()
             self._since[idx] = 0
             self._key_mask.pop(idx, None)
+
+    @contextlib.contextmanager
+    def side_branch(self):
+        """Decode on a copy of the cache and come back (the evaluation's teacher forcing of a
+        gold target): the per-layer query buffers and counters that the real cache's decoding
+        continues from are put back afterwards; compressions done on the copy still count."""
+        saved = [dict(state) for state in (self._queries, self._since, self._decoding,
+                                           self._key_mask)]
+        try:
+            yield
+        finally:
+            self._queries, self._since, self._decoding, self._key_mask = saved
 
     @staticmethod
     def check_generate(model, kwargs) -> None:
