@@ -470,6 +470,15 @@ def test_a_result_record_describes_its_run(mode):
         assert {name: record[name] for name in expected} == expected, label
         assert 0 < record["compress_seconds"] <= record["seconds"]
         assert (record["kv_ratio"] < 1) == compressed
+        # The gold target is teacher-forced in both regimes: fidelity to the full cache.
+        assert (record["kl"] == 0.0) == (not compressed) and record["kl"] >= 0.0
+        assert 0.0 <= record["top1_agree"] <= 1.0 and "nll" in record
+
+
+def test_an_unknown_regime_is_refused_by_name():
+    with pytest.raises(ValueError, match="mixkv.eval: mode must be 'agnostic' or 'aware', "
+                                         "got 'both'"):
+        Engine(tiny_eval_model(), mode="both")
 
 
 def other(char):
