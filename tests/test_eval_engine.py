@@ -546,6 +546,12 @@ def test_runner_loads_the_named_model_logs_it_and_reads_full_only_once(tmp_path,
     methods = [r["method"] for r in load_records(tmp_path / "results.jsonl")]
     assert methods == ["full", "snapkv"]   # "full" named in --methods is the reference, once
 
+    monkeypatch.setattr(models, "load_model", lambda name, dtype: tiny_eval_model())
+    run(dataclasses.replace(config, model=None, out=str(tmp_path / "default")))
+    log = capsys.readouterr().err
+    assert "mixkv.eval: loading the packaged default model ..." in log
+    assert "mixkv.eval: loaded tiny-llama in 0.0 s\n" in log   # no fixes, no fixes clause
+
 
 def test_results_file_blank_and_torn_lines_are_skipped(tmp_path):
     path = tmp_path / "results.jsonl"

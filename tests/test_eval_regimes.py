@@ -102,3 +102,19 @@ def test_cli_accepts_both():
     assert parser().parse_args(["--mode", "both"]).mode == "both"
     with pytest.raises(SystemExit):
         parser().parse_args(["--mode", "either"])
+
+
+def test_both_report_kinds_describe_the_run_alike():
+    """The regime report and the side-by-side one share one title: data files by name, the
+    corpus, the decode budget; the regime's title names its mode."""
+    from mixkv.eval.runner import run_title
+
+    config = RunConfig(tasks=["passkey"], data=["/data/qasper.jsonl"], corpus="/text/books",
+                       lengths=[1024, 2048], decode_budget=64, interval=16, window=8)
+    want = ("tiny-llama | {}passkey, qasper.jsonl, corpus books, decode budget 64 every 16 "
+            "tokens | length 1024/2048 | window 8")
+    assert run_title(config, tiny_eval_model()) == want.format("")
+    assert run_title(config, tiny_eval_model(), mode="aware") == want.format("mode aware | ")
+    config = RunConfig(model="/models/m.gguf", tasks=["passkey"], decode_budget=64)
+    assert run_title(config) == ("/models/m.gguf | passkey, decode budget 64 every default "
+                                 "tokens | length 1024 | window 32")

@@ -6,7 +6,9 @@ as their definitions say."""
 
 import copy
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,3 +482,39 @@ def test_eval_cli_imports_a_file_that_registers_a_scorer(tmp_path):
     assert kept.positions[0, 0].tolist() == list(range(BUDGET - W)) + list(range(62, 70))
     with pytest.raises(FileNotFoundError, match="no such file"):
         import_plugins([str(tmp_path / "missing.py")])
+
+
+def test_import_plugins_takes_files_of_one_name_and_modules(tmp_path, monkeypatch):
+    """Two plugin files with the same name in different folders are two modules; a plugin's
+    dataclass (which looks its module up in sys.modules) works; a module name is imported."""
+    from mixkv.eval.runner import import_plugins
+
+    for folder, name in (("a", "test_plugin_a"), ("b", "test_plugin_b")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "scorers.py").write_text(
+            "from __future__ import annotations\n"
+            "import dataclasses\n"
+            "from mixkv.methods import Scorer, register_scorer\n\n"
+            f"@register_scorer({name!r})\n"
+            "@dataclasses.dataclass\n"
+            "class Recent(Scorer):\n"
+            "    scale: float = 1.0\n\n"
+            "    def score(self, p):\n"
+            "        return p.keys.new_zeros(p.keys.shape[:2] + (p.candidates,))\n")
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "test_plugin_module.py").write_text(
+        "from mixkv.methods import Scorer, register_scorer\n\n"
+        "@register_scorer('test_plugin_c')\n"
+        "class Flat(Scorer):\n"
+        "    def score(self, p):\n"
+        "        return p.keys.new_ones(p.keys.shape[:2] + (p.candidates,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    import_plugins([str(tmp_path / "a" / "scorers.py"), str(tmp_path / "b" / "scorers.py"),
+                    "test_plugin_module"])
+    for name in ("test_plugin_a", "test_plugin_b", "test_plugin_c"):
+        M.resolve(name, budget=BUDGET, window=W)   # registered, so the names resolve
+    files = {Path(getattr(module, "__file__", "") or "").parent.name
+             for name, module in sys.modules.items() if name.startswith("mixkv_plugin_")}
+    assert {"a", "b"} <= files   # one module per file, under its own name
+    with pytest.raises(ModuleNotFoundError):
+        import_plugins(["test_plugin_no_such_module"])

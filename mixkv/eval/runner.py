@@ -362,17 +362,26 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     return write_reports(records, out, config=config, em=em, timing=timing)
 
 
-def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
-                  timing: Optional[Dict] = None) -> Dict:
-    summary = report.summarize(records, seed=config.seed)
+def run_title(config: RunConfig, em=None, *, mode: Optional[str] = None) -> str:
+    """What a report's titles say about the run: model | regime | inputs | lengths | window."""
     inputs = list(config.tasks) + [Path(d).name for d in config.data]
     if config.corpus:
         inputs.append(f"corpus {Path(config.corpus).name}")
     if config.decode_budget is not None:
         inputs.append(f"decode budget {config.decode_budget} every "
                       f"{config.interval or 'default'} tokens")
-    title = (f"{em.name if em else config.model} | mode {config.mode} | {', '.join(inputs)} | "
-             f"length {'/'.join(map(str, config.lengths))} | window {config.window}")
+    parts = [em.name if em is not None else str(config.model)]
+    if mode:
+        parts.append(f"mode {mode}")
+    parts += [", ".join(inputs), f"length {'/'.join(map(str, config.lengths))}",
+              f"window {config.window}"]
+    return " | ".join(parts)
+
+
+def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
+                  timing: Optional[Dict] = None) -> Dict:
+    summary = report.summarize(records, seed=config.seed)
+    title = run_title(config, em, mode=config.mode)
     tables = []
     tasks = sorted({r["task"] for r in records if r.get("metric") != "none"})
     if tasks or not records:
@@ -447,10 +456,7 @@ def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConf
     """OUT/table.md, plot.png and summary.json comparing the regimes: one methods x (regime,
     budget) table of the task score, the regimes' paired differences, then each regime's own
     report (its folder holds results.jsonl, heatmap.png, ...)."""
-    name = em.name if em is not None else config.model
-    inputs = list(config.tasks) + [Path(d).name for d in config.data]
-    title = (f"{name} | {', '.join(inputs)} | length {'/'.join(map(str, config.lengths))} | "
-             f"window {config.window}")
+    title = run_title(config, em)
     parts = [report.side_by_side_markdown(
         summaries, title=f"**Task score, all tasks, both regimes** ({title}; agnostic: the "
                          "context is compressed before the question is appended; aware: the "
