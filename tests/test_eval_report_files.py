@@ -204,6 +204,18 @@ def test_several_lengths_get_their_own_tables(tmp_path):
         "Task score, all tasks, both regimes, 512-token prompts"]
     assert "| mixkv | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | 6 |" in text
     side_by_side_rows = png_height(tmp_path / "plot.png")
+    regimes = json.loads((tmp_path / "summary.json").read_text())["regimes"]
+    assert {mode: sorted(regime["by_length"]) for mode, regime in regimes.items()} == \
+        {"agnostic": ["256", "512"], "aware": ["256", "512"]}
+    # Natural text only (no task, so no per-length summaries): both regimes still report.
+    texts = [r for r in records() if r["metric"] == "none"]
+    natural = {mode: write_reports(texts, tmp_path / "text" / mode, config=config(
+        tmp_path, mode=mode, tasks=[])) for mode in ("agnostic", "aware")}
+    text = write_side_by_side(natural, tmp_path / "text", config=config(
+        tmp_path, mode="both", tasks=[]))["markdown"]
+    assert "-token prompts" not in text and "## Regime aware" in text
+    regimes = json.loads((tmp_path / "text" / "summary.json").read_text())["regimes"]
+    assert [regime["by_length"] for regime in regimes.values()] == [{}, {}]
     # One length: no per-length sections (the pooled tables are that length's).
     write_reports([r for r in rows if r["length"] == 512], tmp_path,
                   config=config(tmp_path, lengths=[512], corpus=None))

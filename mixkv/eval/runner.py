@@ -380,6 +380,7 @@ def run_title(config: RunConfig, em=None, *, mode: Optional[str] = None) -> str:
 
 def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                   timing: Optional[Dict] = None) -> Dict:
+    out.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(records, seed=config.seed)
     title = run_title(config, em, mode=config.mode)
     tables = []
