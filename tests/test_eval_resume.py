@@ -101,7 +101,8 @@ def test_a_changed_setting_reruns_and_is_never_mixed(change, em, tmp_path, engin
     message = capsys.readouterr().err
     assert "left out of this run's reports" in message
     name = change.split("/")[0]
-    expected = {"prompt": "the prompt of", "sample_id": "other samples, methods or budgets"}
+    expected = {"prompt": "the prompt of", "sample_id": "other samples, methods or budgets",
+                "window": f"window {W} (this run: {W * 2})"}   # the old and the new value
     assert expected.get(name, f"{name} ") in message
 
     # Back to the first settings: everything is there, nothing is recomputed, same table.
@@ -194,3 +195,17 @@ def test_a_rebuild_reports_the_recorded_seconds_beside_its_own(em, tmp_path, eng
     assert again["prefill_seconds"] == 0 and again["eval_seconds"] == 0
     for name in ("recorded_eval_seconds", "recorded_prefill_seconds"):
         assert again[name] == pytest.approx(first[name])
+
+
+def test_a_row_is_reused_whatever_the_order_of_its_settings(em, tmp_path, engine_runs):
+    """The key does not depend on the order the settings were written in (another version
+    may build them in another order)."""
+    out = tmp_path / "out"
+    run(config(out), em=em)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["settings"] = dict(reversed(list(row["settings"].items())))
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    engine_runs.clear()
+    run(config(out), em=em)
+    assert engine_runs == [] and reported(out) == SAMPLES * COMBOS
