@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c "import mutmut" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "mutmut>=3.3,<4"
 
+EVAL_TESTS="tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py"
 tests_for() {
   case "$1" in
     mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
@@ -20,8 +21,8 @@ tests_for() {
     mixkv/hf/capture.py) echo "tests/test_hf_capture.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py tests/test_kvzip.py tests/test_hf_decode_compression.py tests/test_eval_engine.py tests/test_kvpress_optional.py" ;;
     mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py" ;;
-    mixkv/eval/engine.py) echo "tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py" ;;
-    mixkv/eval/runner.py) echo "tests/test_eval_report_files.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py tests/test_methods.py" ;;
+    mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
+    mixkv/eval/runner.py) echo "$EVAL_TESTS tests/test_methods.py" ;;  # import_plugins
     *) echo "tests" ;;
   esac
 }
