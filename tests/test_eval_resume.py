@@ -209,3 +209,26 @@ def test_a_row_is_reused_whatever_the_order_of_its_settings(em, tmp_path, engine
     engine_runs.clear()
     run(config(out), em=em)
     assert engine_runs == [] and reported(out) == SAMPLES * COMBOS
+
+
+def test_the_message_names_what_differs_and_only_that():
+    """A row of a method that ignores --redundancy is not said to differ by its (null) profile,
+    but its other settings are named; rows written with two values name both."""
+    run_now = dict(model="m", dtype="bfloat16", window=8, redundancy="p1")
+
+    def row(method, sample_id="s0", **settings):
+        return dict(settings=dict(run_now, method=method, sample_id=sample_id, prompt="x",
+                                  budget=24, ratio=None, **settings))
+
+    wanted = {"k": dict(run_now, sample_id="s0", prompt="x")}
+    message = runner.describe_other_rows([row("snapkv", redundancy=None)], run_now, wanted)
+    assert "redundancy" not in message and "other samples, methods or budgets" in message
+    message = runner.describe_other_rows([row("snapkv", redundancy=None, dtype="float32")],
+                                         run_now, wanted)
+    assert 'dtype "float32" (this run: "bfloat16")' in message and "redundancy" not in message
+    message = runner.describe_other_rows([row("mixkv", redundancy=None),
+                                          row("mixkv", redundancy="p0", window=4)],
+                                         run_now, wanted)
+    assert 'redundancy "p0" / null (this run: "p1")' in message
+    assert "window 4 (this run: 8)" in message and message.startswith(
+        "mixkv.eval: 2 row(s) of results.jsonl")
