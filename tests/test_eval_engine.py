@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import mixkv  # noqa: E402
+from mixkv.eval import report  # noqa: E402
 from mixkv.eval.engine import Engine, capture_window_queries, method_options  # noqa: E402
 from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
@@ -129,8 +130,11 @@ def _config(tmp_path, **kw):
     return RunConfig(**base)
 
 
+@pytest.mark.usefixtures("no_plots")   # the pictures: test_eval_report_files.py
 def test_runner_writes_reports_and_resumes(tmp_path, monkeypatch):
     em = tiny_eval_model()
+    plots = []
+    monkeypatch.setattr(report, "plot", lambda summary, path, **kw: plots.append(path))
     calls = {"prefill": 0, "run": 0}
     original_prefill, original_run = Engine.prefill, Engine.run
 
@@ -148,8 +152,9 @@ def test_runner_writes_reports_and_resumes(tmp_path, monkeypatch):
     expected = 4 * (1 + 2 * 2)  # samples x (full + methods x budgets)
     records = load_records(tmp_path / "results.jsonl")
     assert len(records) == expected and calls == {"prefill": 4, "run": expected}
-    for name in ("table.md", "summary.json", "results.csv", "plot.png"):
+    for name in ("table.md", "summary.json", "results.csv"):
         assert (tmp_path / name).stat().st_size > 0
+    assert plots == [str(tmp_path / "plot.png")]
     assert "| snapkv |" in summary["markdown"] and "| full cache |" in summary["markdown"]
     rows = json.loads((tmp_path / "summary.json").read_text())["summary"]["rows"]
     assert {r["n"] for r in rows if r["task"] == "all"} == {4}
@@ -179,6 +184,7 @@ def test_runner_writes_reports_and_resumes(tmp_path, monkeypatch):
         assert by_key[(r["sample_id"], r["method"], r["budget"])] == r["output"]
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_runner_on_a_longbench_file(tmp_path):
     data = tmp_path / "qa.jsonl"
     rows = [dict(context="the sky is blue " * 20, input="What color?", answers=["blue"],
@@ -209,6 +215,7 @@ def test_cli_arguments():
                          dict(method="mixkv+adakv", budget=None, ratio=0.5)]
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_runner_grid_grows_without_redoing(tmp_path):
     em = tiny_eval_model()
     run(_config(tmp_path, methods=["snapkv"], budgets=[24]), em=em)
@@ -514,6 +521,7 @@ def test_the_answer_shortcut_stops_where_the_answer_is_found_and_labels_how():
         assert record["score"] == 1.0
 
 
+@pytest.mark.usefixtures("no_plots")
 def test_runner_progress_bar_counts_results_and_names_the_current_one(tmp_path, capsys):
     config = _config(tmp_path, tasks=["passkey"], samples=1, methods=["snapkv"], budgets=[24],
                      progress=True)

@@ -15,7 +15,7 @@ from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 
 from test_eval_engine import W, tiny_eval_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")  # drawn in test_eval_report_files
 
 
 def _config(out, **changes):
@@ -42,6 +42,8 @@ def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypa
         return original(self, prepared)
 
     monkeypatch.setattr(Engine, "prefill", recording)
+    plots = []
+    monkeypatch.setattr(report, "plot_regimes", lambda *args, **kwargs: plots.append((args, kwargs)))
     em = tiny_eval_model()
     summary = run(_config(tmp_path), em=em)
     assert modes == ["agnostic"] * 2 + ["aware"] * 2
@@ -71,7 +73,8 @@ def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypa
         paired = table.split(f"**Paired difference against the base method, {mode}**")[1]
         assert paired.split("\n\n")[1].splitlines()[2].startswith("| mixkv - snapkv | 24 | 2 |")
     assert "## Regime agnostic" in table and "## Regime aware" in table
-    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert plots == [((summary["regimes"], str(tmp_path / "plot.png")),
+                      dict(title=f"tiny-llama | niah_single | length 160 | window {W}"))]
     payload = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(payload["regimes"]) == ["agnostic", "aware"]
 
