@@ -281,8 +281,8 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                                       for m in config.methods))
     samples = build_samples(config, em)
     combos = plan(config)
-    haystack = config.haystack_dir or config.haystack
-    common = dict(model=em.name, mode=config.mode, window=config.window, haystack=haystack)
+    # The record's fields beside the engine's (which gives mode and window).
+    common = dict(model=em.name, haystack=config.haystack_dir or config.haystack)
     settings = run_settings(config, em)
     results_path = out / "results.jsonl"
     existing = load_records(results_path)

@@ -1,0 +1,158 @@
+"""Every input of a run reaches what it controls: the samples built from tasks, lengths, seed,
+haystack, corpus, data files and their limit, and the engine's and records' settings
+(mixkv.eval.runner.build_samples and _run_one; found by mutation testing, benchmarks/MUTATION.md)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from mixkv.eval import runner, tasks  # noqa: E402
+from mixkv.eval.engine import Engine  # noqa: E402
+from mixkv.eval.models import EvalModel  # noqa: E402
+from mixkv.eval.runner import RunConfig, build_samples, load_records, run  # noqa: E402
+
+from hf_models import CharTokenizer  # noqa: E402
+from test_eval_engine import W, tiny_eval_model, tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")
+
+
+def config(tmp_path, **changes):
+    base = dict(tasks=[], lengths=[160], samples=2, methods=["snapkv"], budgets=[24], window=W,
+                out=str(tmp_path / "out"), progress=False, quiet=True)
+    return RunConfig(**{**base, **changes})
+
+
+def prompt_tokens(em, sample):
+    head, question = sample.user_parts()
+    return em.count_tokens(head + question + " " + sample.answer_prefix)
+
+
+def test_task_samples_follow_tasks_lengths_seed_and_the_models_token_count(tmp_path):
+    em = tiny_eval_model()
+    got = build_samples(config(tmp_path, tasks=["niah_single", "passkey"], lengths=[400, 520],
+                               seed=5), em)
+    assert [(s.task, s.meta["length"]) for s in got] == [
+        (task, length) for task in ("niah_single", "passkey") for length in (400, 520)
+        for _ in range(2)]
+    for sample in got:   # measured in the model's tokens (characters here), not in words
+        assert sample.meta["length"] - 120 < prompt_tokens(em, sample) <= sample.meta["length"]
+    # The seed picks the needles: the same run with another seed asks for other ones.
+    other = build_samples(config(tmp_path, tasks=["niah_single", "passkey"], lengths=[400, 520],
+                                 seed=6), em)
+    assert [s.answers for s in other] != [s.answers for s in got]
+    assert got == tasks.make_samples("niah_single", 2, length=400, seed=5,
+                                     count_tokens=em.count_tokens) + \
+        tasks.make_samples("niah_single", 2, length=520, seed=5, count_tokens=em.count_tokens) + \
+        tasks.make_samples("passkey", 2, length=400, seed=5, count_tokens=em.count_tokens) + \
+        tasks.make_samples("passkey", 2, length=520, seed=5, count_tokens=em.count_tokens)
+
+
+def test_the_haystack_folder_fills_the_prompts_and_beats_the_haystack_kind(tmp_path):
+    em = tiny_eval_model()
+    folder = tmp_path / "hay"
+    folder.mkdir()
+    (folder / "gulls.txt").write_text("The lighthouse keeper counts gulls at dawn. " * 3 +
+                                      "Fog rolls over the quay. " * 3)
+    for kind in ("task", "noise"):
+        got = build_samples(config(tmp_path, tasks=["niah_single"], haystack=kind,
+                                   haystack_dir=str(folder), lengths=[400]), em)
+        assert all(s.meta["haystack"] == "dir" for s in got)
+        assert all("lighthouse keeper" in s.context or "Fog rolls" in s.context for s in got)
+    noise = build_samples(config(tmp_path, tasks=["niah_single"], haystack="noise",
+                                 lengths=[400]), em)
+    assert noise == tasks.make_samples("niah_single", 2, length=400, seed=0,
+                                       count_tokens=em.count_tokens,
+                                       haystack=tasks.Haystack("noise"))
+    assert not any("lighthouse" in s.context or "Fog" in s.context for s in noise)
+
+
+class BosTokenizer(CharTokenizer):
+    bos_token_id = 1
+
+
+@pytest.mark.parametrize("adds_bos, tokenizer, bos", [
+    (True, BosTokenizer(), 1), (False, BosTokenizer(), 0), (True, CharTokenizer(), 0)])
+def test_corpus_passages_count_the_bos_the_model_adds(tmp_path, adds_bos, tokenizer, bos):
+    """A passage's prefix plus the model's BOS (only when it adds one and has one) fills the
+    length exactly (one-character words: every other count is reachable), and its
+    continuation holds the asked-for tokens."""
+    em = EvalModel(model=tiny_llama(), tokenizer=tokenizer, name="tiny", source="config",
+                   load_seconds=0.0, fixes=[], stop_ids=[], adds_bos=adds_bos)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "x.txt").write_text("x " * 300)
+    got = build_samples(config(tmp_path, corpus=str(docs), lengths=[101], samples=1,
+                               continuation=24), em)
+    assert len(got) == 1 and got[0].task == runner.CORPUS_TASK
+    assert bos + len(em.encode(got[0].context)) == 101 - bos   # 1, 3, 5... tokens: odd counts
+    assert len(em.encode(got[0].target)) == 24
+
+
+def test_a_corpus_too_short_for_a_length_says_so(tmp_path, capsys):
+    em = tiny_eval_model()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "x.txt").write_text("word " * 60)
+    got = build_samples(config(tmp_path, corpus=str(docs), lengths=[100, 400], samples=1,
+                               continuation=24), em)
+    assert [s.meta["length"] for s in got] == [100]
+    captured = capsys.readouterr()
+    assert captured.err == f"mixkv.eval: no document of --corpus {docs} holds 400 + 24 tokens\n"
+    assert captured.out == ""
+
+
+def test_data_files_follow_tasks_with_their_limit_and_the_longest_length(tmp_path):
+    em = tiny_eval_model()
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(dict(context=f"row {i} " + "the sky is blue " * 40,
+                                            input="Color?", answers=["blue"], _id=f"q{i}"))
+                            + "\n" for i in range(5)))
+    got = build_samples(config(tmp_path, tasks=["passkey"], data=[str(data)], limit=3,
+                               lengths=[120, 200]), em)
+    assert [s.task for s in got] == ["passkey"] * 4 + ["qa"] * 3
+    assert [s.id for s in got[4:]] == ["q0", "q1", "q2"]
+    for sample in got[4:]:   # cut to the longest length, in the model's tokens
+        assert 200 - 20 < prompt_tokens(em, sample) <= 200
+    whole = build_samples(config(tmp_path, data=[str(data)], lengths=[]), em)
+    assert len(whole) == 5 and all(s.context.count("the sky is blue") == 40 for s in whole)
+
+
+@pytest.mark.parametrize("haystack_dir", [False, True])
+def test_the_engine_and_every_record_carry_the_runs_settings(tmp_path, monkeypatch,
+                                                             haystack_dir):
+    em = tiny_eval_model()
+    folder = None
+    if haystack_dir:
+        folder = tmp_path / "hay"
+        folder.mkdir()
+        (folder / "a.txt").write_text("Quiet rivers run deep. " * 5)
+    seen = []
+    original = Engine.prefill
+
+    def spying(self, prepared):
+        seen.append(dict(shortcut=self.shortcut, window=self.window, mode=self.mode,
+                         threads=torch.get_num_threads()))
+        return original(self, prepared)
+
+    monkeypatch.setattr(Engine, "prefill", spying)
+    cfg = config(tmp_path, tasks=["passkey"], lengths=[150], samples=1, seed=3, shortcut=False,
+                 threads=3, window=W + 2, mode="aware", haystack="noise",
+                 haystack_dir=str(folder) if folder else None)
+    run(cfg, em=em)
+    assert seen == [dict(shortcut=False, window=W + 2, mode="aware", threads=3)]
+    records = load_records(tmp_path / "out" / "results.jsonl")
+    assert [r["method"] for r in records] == ["full", "snapkv"]
+    sample = build_samples(cfg, em)[0]
+    settings = runner.run_settings(cfg, em)
+    for record, combo in zip(records, runner.plan(cfg)):
+        assert {k: record[k] for k in ("model", "mode", "window", "haystack", "seed", "length")} \
+            == dict(model="tiny-llama", mode="aware", window=W + 2, seed=3, length=150,
+                    haystack=str(folder) if folder else "noise")
+        assert record["prefill_seconds"] == records[0]["prefill_seconds"] > 0
+        assert record["settings"] == runner.settings_of(settings, sample, combo)
+        assert dataclasses.asdict(sample)["id"] == record["sample_id"]
