@@ -13,6 +13,16 @@ from mixkv.eval import report
 # code is the same and the tests spend a fraction of the time rasterising.
 report.DPI = 24
 
+try:  # tqdm is an "eval" extra
+    import tqdm
+except ImportError:
+    pass
+else:
+    # No monitor thread (a watchdog for rarely updated bars): it would outlive the progress-bar
+    # tests, and a process forked while it holds tqdm's lock (scripts/mutation.sh forks one per
+    # mutant) hangs at its first bar.
+    tqdm.tqdm.monitor_interval = 0
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 128]
 GROUPS = [1, 2, 4, 8]
