@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import itertools
+import threading
 
 import pytest
 import torch
@@ -18,10 +19,12 @@ try:  # tqdm is an "eval" extra
 except ImportError:
     pass
 else:
-    # No monitor thread (a watchdog for rarely updated bars): it would outlive the progress-bar
-    # tests, and a process forked while it holds tqdm's lock (scripts/mutation.sh forks one per
-    # mutant) hangs at its first bar.
+    # scripts/mutation.sh forks one process per mutant, so no tqdm state may cross a fork:
+    # no monitor thread (a watchdog for rarely updated bars) that could hold tqdm's lock at the
+    # fork, and a lock of each process's own instead of the default's multiprocessing
+    # semaphore, which a mutant killed inside a bar leaves taken for every later one.
     tqdm.tqdm.monitor_interval = 0
+    tqdm.tqdm.set_lock(threading.RLock())
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 80, 128]
