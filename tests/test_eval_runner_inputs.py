@@ -159,3 +159,61 @@ def test_the_engine_and_every_record_carry_the_runs_settings(tmp_path, monkeypat
         assert record["prefill_seconds"] == records[0]["prefill_seconds"] > 0
         assert record["settings"] == runner.settings_of(settings, sample, combo)
         assert dataclasses.asdict(sample)["id"] == record["sample_id"]
+
+
+def test_the_engine_gets_the_profile_and_decode_budget_only_where_asked(tmp_path, monkeypatch):
+    em = tiny_eval_model()
+    profile = tmp_path / "r.pt"
+    torch.save(torch.full((3, 2), 0.3), profile)  # tiny Llama: 3 layers, 2 KV heads
+    asked = []
+    original = Engine.run
+
+    def spying(self, prefilled, method, *args, **options):
+        asked.append((method, options))
+        return original(self, prefilled, method, *args, **options)
+
+    monkeypatch.setattr(Engine, "run", spying)
+    cfg = config(tmp_path, tasks=["passkey"], samples=1, methods=["snapkv", "mixkv"])
+    run(dataclasses.replace(cfg, redundancy=str(profile), decode_budget=40), em=em)
+    assert asked == [("full", {}), ("snapkv", dict(decode_budget=40, interval=None)),
+                     ("mixkv", dict(redundancy=str(profile), decode_budget=40, interval=None))]
+    asked.clear()
+    run(dataclasses.replace(cfg, out=str(tmp_path / "plain")), em=em)
+    assert asked == [("full", {}), ("snapkv", {}), ("mixkv", {})]
+
+
+def test_a_resume_fills_in_a_later_sample_after_a_finished_one(tmp_path, monkeypatch):
+    """Into a folder that does not exist yet (its parents made), then a results file whose
+    rows of the second sample are lost and whose last line is torn to a single byte."""
+    em = tiny_eval_model()
+    cfg = config(tmp_path, tasks=["passkey"], out=str(tmp_path / "runs" / "first" / "out"))
+    run(cfg, em=em)
+    results = tmp_path / "runs" / "first" / "out" / "results.jsonl"
+    rows = load_records(results)
+    first = [r for r in rows if r["sample_id"] == rows[0]["sample_id"]]
+    assert len(first) == 2 and len(rows) == 4
+    results.write_text("".join(json.dumps(r) + "\n" for r in first) + "{")
+    prefilled = []
+    original = Engine.prefill
+    monkeypatch.setattr(Engine, "prefill", lambda self, prepared: prefilled.append(
+        prepared.sample.id) or original(self, prepared))
+    run(cfg, em=em)
+    assert prefilled == [rows[2]["sample_id"]]
+    untimed = [{k: v for k, v in r.items() if "seconds" not in k} for r in first + rows[2:]]
+    assert [{k: v for k, v in r.items() if "seconds" not in k}
+            for r in load_records(results)] == untimed   # seeded: the same results again
+    assert results.read_text().splitlines()[2] == "{"   # the torn line stays on its own
+
+
+def test_the_progress_bar_names_the_run_and_counts_evaluations(tmp_path, capsys):
+    run(config(tmp_path, tasks=["passkey"], samples=1, progress=True), em=tiny_eval_model())
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("mixkv.eval: 100%") and "2/2 [" in bar and "eval/s" in bar
+
+
+def test_a_results_file_torn_in_its_first_byte_loses_no_row(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{")   # killed while writing its very first row
+    run(config(tmp_path, tasks=["passkey"], samples=1), em=tiny_eval_model())
+    assert [r["method"] for r in load_records(out / "results.jsonl")] == ["full", "snapkv"]
