@@ -206,9 +206,33 @@ def test_a_resume_fills_in_a_later_sample_after_a_finished_one(tmp_path, monkeyp
 
 
 def test_the_progress_bar_names_the_run_and_counts_evaluations(tmp_path, capsys):
-    run(config(tmp_path, tasks=["passkey"], samples=1, progress=True), em=tiny_eval_model())
-    bar = capsys.readouterr().err.split("\r")[-1]
-    assert bar.startswith("mixkv.eval: 100%") and "2/2 [" in bar and "eval/s" in bar
+    run(config(tmp_path, tasks=["passkey"], samples=1, ratios=[0.5], progress=True),
+        em=tiny_eval_model())
+    err = capsys.readouterr().err
+    bar = err.split("\r")[-1]
+    assert bar.startswith("mixkv.eval: 100%") and "3/3 [" in bar and "eval/s" in bar
+    for current in ("passkey full]", "passkey snapkv 24]", "passkey snapkv 0.5]"):
+        assert current in err
+
+
+def test_ratio_budgets_reach_the_engine(tmp_path):
+    run(config(tmp_path, tasks=["passkey"], samples=1, budgets=[], ratios=[0.25, 0.5]),
+        em=tiny_eval_model())
+    rows = load_records(tmp_path / "out" / "results.jsonl")
+    assert [(r["method"], r["budget"], r["ratio"]) for r in rows] == [
+        ("full", None, None), ("snapkv", None, 0.25), ("snapkv", None, 0.5)]
+    # a ratio is the fraction of the prompt removed
+    assert 0.7 < rows[1]["kv_ratio"] < 0.8 and 0.45 < rows[2]["kv_ratio"] < 0.55
+
+
+def test_a_sample_given_twice_is_evaluated_and_reported_once(tmp_path, monkeypatch):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps(dict(context="the sky is blue " * 20, input="Color?",
+                                    answers=["blue"], _id="q0")) + "\n")
+    summary = run(config(tmp_path, data=[str(data), str(data)]), em=tiny_eval_model())
+    rows = load_records(tmp_path / "out" / "results.jsonl")
+    assert [(r["sample_id"], r["method"]) for r in rows] == [("q0", "full"), ("q0", "snapkv")]
+    assert {r["n"] for r in summary["rows"]} == {1}
 
 
 def test_a_results_file_torn_in_its_first_byte_loses_no_row(tmp_path):
