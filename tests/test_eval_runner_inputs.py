@@ -215,9 +215,10 @@ def test_the_progress_bar_names_the_run_and_counts_evaluations(tmp_path, capsys)
         assert current in err
 
 
-def test_ratio_budgets_reach_the_engine(tmp_path):
-    run(config(tmp_path, tasks=["passkey"], samples=1, budgets=[], ratios=[0.25, 0.5]),
-        em=tiny_eval_model())
+def test_ratio_budgets_reach_the_engine_and_the_resume_key(tmp_path):
+    em = tiny_eval_model()
+    run(config(tmp_path, tasks=["passkey"], samples=1, budgets=[], ratios=[0.25]), em=em)
+    run(config(tmp_path, tasks=["passkey"], samples=1, budgets=[], ratios=[0.25, 0.5]), em=em)
     rows = load_records(tmp_path / "out" / "results.jsonl")
     assert [(r["method"], r["budget"], r["ratio"]) for r in rows] == [
         ("full", None, None), ("snapkv", None, 0.25), ("snapkv", None, 0.5)]
