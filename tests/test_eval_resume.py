@@ -3,6 +3,7 @@ that defines it matches (mixkv.eval.runner.settings_of); rows of other settings 
 are named in a message, and never enter this run's reports."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -178,8 +179,13 @@ def test_a_rebuild_reports_the_recorded_seconds_beside_its_own(em, tmp_path, eng
     """summary.json's timing: this invocation's seconds and evaluations, and the seconds recorded
     in the rows it reports, so a resume that ran nothing does not pass for a 1-second run."""
     out = tmp_path / "out"
+    em.load_seconds = 1.5
+    started = time.perf_counter()
     run(config(out), em=em)
+    wall = time.perf_counter() - started
     first = json.loads((out / "summary.json").read_text())["timing"]
+    assert first["load_seconds"] == 1.5
+    assert first["prefill_seconds"] + first["eval_seconds"] < first["total_seconds"] <= wall
     rows = load_records(out / "results.jsonl")
     assert first["evaluations_run"] == SAMPLES * COMBOS
     assert first["recorded_eval_seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
