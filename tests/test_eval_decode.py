@@ -130,6 +130,15 @@ def test_runner_refuses_what_decoding_cannot_run_before_loading(tmp_path, monkey
     with pytest.raises(ValueError, match=r"decode_budget \(20\) must be larger than window"):
         run(RunConfig(**{**config.__dict__, "methods": ["snapkv"], "decode_budget": 20,
                          "window": 24}))
+    # The run's own window and interval are checked (not the method's defaults: window 32).
+    with pytest.raises(ValueError, match=r"decode_budget \(40\) must be larger than window "
+                                         r"\(48\)"):
+        run(RunConfig(**{**config.__dict__, "methods": ["snapkv"], "window": 48}))
+    with pytest.raises(ValueError, match="interval must be an int >= 1"):
+        run(RunConfig(**{**config.__dict__, "methods": ["snapkv"], "interval": 0}))
+    # "full" named in --methods is not a method to check: the run goes on to load the model.
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run(RunConfig(**{**config.__dict__, "methods": ["full", "snapkv"]}))
 
 
 def test_the_shortcut_decodes_in_the_same_pieces_as_greedy_decoding():
