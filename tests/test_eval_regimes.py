@@ -43,7 +43,8 @@ def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypa
 
     monkeypatch.setattr(Engine, "prefill", recording)
     plots = []
-    monkeypatch.setattr(report, "plot_regimes", lambda *args, **kwargs: plots.append((args, kwargs)))
+    monkeypatch.setattr(report, "plot_regimes",
+                        lambda *args, **kwargs: plots.append((args, kwargs)))
     em = tiny_eval_model()
     summary = run(_config(tmp_path), em=em)
     assert modes == ["agnostic"] * 2 + ["aware"] * 2

@@ -1,6 +1,7 @@
 """Every input of a run reaches what it controls: the samples built from tasks, lengths, seed,
 haystack, corpus, data files and their limit, and the engine's and records' settings
-(mixkv.eval.runner.build_samples and _run_one; found by mutation testing, benchmarks/MUTATION.md)."""
+(mixkv.eval.runner.build_samples and _run_one; found by mutation testing, see
+benchmarks/MUTATION.md)."""
 
 import dataclasses
 import json
@@ -17,6 +18,7 @@ from mixkv.eval.runner import RunConfig, build_samples, load_records, run  # noq
 
 from hf_models import CharTokenizer  # noqa: E402
 from test_eval_engine import W, tiny_eval_model, tiny_llama  # noqa: E402
+from test_eval_resume import profile as redundancy_profile  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")
 
@@ -45,11 +47,9 @@ def test_task_samples_follow_tasks_lengths_seed_and_the_models_token_count(tmp_p
     other = build_samples(config(tmp_path, tasks=["niah_single", "passkey"], lengths=[400, 520],
                                  seed=6), em)
     assert [s.answers for s in other] != [s.answers for s in got]
-    assert got == tasks.make_samples("niah_single", 2, length=400, seed=5,
-                                     count_tokens=em.count_tokens) + \
-        tasks.make_samples("niah_single", 2, length=520, seed=5, count_tokens=em.count_tokens) + \
-        tasks.make_samples("passkey", 2, length=400, seed=5, count_tokens=em.count_tokens) + \
-        tasks.make_samples("passkey", 2, length=520, seed=5, count_tokens=em.count_tokens)
+    assert got == [sample for task in ("niah_single", "passkey") for length in (400, 520)
+                   for sample in tasks.make_samples(task, 2, length=length, seed=5,
+                                                    count_tokens=em.count_tokens)]
 
 
 def test_the_haystack_folder_fills_the_prompts_and_beats_the_haystack_kind(tmp_path):
@@ -158,13 +158,12 @@ def test_the_engine_and_every_record_carry_the_runs_settings(tmp_path, monkeypat
                     haystack=str(folder) if folder else "noise")
         assert record["prefill_seconds"] == records[0]["prefill_seconds"] > 0
         assert record["settings"] == runner.settings_of(settings, sample, combo)
-        assert dataclasses.asdict(sample)["id"] == record["sample_id"]
+        assert record["sample_id"] == sample.id
 
 
 def test_the_engine_gets_the_profile_and_decode_budget_only_where_asked(tmp_path, monkeypatch):
     em = tiny_eval_model()
-    profile = tmp_path / "r.pt"
-    torch.save(torch.full((3, 2), 0.3), profile)  # tiny Llama: 3 layers, 2 KV heads
+    profile = redundancy_profile(tmp_path, "r.pt", 0.3)
     asked = []
     original = Engine.run
 
@@ -174,9 +173,9 @@ def test_the_engine_gets_the_profile_and_decode_budget_only_where_asked(tmp_path
 
     monkeypatch.setattr(Engine, "run", spying)
     cfg = config(tmp_path, tasks=["passkey"], samples=1, methods=["snapkv", "mixkv"])
-    run(dataclasses.replace(cfg, redundancy=str(profile), decode_budget=40), em=em)
+    run(dataclasses.replace(cfg, redundancy=profile, decode_budget=40), em=em)
     assert asked == [("full", {}), ("snapkv", dict(decode_budget=40, interval=None)),
-                     ("mixkv", dict(redundancy=str(profile), decode_budget=40, interval=None))]
+                     ("mixkv", dict(redundancy=profile, decode_budget=40, interval=None))]
     asked.clear()
     run(dataclasses.replace(cfg, out=str(tmp_path / "plain")), em=em)
     assert asked == [("full", {}), ("snapkv", {}), ("mixkv", {})]
