@@ -290,6 +290,31 @@ def test_generate_on_a_padded_batch_equals_single_runs(monkeypatch, method):
         assert batch[b, N:].tolist() == single[0, len(rows[b]):].tolist()
 
 
+def test_compress_cache_of_a_padded_batch_equals_the_patched_prefill():
+    """The evaluation's path re-reads a padded context with the mask, positions and text
+    encoder it is given (``compress_cache(..., key_mask=, positions=, encode=)``) and keeps
+    what the patched prefill of the same batch keeps."""
+    model = _sharpened(hf_models.llama)
+    tokenizer = hf_models.CharTokenizer()
+    ids = torch.tensor([_ids(N, seed=22), _ids(N, seed=23)])
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    patched = DynamicCache(config=model.config)
+    with mixkv.patch(model, "kvzip", budget=20, window=W, tokenizer=tokenizer, chunk_size=7), \
+            torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+              **{hf_models.cache_kwarg(): patched})
+    full = _prefill(model, ids, mask, positions)
+    with mixkv.patch(model, "kvzip", budget=20, window=W, chunk_size=7) as handle:
+        handle.compress_cache(full, {i: torch.zeros(2, 1, W, 1) for i in range(4)},
+                              key_mask=mask.bool(), context_ids=ids, positions=positions,
+                              encode=lambda text: tokenizer(text)["input_ids"])
+    for layer in _full_layers(model):
+        assert torch.equal(full.layers[layer].keys, patched.layers[layer].keys), layer
+        assert torch.equal(full.layers[layer].values, patched.layers[layer].values), layer
+
+
 def test_without_a_tokenizer_a_text_prompt_is_refused_and_ids_or_a_tokenizer_work():
     model, _ = hf_models.llama()
     ids = torch.tensor([_ids(N)])
