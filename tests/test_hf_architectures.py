@@ -364,3 +364,16 @@ def test_sliding_warning_points_at_the_caller():
     handle.unpatch()
     if "mutmut" not in sys.modules:  # mutation runs wrap every function in a frame outside mixkv
         assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_sliding_warning_is_shown_once_per_calling_line():
+    """Under Python's default filter a warning shows once per location: patching in a loop (a
+    notebook cell rerun, an evaluation) warns once, another line warns again."""
+    model, _ = setup("gemma3", "sdpa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            mixkv.patch(model, "mixkv", budget=BUDGET, window=W).unpatch()
+        assert len(caught) == 1
+        mixkv.patch(model, "mixkv", budget=BUDGET, window=W).unpatch()
+    assert len(caught) == 2 and all("sliding-window" in str(w.message) for w in caught)
