@@ -273,6 +273,25 @@ def test_refuses_static_and_offloaded_caches():
                                                                    prefill_chunk_size=16))
 
 
+def test_a_cache_layer_that_calls_itself_sliding_stays_whole():
+    """A layer class of a model's own (registered through transformers' ``_layer_type``) that
+    says ``is_sliding`` is left alone even when the config does not list its layer as sliding;
+    the other layers are compressed."""
+    from transformers.cache_utils import DynamicLayer
+
+    class OwnSlidingLayer(DynamicLayer):
+        is_sliding = True
+
+    model = tiny_llama()
+    ids = prompt(40)
+    cache = DynamicCache(config=model.config)
+    cache.layers[0] = OwnSlidingLayer()
+    with mixkv.patch(model, "mixkv", budget=20, window=W) as handle, torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        assert not handle.compressible(cache, 0) and sorted(handle.stats()["layers"]) == [1]
+    assert [layer.get_seq_length() for layer in cache.layers] == [40, 20]
+
+
 def test_default_method_is_mixkv():
     model = tiny_llama()
     with mixkv.patch(model, budget=20, window=W) as handle:
