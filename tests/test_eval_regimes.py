@@ -85,6 +85,19 @@ def test_both_regimes_run_apart_and_are_reported_side_by_side(tmp_path, monkeypa
     assert modes == []
 
 
+def test_both_regimes_share_one_model_load_and_log_their_folders(tmp_path, monkeypatch, capsys):
+    from mixkv.eval import models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_model",
+                        lambda name, dtype: loaded.append(name) or tiny_eval_model())
+    run(_config(tmp_path, samples=1, methods=["snapkv"], budgets=[24], quiet=False))
+    assert loaded == [None]
+    log = capsys.readouterr().err
+    for mode in ("agnostic", "aware"):
+        assert f"mixkv.eval: regime {mode} -> {tmp_path / mode}\n" in log
+
+
 def test_side_by_side_marks_missing_cells_and_orders_bases_before_mixes():
     def row(method, budget, score):
         return dict(task="all", method=method, budget=budget, n=3, score=score, low=score,
