@@ -252,7 +252,9 @@ def test_refuses_static_and_offloaded_caches():
     model = tiny_llama()
     ids = prompt(40)
     with mixkv.patch(model, "mixkv", budget=20, window=W):
-        with pytest.raises(NotImplementedError, match="cannot compress a StaticCache"):
+        with pytest.raises(NotImplementedError, match=r"^mixkv: cannot compress a StaticCache with "
+                           r"StaticLayer layers; static, quantized and offloaded caches are not "
+                           r"supported \(use the default DynamicCache\)$"):
             model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64),
                   use_cache=True)
         with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
