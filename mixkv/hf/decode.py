@@ -107,8 +107,7 @@ class DecodeCompression:
                                       "prompt-lookup decoding (they crop the cache)")
 
     # -- the attention call (from the shim's interceptor) -----------------------------------
-    def observe(self, state, module, query: torch.Tensor, key: torch.Tensor,
-                attention_mask) -> None:
+    def observe(self, state, query: torch.Tensor, key: torch.Tensor, attention_mask) -> None:
         """Record this call's queries: a prefill starts the buffer, decode calls roll it."""
         idx = state.layer_idx
         layer = state.handle._layer(state.cache, idx)

@@ -51,7 +51,7 @@ class _LayerState:
     def attend(self, function, module, query, key, value, attention_mask, *args, **kwargs):
         """The attention call of this module (the capture wrapper's interceptor)."""
         if self.handle.decoding is not None:  # compression during generation (decode.py)
-            self.handle.decoding.observe(self, module, query, key, attention_mask)
+            self.handle.decoding.observe(self, query, key, attention_mask)
         layer = self.handle._layer(self.cache, self.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             if kwargs.get("softcap") is not None:
