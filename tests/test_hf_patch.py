@@ -451,3 +451,31 @@ def test_headwise_decode_refuses_a_softcap_the_config_does_not_announce():
                                                       "attention logit soft-capping"):
             model(ids[:, -1:], softcap=30.0, **step)
         model(ids[:, -1:], softcap=None, **step)   # None: no soft-capping, accepted
+
+
+def test_headwise_attention_takes_the_calls_scaling_else_the_modules():
+    """transformers passes ``scaling=`` to the attention function; a forward that does not
+    gets its module's own ``scaling`` on a head-wise layer, never the op's 1/sqrt(D)."""
+    from mixkv.hf import HeadwiseLayer
+
+    model = tiny_llama()
+    cache = DynamicCache(config=model.config)
+    with mixkv.patch(model, "adakv", budget=20, window=W) as handle, torch.no_grad():
+        model(prompt(40), past_key_values=cache, use_cache=True)
+        module = handle.modules[0]
+        layer = cache.layers[0]
+        assert isinstance(layer, HeadwiseLayer)
+        query = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(0))
+        want = {s: layer.attend(query, s)[0] for s in (0.3, 0.7)}
+        assert not torch.equal(want[0.3], want[0.7])
+        module.scaling = 0.3
+
+        def dense(*args, **kwargs):
+            raise AssertionError("a head-wise layer attends itself")
+
+        state = handle._states[module]
+        state.cache = cache      # what the pre-hook notes on a real call
+        attend = state.attend
+        assert torch.equal(attend(dense, module, query, None, None, None)[0], want[0.3])
+        assert torch.equal(attend(dense, module, query, None, None, None, scaling=0.7)[0],
+                           want[0.7])
