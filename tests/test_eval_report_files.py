@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mixkv.eval import runner  # noqa: E402
+from mixkv.eval import report, runner  # noqa: E402
 from mixkv.eval.runner import RunConfig, write_reports, write_side_by_side  # noqa: E402
 
 TASKS = ("niah_single", "niah_multikey")
@@ -79,6 +79,43 @@ def test_table_has_every_section_in_order_with_its_title(tmp_path):
     assert "| mixkv - snapkv | 64 | 6 |" in text           # the needle pairs
     assert "| mixkv - snapkv | 64 | 4 |" in text           # the passage pairs
     assert "(no method/base pairs)" not in text and "Layers left uncompressed" not in text
+
+
+def test_each_table_holds_its_own_numbers_and_the_runs_seed(tmp_path):
+    """A per-task table shows that task's scores, each fidelity table its own metric, and the
+    intervals (pooled and per length) are the bootstrap of the run's --seed."""
+    rows = []
+    for length in (256, 512):
+        for row in records(corpus=False):
+            if row["method"] == "mixkv" and row["task"] == "niah_multikey":
+                row["score"] = float(row["sample_id"].endswith("0"))
+            rows.append(dict(row, length=length, sample_id=f"{row['sample_id']}-{length}",
+                             delta_nll=0.1 + 0.0137 * len(rows)))  # distinct: seeds differ
+    summary = write_reports(rows, tmp_path, config=config(tmp_path, lengths=[256, 512],
+                                                          corpus=None, seed=11))
+    text = (tmp_path / "table.md").read_text()
+
+    def section(title):
+        return text.split(f"**{title}")[1].split("\n**")[0]
+
+    assert "| mixkv | 1.00 [1.00, 1.00] | 6 |" in section("niah_single**")
+    assert "| mixkv | 0.33 [" in section("niah_multikey**")
+    kl, top1 = section("Mean KL"), section("Top-1 agreement")
+    assert "| snapkv | 0.400 |" in kl and "| mixkv | 0.200 |" in kl
+    assert "| snapkv | 0.600 |" in top1 and "| mixkv | 0.800 |" in top1
+
+    def intervals(part):     # every row's intervals, the fidelity ones included (NaN-safe)
+        return json.dumps(part["rows"])
+
+    by_seed = {seed: report.summarize(rows, seed=seed) for seed in (0, 11)}
+    assert intervals(summary) == intervals(by_seed[11]) != intervals(by_seed[0])
+    by_seed = {seed: report.summarize_by_length(rows, seed=seed)[512] for seed in (0, 11)}
+    assert intervals(summary["by_length"][512]) == intervals(by_seed[11]) != \
+        intervals(by_seed[0])
+    # One task: its table would repeat the pooled one, so there is none.
+    write_reports([r for r in rows if r["task"] == "niah_single"], tmp_path,
+                  config=config(tmp_path, tasks=["niah_single"], corpus=None))
+    assert "niah_single" not in sections((tmp_path / "table.md").read_text())
 
 
 def test_decode_budget_and_missing_pairs_are_said(tmp_path):
