@@ -479,3 +479,13 @@ def test_headwise_attention_takes_the_calls_scaling_else_the_modules():
         assert torch.equal(attend(dense, module, query, None, None, None)[0], want[0.3])
         assert torch.equal(attend(dense, module, query, None, None, None, scaling=0.7)[0],
                            want[0.7])
+
+
+def test_the_layers_cache_is_found_under_either_spelling():
+    """transformers >= 5.2x passes a layer its cache as ``cache=``, earlier 5.x as
+    ``past_key_values=`` (the transformers 5.3 venv runs that end to end)."""
+    from mixkv.hf.patch import _cache_of
+
+    new, old = DynamicCache(), DynamicCache()
+    assert _cache_of(dict(cache=new)) is new and _cache_of(dict(past_key_values=old)) is old
+    assert _cache_of(dict(cache=new, past_key_values=old)) is new and _cache_of({}) is None
