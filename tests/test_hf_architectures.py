@@ -351,7 +351,10 @@ def test_cache_built_without_config_on_sliding_models(name, attn):
     model, inputs = setup(name, attn)
     with patch(model, name):
         _prefill_and_decode(model, inputs, DynamicCache(config=model.config))
-        with pytest.raises(NotImplementedError, match=r"build the cache as DynamicCache\(config="):
+        with pytest.raises(NotImplementedError, match=r"^mixkv: layer \d+ uses sliding-window "
+                           r"attention but the cache holds it as a plain DynamicLayer; build "
+                           r"the cache as DynamicCache\(config=model.config\) \(generate "
+                           r"does\)$"):
             _prefill_and_decode(model, inputs, DynamicCache())
 
 

@@ -330,7 +330,9 @@ def test_without_a_tokenizer_a_text_prompt_is_refused_and_ids_or_a_tokenizer_wor
                      chunk_size=16) as handle:
         model(input_ids=ids)
         assert handle.stats()["layers"][0]["kept"].tolist() == [[20, 20]]
-        with pytest.raises(ValueError, match="pass context_ids="):
+        with pytest.raises(ValueError, match=r"^mixkv: method 'kvzip' re-reads the context: "
+                                             r"pass context_ids= \(or reconstruction=\) to "
+                                             r"compress_cache$"):
             handle.compress_cache(_prefill(model, ids), {0: None, 1: None})
     p = M.Prefill(queries=None, keys=torch.zeros(1, 2, 10, 4), values=None, key_mask=None,
                   window=2, layer=0, num_layers=1)

@@ -423,7 +423,8 @@ def test_compressing_a_captured_prefill_equals_the_patched_prefill(label):
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, **{kw: patched})
         if handle.method.needs_hidden_states:
-            with pytest.raises(ValueError, match="needs the layer's hidden states"):
+            with pytest.raises(ValueError, match="needs the layer's hidden states; pass "
+                                                   "hidden_states= to compress_cache$"):
                 handle.compress_cache(copy.deepcopy(full), captured.queries)
         handle.compress_cache(full, captured.queries, hidden_states=captured.hidden_states)
     for got, want in zip(full.layers, patched.layers):
