@@ -118,6 +118,37 @@ def test_each_table_holds_its_own_numbers_and_the_runs_seed(tmp_path):
     assert "niah_single" not in sections((tmp_path / "table.md").read_text())
 
 
+def test_a_loaded_model_names_the_report_and_its_layers_left_alone(tmp_path, monkeypatch):
+    """With the model at hand (``em``): its name opens every title, the plots' included, the
+    sliding-window layers it leaves uncompressed are said, and summary.json describes it."""
+    from types import SimpleNamespace
+
+    from mixkv.eval import engine
+
+    em = SimpleNamespace(name="tiny-gemma", source="/models/tiny.gguf", fixes=["a fix"],
+                         stop_ids=[1, 2], adds_bos=True, chat=False, model="the model")
+    layers = dict(layers=6, compressed=[2, 5], sliding_window=[0, 1, 3, 4])
+    monkeypatch.setattr(engine, "layers_left_alone",
+                        lambda model: layers if model == "the model" else None)
+    titles = {}
+    monkeypatch.setattr(report, "plot",
+                        lambda summary, path, *, title: titles.setdefault("plot", title))
+    monkeypatch.setattr(report, "heatmap",
+                        lambda rows, path, *, title: titles.setdefault("heatmap", title))
+    write_reports(records(corpus=False), tmp_path, config=config(tmp_path, corpus=None), em=em)
+    text = (tmp_path / "table.md").read_text()
+    title = "tiny-gemma | mode agnostic | niah_single, niah_multikey | length 256 | window 8"
+    assert text.startswith(f"**Task score, all tasks** ({title})\n")
+    assert titles == dict(plot=title, heatmap=f"Score by needle depth and budget ({title})")
+    assert text.endswith(
+        "\nLayers left uncompressed: 4 of 6 use sliding-window attention (0-1, 3-4) and keep "
+        "their window cache; the methods compress the 2 global layers (2, 5). KV ratios count "
+        "the compressed layers only.\n")
+    saved = json.loads((tmp_path / "summary.json").read_text())["model"]
+    assert saved == dict(name="tiny-gemma", source="/models/tiny.gguf", fixes=["a fix"],
+                         stop_ids=[1, 2], adds_bos=True, chat=False, layers=layers)
+
+
 def test_decode_budget_and_missing_pairs_are_said(tmp_path):
     cfg = config(tmp_path, methods=["snapkv"], corpus=None, decode_budget=96, interval=16)
     write_reports(records(methods=("snapkv",), corpus=False), tmp_path, config=cfg)
