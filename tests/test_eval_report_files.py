@@ -5,8 +5,11 @@ side-by-side report of `--mode both`, and the progress messages. The model-drive
 
 import csv
 import json
+import os
+import platform
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -166,13 +169,15 @@ def test_decode_budget_and_missing_pairs_are_said(tmp_path):
 
 def test_summary_csv_and_pictures(tmp_path):
     rows = records()
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, out=tmp_path)       # an API caller's Path is saved as its text
     write_reports(rows, tmp_path, config=cfg, em=None, timing=dict(total_seconds=2.0))
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["config"] == json.loads(json.dumps(cfg.__dict__, default=str))
+    assert saved["config"]["out"] == str(tmp_path)
     assert saved["records"] == len(rows) and saved["timing"] == dict(total_seconds=2.0)
     assert saved["model"] is None
-    assert set(saved["machine"]) == {"platform", "torch", "threads", "cpus"}
+    assert saved["machine"] == dict(platform=platform.platform(), torch=torch.__version__,
+                                    threads=torch.get_num_threads(), cpus=os.cpu_count())
     assert {(r["task"], r["method"]) for r in saved["summary"]["rows"]} >= \
         {("all", "full"), ("all", "snapkv"), ("all", "mixkv"), ("corpus", "mixkv")}
     with open(tmp_path / "results.csv", newline="") as f:
