@@ -161,6 +161,10 @@ def test_decode_budget_and_missing_pairs_are_said(tmp_path):
     assert "**Paired difference against the base method (same samples)**\n\n" \
            "(no method/base pairs)\n" in text
     assert "Natural-text fidelity" not in text
+    write_reports([r for r in two_lengths() if r["method"] != "mixkv"], tmp_path,
+                  config=config(tmp_path, lengths=[256, 512], corpus=None))
+    assert "**Paired difference against the base method, 512-token prompts**\n\n" \
+           "(no method/base pairs)\n" in (tmp_path / "table.md").read_text()
     write_reports([], tmp_path, config=config(tmp_path, interval=None, decode_budget=64))
     assert (tmp_path / "table.md").read_text().startswith(
         "**Task score, all tasks** (tiny | mode agnostic | niah_single, niah_multikey, corpus "
