@@ -377,6 +377,7 @@ def test_sliding_warning_is_shown_once_per_calling_line():
         warnings.simplefilter("default")
         for _ in range(3):
             mixkv.patch(model, "mixkv", budget=BUDGET, window=W).unpatch()
-        assert len(caught) == 1
+        assert len(caught) == 1 and "sliding-window" in str(caught[0].message)
         mixkv.patch(model, "mixkv", budget=BUDGET, window=W).unpatch()
-    assert len(caught) == 2 and all("sliding-window" in str(w.message) for w in caught)
+    if "mutmut" not in sys.modules:  # there every warning's location is mutmut's trampoline
+        assert len(caught) == 2 and "sliding-window" in str(caught[1].message)
