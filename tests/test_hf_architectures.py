@@ -12,6 +12,7 @@ op is built.
 """
 
 import functools
+import re
 import sys
 import warnings
 
@@ -231,8 +232,10 @@ def test_two_models_patched_then_unpatched_one_by_one():
 
 def test_gpt2_is_refused_by_name_and_left_untouched():
     model, _ = hf_models.gpt2()
-    with pytest.raises(NotImplementedError,
-                       match="GPT2LMHeadModel is not a supported architecture"):
+    with pytest.raises(NotImplementedError, match=re.escape(
+            "mixkv: GPT2LMHeadModel is not a supported architecture: mixkv needs a decoder "
+            "(model.get_decoder()) whose layers have a `self_attn` module with a `layer_idx` "
+            "(Llama, Mistral, Qwen2/3, Gemma, Qwen2-VL, LLaVA language models)") + "$"):
         mixkv.patch(model, "mixkv", budget=BUDGET, window=W)
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
     assert "generate" not in vars(model) and not hasattr(model, "_mixkv_patch")
@@ -241,7 +244,8 @@ def test_gpt2_is_refused_by_name_and_left_untouched():
 
 def test_decoder_layers_without_self_attn_layer_idx_are_refused():
     model, _ = setup("llama", "sdpa")
-    attn = model.get_decoder().layers[1].self_attn
+    layer = model.get_decoder().layers[1]
+    attn = layer.self_attn
     idx = attn.layer_idx
     del attn.layer_idx
     try:
@@ -249,6 +253,12 @@ def test_decoder_layers_without_self_attn_layer_idx_are_refused():
             mixkv.patch(model, "mixkv", budget=BUDGET, window=W)
     finally:
         attn.layer_idx = idx
+    del layer.self_attn  # a decoder layer with no `self_attn` at all (another attention design)
+    try:
+        with pytest.raises(NotImplementedError, match="LlamaForCausalLM is not a supported"):
+            mixkv.patch(model, "mixkv", budget=BUDGET, window=W)
+    finally:
+        layer.self_attn = attn
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
 
 
@@ -314,7 +324,9 @@ def test_headwise_refuses_gemma2_softcapping():
     budgets on a soft-capping model up front; a uniform budget (the model's own attention)
     is accepted."""
     model, _ = hf_models.gemma2("eager")
-    with pytest.raises(NotImplementedError, match="soft-caps attention logits.*base='snapkv'"):
+    with pytest.raises(NotImplementedError, match=re.escape(
+            "mixkv: Gemma2ForCausalLM soft-caps attention logits, which the head-wise cache's "
+            "attention does not do; use a uniform budget (base='snapkv')") + "$"):
         patch(model, "gemma2", base="adakv")
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS) and "generate" not in vars(model)
     inputs = hf_models._text_inputs(PROMPT)

@@ -2,6 +2,8 @@
 tokens equal the ops' selection, generate == a hand-written loop, padded rows == single rows,
 unpatch restores the model, and refusals."""
 
+import re
+
 import pytest
 import torch
 
@@ -29,6 +31,11 @@ def prompt(length, batch=1, seed=1):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def exactly(message):
+    """A pytest.raises pattern that matches `message` in full."""
+    return "^" + re.escape(message) + "$"
+
+
 def greedy(model, ids, **kwargs):
     out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                          output_logits=True, pad_token_id=0, **kwargs)
@@ -46,6 +53,40 @@ def test_budget_at_least_prompt_is_exact(attn, method):
     assert torch.equal(seq, want_seq) and torch.equal(logits, want_logits)
 
 
+@pytest.mark.parametrize("method", ["mixkv", "adakv"])
+def test_a_prompt_as_long_as_the_budget_is_left_bit_for_bit(method):
+    """budget == prompt length: nothing to remove, so every layer stays the model's own
+    DynamicLayer holding the prefill's tensors (no selection, no head-wise cache)."""
+    from transformers.cache_utils import DynamicLayer
+
+    model = tiny_llama()
+    ids = prompt(40)
+    full, cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=full, use_cache=True)
+        with mixkv.patch(model, method, budget=40, window=W) as handle:
+            model(ids, past_key_values=cache, use_cache=True)
+    for got, want in zip(cache.layers, full.layers, strict=True):
+        assert type(got) is DynamicLayer
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    layers = handle.stats()["layers"]
+    assert sorted(layers) == [0, 1]
+    for s in layers.values():
+        assert s["kept"].eq(40).all() and s["bytes_after"] == s["bytes_before"]
+
+
+def test_a_forward_without_a_cache_is_left_alone():
+    """use_cache=False (scoring a sequence, perplexity): no cache, nothing to compress; the
+    patched model computes the unpatched logits."""
+    model = tiny_llama()
+    ids = prompt(50)
+    want = model(ids, use_cache=False).logits
+    with mixkv.patch(model, "mixkv", budget=20, window=W) as handle:
+        got = model(ids, use_cache=False).logits
+        assert handle.stats()["layers"] == {}
+    assert torch.equal(got, want)
+
+
 def test_unpatch_restores_bit_identical_logits():
     model = tiny_llama()
     ids = prompt(50)
@@ -56,7 +97,9 @@ def test_unpatch_restores_bit_identical_logits():
     assert torch.equal(model(ids).logits, before)
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
     assert "generate" not in vars(model)
-    mixkv.unpatch(model)  # second unpatch is a no-op
+    handle.unpatch()      # a second unpatch is a no-op (a `with` block left after unpatch())
+    mixkv.unpatch(model)  # and so is the module-level one
+    assert torch.equal(model(ids).logits, before) and "generate" not in vars(model)
 
 
 def test_module_level_unpatch_restores_the_model():
@@ -251,26 +294,31 @@ def test_refuses_static_and_offloaded_caches():
 
     model = tiny_llama()
     ids = prompt(40)
+    static = exactly("mixkv: cache_implementation='static' cannot be compressed (only the "
+                     "default dynamic cache can); unset it")
+    chunked = exactly("mixkv: chunked prefill (prefill_chunk_size) is not supported: "
+                      "compression needs the whole prompt at once")
     with mixkv.patch(model, "mixkv", budget=20, window=W):
         with pytest.raises(NotImplementedError, match=r"^mixkv: cannot compress a StaticCache with "
                            r"StaticLayer layers; static, quantized and offloaded caches are not "
                            r"supported \(use the default DynamicCache\)$"):
             model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64),
                   use_cache=True)
-        with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        with pytest.raises(NotImplementedError, match=static):
             model.generate(ids, max_new_tokens=2, cache_implementation="static")
-        with pytest.raises(NotImplementedError, match="offloaded caches"):
+        with pytest.raises(NotImplementedError,
+                           match=exactly("mixkv: offloaded caches cannot be compressed")):
             model(ids, past_key_values=DynamicCache(config=model.config, offloading=True),
                   use_cache=True)
-        with pytest.raises(NotImplementedError, match="chunked prefill"):
+        with pytest.raises(NotImplementedError, match=chunked):
             model.generate(ids, max_new_tokens=2, prefill_chunk_size=16)
         # The same settings inside a GenerationConfig object, and on the model's own.
         from transformers import GenerationConfig
 
-        with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        with pytest.raises(NotImplementedError, match=static):
             model.generate(ids, generation_config=GenerationConfig(
                 max_new_tokens=2, cache_implementation="static"))
-        with pytest.raises(NotImplementedError, match="chunked prefill"):
+        with pytest.raises(NotImplementedError, match=chunked):
             model.generate(ids, generation_config=GenerationConfig(max_new_tokens=2,
                                                                    prefill_chunk_size=16))
 
@@ -295,9 +343,39 @@ def test_a_cache_layer_that_calls_itself_sliding_stays_whole():
 
 
 def test_default_method_is_mixkv():
+    from mixkv.hf import patch as hf_patch
+    from mixkv.methods import resolve
+
     model = tiny_llama()
-    with mixkv.patch(model, budget=20, window=W) as handle:
-        assert handle.method.label == "mixkv"
+    for entry in (mixkv.patch, hf_patch):
+        with entry(model, budget=20, window=W) as handle:
+            assert handle.method.label == "mixkv"
+    resolved = resolve("snapkv", budget=20, window=W)
+    with mixkv.patch(model, resolved) as handle:  # an already resolved Method is taken as is
+        assert handle.method is resolved
+
+
+def test_a_wrapper_module_with_get_decoder_is_patched():
+    """Any module with get_decoder() can be patched, e.g. a user's nn.Module around a causal LM
+    (no generation_config, no generate)."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def get_decoder(self):
+            return self.lm.get_decoder()
+
+        def forward(self, *args, **kwargs):
+            return self.lm(*args, **kwargs)
+
+    lm = tiny_llama()
+    wrapper = Wrapper(lm)
+    cache = DynamicCache(config=lm.config)
+    with mixkv.patch(wrapper, "snapkv", budget=20, window=W), torch.no_grad():
+        wrapper(prompt(40), past_key_values=cache, use_cache=True)
+    assert [layer.get_seq_length() for layer in cache.layers] == [20, 20]
+    assert not hasattr(wrapper, "_mixkv_patch") and "generate" not in vars(lm)
 
 
 def test_model_generation_config_is_checked_at_patch_time():

@@ -29,14 +29,17 @@ def test_import_without_kvpress_names_the_fix(monkeypatch):
 
 @pytest.mark.parametrize("version, supported", [("5.3.0", True), ("5.24.0", True),
                                                 ("6.0.0.dev0", True), ("5.2.0", False),
-                                                ("4.57.6", False)])
+                                                ("4.57.6", False), ("unknown", False)])
 def test_transformers_version_check(version, supported):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert check_transformers_version(version) is supported
     assert len(caught) == (0 if supported else 1)
     if not supported:
-        assert f"transformers {version} is older than 5.3" in str(caught[0].message)
+        assert str(caught[0].message) == (
+            f"mixkv: transformers {version} is older than 5.3, the oldest the shim supports "
+            "(README 'Supported versions'); with kvpress, whose transformers is older, use "
+            "mixkv.kvpress's presses")
         if "mutmut" not in sys.modules:  # mutation runs add frames outside mixkv
             assert caught[0].filename == __file__            # the caller's line, not mixkv's
 

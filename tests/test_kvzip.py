@@ -361,6 +361,38 @@ def test_a_budget_above_the_prompt_skips_the_pass_and_changes_nothing():
     assert torch.equal(got, want)
 
 
+def test_a_reconstruction_scorer_that_reads_hidden_states_gets_its_layers_module_and_input():
+    """A scorer of one's own may need both the reconstruction pass and the hidden states: the
+    patch holds each layer's attention module and input until the pass has run."""
+    seen = {}
+
+    class KVzipReadingHidden(M.KVzip):
+        needs_hidden_states = True
+
+        def score(self, p):
+            seen[p.layer] = (p.module, p.hidden_states)
+            return super().score(p)
+
+    model, _ = hf_models.llama()
+    batch = torch.tensor([_ids(N)])
+    inputs, hooks = {}, []
+
+    def record(module, args, kwargs):
+        inputs[module.layer_idx] = kwargs["hidden_states"]
+
+    for layer in model.model.layers:  # each attention module's input in an unpatched prefill
+        hooks.append(layer.self_attn.register_forward_pre_hook(record, with_kwargs=True))
+    _prefill(model, batch)
+    for hook in hooks:
+        hook.remove()
+    with mixkv.patch(model, KVzipReadingHidden(**_kvzip()), budget=20, window=W):
+        _prefill(model, batch)
+    assert sorted(seen) == _full_layers(model)
+    for idx, (module, hidden) in seen.items():
+        assert module is model.model.layers[idx].self_attn
+        assert torch.equal(hidden, inputs[idx])
+
+
 @pytest.mark.usefixtures("no_plots")
 def test_evaluation_runs_kvzip_plain_and_mixed_with_one_pass_per_sample(tmp_path, monkeypatch):
     from mixkv.eval.runner import RunConfig, load_records, run
