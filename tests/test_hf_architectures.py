@@ -352,6 +352,29 @@ def _prefill_and_decode(model, inputs, cache, steps=3):
     return torch.cat(logits, 1)
 
 
+def test_a_cache_layer_class_of_ones_own_at_a_sliding_layer_stays_whole():
+    """A DynamicLayer subclass of a model's own at a layer the config calls sliding (the class
+    itself does not say is_sliding) is left whole, like the built-in sliding layers; the full
+    layers are compressed."""
+    from transformers.cache_utils import DynamicLayer
+
+    class OwnLayer(DynamicLayer):
+        pass
+
+    model, inputs = setup("gemma3", "sdpa")
+    sliding = [i for i, t in enumerate(model.config.layer_types) if "sliding" in t]
+    assert 0 < len(sliding) < model.config.num_hidden_layers
+    cache = DynamicCache(config=model.config)
+    for i in sliding:
+        cache.layers[i] = OwnLayer()
+    with patch(model, "gemma3"), torch.no_grad():
+        model(**inputs, **{CACHE: cache}, use_cache=True)
+    prompt = inputs["input_ids"].shape[1]
+    assert [layer.keys.shape[-2] for layer in cache.layers] == \
+        [prompt if i in sliding else BUDGET for i in range(len(cache.layers))]
+    assert all(type(cache.layers[i]) is OwnLayer for i in sliding)
+
+
 @pytest.mark.parametrize("name,attn", [pytest.param(n, a, id=f"{n}-{a}")
                                        for n in ("gemma3", "mistral-sliding")
                                        for a in ("sdpa", "eager")])

@@ -2,6 +2,7 @@
 tokens equal the ops' selection, generate == a hand-written loop, padded rows == single rows,
 unpatch restores the model, and refusals."""
 
+import copy
 import re
 
 import pytest
@@ -508,6 +509,29 @@ def test_compress_cache_of_a_padded_batch_equals_the_patched_prefill(monkeypatch
         else:
             assert torch.equal(got.lengths, want.lengths) and torch.equal(got.valid, want.valid)
             assert torch.equal(got.key_buffer, want.key_buffer)
+
+
+def test_an_attention_module_without_scaling_is_scored_at_one_over_sqrt_d(monkeypatch):
+    """An attention module with no `scaling` attribute (an architecture of one's own) is scored
+    at the ops' default, 1/sqrt(D): Llama's own scaling, so the same tokens are kept."""
+    model = tiny_llama()
+    seen = hf_models.record_attention(monkeypatch)
+    with torch.no_grad():
+        full = _prefilled(model, prompt(60))
+    queries = {i: q for i, (q, _, _, _) in seen.items()}
+    without = copy.deepcopy(full)
+    with mixkv.patch(model, "snapkv", budget=20, window=W) as handle:
+        handle.compress_cache(full, queries)
+        scalings = [module.__dict__.pop("scaling") for module in handle.modules]
+        try:
+            assert not any(hasattr(module, "scaling") for module in handle.modules)
+            handle.compress_cache(without, queries)
+        finally:
+            for module, scaling in zip(handle.modules, scalings):
+                module.scaling = scaling
+    assert scalings == [(64 // 4) ** -0.5] * 2
+    for got, want in zip(without.layers, full.layers, strict=True):
+        assert got.keys.shape[-2] == 20 and torch.equal(got.keys, want.keys)
 
 
 def _prefilled(model, ids):
