@@ -204,28 +204,31 @@ def test_padded_batch_shorter_than_the_prefill_budget(attn, method):
     if "+" in method and not hasattr(torch.ops.mixkv, "ragged_attention"):
         pytest.skip("head-wise attention op not built")
     model = tiny_llama(attn)
-    rows = [prompt(20, seed=5)[0], prompt(13, seed=6)[0]]
+    # Three rows, so that the batch size differs from the model's 2 KV heads.
+    rows = [prompt(20, seed=5)[0], prompt(13, seed=6)[0], prompt(17, seed=7)[0]]
     options = dict(budget=24, window=W, decode_budget=26, interval=4)
     with mixkv.patch(model, method, **options) as handle:
         alone = [generate(model, r[None], 14)[0][0, len(r):] for r in rows]
-        batch = torch.zeros(2, 20, dtype=torch.long)
-        mask = torch.zeros(2, 20, dtype=torch.long)
+        batch = torch.zeros(len(rows), 20, dtype=torch.long)
+        mask = torch.zeros(len(rows), 20, dtype=torch.long)
         for b, r in enumerate(rows):
             batch[b, 20 - len(r):], mask[b, 20 - len(r):] = r, 1
         before = handle.decoding.compressions
         seq, _, cache = generate(model, batch, 14, attention_mask=mask)
         assert handle.decoding.compressions - before == 4  # steps 8 and 12, two layers
-    # The short row holds 13 + 13 real tokens, one over the budget's 26 slots: a padded slot.
+    # Padded slots rank last. At step 8 each row holds 28 slots and keeps 26: row 1 (13 real)
+    # 21 real + 5 padded, row 2 (17 real) 25 + 1. At step 12 each holds those 26 + 4 decoded
+    # and keeps 26: row 1 25 real + 1 padded, row 2 26 real.
     if method == "mixkv":
         assert isinstance(cache.layers[0], CompressedLayer)
-        assert cache.layers[0].kept_real.sum(-1).tolist() == [26, 25]
+        assert cache.layers[0].kept_real.sum(-1).tolist() == [26, 25, 26]
     else:  # head-wise: the long row has no padding, so every slot of its segments is valid
         layer = cache.layers[0]
         assert isinstance(layer, HeadwiseLayer)
         for h in range(layer.kv_heads):
             start, length = int(layer.starts[h]), int(layer.lengths[h])
             assert bool(layer.valid[start:start + length].all()), h
-    for b in range(2):
+    for b in range(len(rows)):
         assert torch.equal(seq[b, 20:], alone[b]), b
 
 
@@ -373,10 +376,15 @@ def test_headwise_recompression_splits_unequal_segments_like_adakv(seed, decode_
     each head's own segment alone (reference.window_importance), right-aligned with zeros where
     a shorter head has no token; a head never keeps more candidates than it holds. In the second
     case AdaKV gives layer 0's shorter head (36 candidates against 44) more than it holds: the
-    row's real slots are its longest head's, and the shorter head is capped at what it holds."""
+    row's real slots are its longest head's, and the shorter head is capped at what it holds.
+    The model's attention scaling is not 1/sqrt(D): the segments are scored with the module's."""
     from mixkv import reference
 
     model = tiny_llama()
+    scaling = 0.4  # the model attends with it too (LlamaAttention passes self.scaling)
+    for layer in model.model.layers:
+        assert layer.self_attn.scaling == 16 ** -0.5
+        layer.self_attn.scaling = scaling
     N, interval = 60, 8
     with mixkv.patch(model, "adakv", budget=40, window=W, decode_budget=decode_budget,
                      interval=interval) as handle:
@@ -406,7 +414,8 @@ def test_headwise_recompression_splits_unequal_segments_like_adakv(seed, decode_
         C = longest - W
         importance = torch.zeros(1, 2, C)
         for h, keys in enumerate(heads):
-            scores = reference.window_importance(queries[:, 2 * h:2 * h + 2], keys[None, None])
+            scores = reference.window_importance(queries[:, 2 * h:2 * h + 2], keys[None, None],
+                                                 scaling=scaling)
             importance[0, h, C - scores.shape[-1]:] = scores[0, 0]
         capacities = reference.head_budgets(importance, decode_budget - W, "adaptive")[0]
         for h, keys in enumerate(heads):
@@ -433,17 +442,21 @@ def test_bad_arguments_are_refused_by_name():
          "interval must be an int >= 1"),
         (dict(budget=24, window=8, decode_budget=32, interval=2.5), ValueError,
          "interval must be an int >= 1"),
-        (dict(budget=24, window=8, interval=4), ValueError, "interval=4 needs decode_budget="),
+        (dict(budget=24, window=8, interval=4), ValueError,
+         r"^mixkv: interval=4 needs decode_budget= \(the tokens per KV head a generation "
+         r"keeps\)$"),
         (dict(budget=24, window=8, decode_budget="1024"), TypeError,
          "decode_budget must be an int"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
             mixkv.patch(model, "mixkv", **options)
-    with pytest.raises(ValueError, match="decode_budget needs a compressing method"):
+    with pytest.raises(ValueError, match="^mixkv: decode_budget needs a compressing method, "
+                                         "not 'full'$"):
         mixkv.patch(model, "full", decode_budget=64)
-    with pytest.raises(NotImplementedError, match="decode_budget does not support method "
-                                                  "'expected_attention'"):
+    with pytest.raises(NotImplementedError, match="^mixkv: decode_budget does not support "
+                       "method 'expected_attention': its scorer reads the layers' hidden "
+                       "states, which decoding does not keep$"):
         mixkv.patch(model, "expected_attention", budget=64, decode_budget=64)
     with pytest.raises(NotImplementedError, match="offline redundancy profile"):
         mixkv.patch(model, "mixkv+adakv", budget=24, window=8, decode_budget=32,
@@ -534,6 +547,47 @@ def test_compress_cache_then_decoding_equals_a_patched_prefill(method):
 
     for layer, other_layer in zip(cache.layers, other.layers):
         assert torch.equal(stored_keys(layer), stored_keys(other_layer))
+
+
+def test_decoding_a_cache_this_run_did_not_prefill(monkeypatch):
+    """Caches prefilled without the patch (a cached system prompt, say), then decoded under
+    decode_budget: each layer is compressed once the run holds W queries of its own (with
+    interval < W, not at the first check), to the ops' selection on the latest W queries. A
+    second cache with another batch size starts its queries afresh."""
+    model = tiny_llama()
+    N, decode_budget, interval = 60, 30, 5
+    caches = {}
+    with torch.no_grad():
+        for batch in (1, 2):  # prefilled before patching: the patch never sees these prefills
+            caches[batch] = DynamicCache(config=model.config)
+            model(prompt(N, batch=batch, seed=batch), past_key_values=caches[batch],
+                  use_cache=True)
+    seen = hf_models.record_attention(monkeypatch)
+    with mixkv.patch(model, "mixkv", budget=40, window=W, decode_budget=decode_budget,
+                     interval=interval) as handle, torch.no_grad():
+        for batch, cache in caches.items():
+            seen.calls.clear()
+            before = handle.decoding.compressions
+            token = prompt(1, batch=batch, seed=10 + batch)
+            for step in range(2 * interval):
+                out = model(token, past_key_values=cache, use_cache=True,
+                            position_ids=torch.full((batch, 1), N + step))
+                token = out.logits[:, -1:].argmax(-1)
+                if step == interval - 1:  # 5 queries held, fewer than W: nothing compressed
+                    assert handle.decoding.compressions == before
+                    assert [layer.keys.shape[-2] for layer in cache.layers] == [N + interval] * 2
+            assert handle.decoding.compressions == before + 2
+            for i, layer in enumerate(cache.layers):
+                calls = [c for c in seen.calls if c["layer"] == i]
+                assert len(calls) == 2 * interval
+                queries = torch.cat([c["query"] for c in calls[-W:]], dim=-2)
+                last = calls[-1]
+                assert last["key"].shape[:3] == (batch, 2, N + 2 * interval)
+                want_k, want_v, _ = torch.ops.mixkv.compress(
+                    queries, last["key"], last["value"], None, decode_budget, W, "mixkv", None,
+                    5, "avg", "mean", 0.25)
+                assert isinstance(layer, CompressedLayer)
+                assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
 
 
 def test_gemma3_recompression_uses_the_models_attention_scaling(monkeypatch):
