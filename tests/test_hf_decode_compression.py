@@ -247,6 +247,11 @@ def test_decode_budget_covering_everything_changes_nothing(method):
         seq, logits, _ = generate(model, ids, new)
         assert h.decoding.compressions == 0
     assert torch.equal(seq, want_seq) and torch.equal(logits, want_logits)
+    # A layer that reaches exactly the decode budget at a check has nothing to remove either:
+    # the prefill keeps 24, and the 6th decode call (7 new tokens) brings every head to 30.
+    with mixkv.patch(model, method, budget=24, window=W, decode_budget=30, interval=6) as h:
+        generate(model, ids, 7)
+        assert h.decoding.compressions == 0
     # A smaller decode budget does cut (the no-op above is the budget's doing, not a dead path).
     with mixkv.patch(model, method, budget=24, window=W, decode_budget=40, interval=3) as h:
         generate(model, ids, new)
