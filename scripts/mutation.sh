@@ -20,7 +20,7 @@ tests_for() {
     mixkv/hf/layers.py) echo "tests/test_hf_layers.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/capture.py) echo "tests/test_hf_capture.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py tests/test_kvzip.py tests/test_hf_decode_compression.py tests/test_eval_engine.py tests/test_kvpress_optional.py" ;;
-    mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py" ;;
+    mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py tests/test_kvzip.py" ;;  # kvzip: the refusal
     mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
     mixkv/eval/runner.py) echo "$EVAL_TESTS tests/test_methods.py" ;;  # import_plugins
     *) echo "tests" ;;
