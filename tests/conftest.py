@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import itertools
+import re
 import threading
 
 import pytest
@@ -64,6 +65,11 @@ def make_inputs(B, Hq, Hkv, N, D, dtype, padded, window=WINDOW, seed=0):
         if B == 1:
             mask[0, : (N - window) // 3] = False
     return q, k, v, mask
+
+
+def exactly(message):
+    """A pytest.raises pattern that matches `message` in full."""
+    return "^" + re.escape(message) + "$"
 
 
 def close(actual, expected, rel=1e-4):

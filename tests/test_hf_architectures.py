@@ -12,7 +12,6 @@ op is built.
 """
 
 import functools
-import re
 import sys
 import warnings
 
@@ -27,6 +26,7 @@ import mixkv  # noqa: E402
 from mixkv.hf import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
+from conftest import exactly  # noqa: E402
 
 W, BUDGET, PROMPT, NEW = 8, 24, 80, 5
 CACHE = hf_models.cache_kwarg()
@@ -232,10 +232,10 @@ def test_two_models_patched_then_unpatched_one_by_one():
 
 def test_gpt2_is_refused_by_name_and_left_untouched():
     model, _ = hf_models.gpt2()
-    with pytest.raises(NotImplementedError, match=re.escape(
+    with pytest.raises(NotImplementedError, match=exactly(
             "mixkv: GPT2LMHeadModel is not a supported architecture: mixkv needs a decoder "
             "(model.get_decoder()) whose layers have a `self_attn` module with a `layer_idx` "
-            "(Llama, Mistral, Qwen2/3, Gemma, Qwen2-VL, LLaVA language models)") + "$"):
+            "(Llama, Mistral, Qwen2/3, Gemma, Qwen2-VL, LLaVA language models)")):
         mixkv.patch(model, "mixkv", budget=BUDGET, window=W)
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
     assert "generate" not in vars(model) and not hasattr(model, "_mixkv_patch")
@@ -324,9 +324,9 @@ def test_headwise_refuses_gemma2_softcapping():
     budgets on a soft-capping model up front; a uniform budget (the model's own attention)
     is accepted."""
     model, _ = hf_models.gemma2("eager")
-    with pytest.raises(NotImplementedError, match=re.escape(
+    with pytest.raises(NotImplementedError, match=exactly(
             "mixkv: Gemma2ForCausalLM soft-caps attention logits, which the head-wise cache's "
-            "attention does not do; use a uniform budget (base='snapkv')") + "$"):
+            "attention does not do; use a uniform budget (base='snapkv')")):
         patch(model, "gemma2", base="adakv")
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS) and "generate" not in vars(model)
     inputs = hf_models._text_inputs(PROMPT)

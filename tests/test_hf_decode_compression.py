@@ -52,6 +52,13 @@ def held_per_head(layer) -> torch.Tensor:
     return torch.full((B, Hkv), N)
 
 
+def ops_kept(queries, call, decode_budget, mode="mixkv", scaling=0.25):
+    """(keys, values, positions) the fused op keeps from a recorded attention call's K/V with
+    these window queries: the expected dense recompression (tiny Llama's scaling 1/sqrt(16))."""
+    return torch.ops.mixkv.compress(queries, call["key"], call["value"], None, decode_budget, W,
+                                    mode, None, 5, "avg", "mean", scaling)
+
+
 def record_cache_sizes(model):
     """Before every forward: each layer's [B, Hkv] held tokens plus the call's new tokens (the
     most any head holds during that call's attention)."""
@@ -297,9 +304,7 @@ def test_recompression_is_the_ops_selection_on_the_latest_queries(monkeypatch, m
             want_k = torch.stack([k[h, kept[h]] for h in range(2)])[None]
             want_v = torch.stack([v[h, kept[h]] for h in range(2)])[None]
         else:
-            want_k, want_v, _ = torch.ops.mixkv.compress(queries, last["key"], last["value"],
-                                                         None, decode_budget, W, mode, None, 5,
-                                                         "avg", "mean", 0.25)
+            want_k, want_v, _ = ops_kept(queries, last, decode_budget, mode)
         assert isinstance(layer, CompressedLayer)
         assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
         # The window (the 8 latest tokens, 5 of them decoded) is kept as the last slots.
@@ -588,9 +593,7 @@ def test_decoding_a_cache_this_run_did_not_prefill(monkeypatch):
                 queries = torch.cat([c["query"] for c in calls[-W:]], dim=-2)
                 last = calls[-1]
                 assert last["key"].shape[:3] == (batch, 2, N + 2 * interval)
-                want_k, want_v, _ = torch.ops.mixkv.compress(
-                    queries, last["key"], last["value"], None, decode_budget, W, "mixkv", None,
-                    5, "avg", "mean", 0.25)
+                want_k, want_v, _ = ops_kept(queries, last, decode_budget)
                 assert isinstance(layer, CompressedLayer)
                 assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
 
@@ -623,13 +626,9 @@ def test_gemma3_recompression_uses_the_models_attention_scaling(monkeypatch):
                             + [c["query"] for c in calls[1:]], dim=-2)
         last, scaling = calls[-1], calls[-1]["scaling"]
         assert scaling == model.get_decoder().layers[i].self_attn.scaling != 16 ** -0.5
-
-        def kept(s):
-            return torch.ops.mixkv.compress(queries, last["key"], last["value"], None,
-                                            decode_budget, W, "mixkv", None, 5, "avg", "mean", s)
-
-        want_k, want_v, _ = kept(scaling)
+        want_k, want_v, _ = ops_kept(queries, last, decode_budget, scaling=scaling)
         assert torch.equal(cache.layers[i].keys, want_k)
         assert torch.equal(cache.layers[i].values, want_v)
-        differs.append(not torch.equal(kept(None)[0], want_k))
+        differs.append(not torch.equal(ops_kept(queries, last, decode_budget, scaling=None)[0],
+                                       want_k))
     assert any(differs)

@@ -3,7 +3,6 @@ tokens equal the ops' selection, generate == a hand-written loop, padded rows ==
 unpatch restores the model, and refusals."""
 
 import copy
-import re
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 import mixkv  # noqa: E402
 
 import hf_models  # noqa: E402
+from conftest import exactly  # noqa: E402
 
 W = 8
 VOCAB = 99
@@ -30,11 +30,6 @@ def tiny_llama(attn="sdpa", layers=2, seed=0):
 
 def prompt(length, batch=1, seed=1):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def exactly(message):
-    """A pytest.raises pattern that matches `message` in full."""
-    return "^" + re.escape(message) + "$"
 
 
 def greedy(model, ids, **kwargs):
