@@ -369,8 +369,9 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
     """Compress the KV cache of `model` after every prefill with `method`.
 
     `method` is a name ("mixkv", "mixkv+adakv", "tova+pyramidkv", "mixkv(tova)", ...) or an
-    object (``MixKV(AdaKV(SnapKV()))``), see :mod:`mixkv.methods`. ``budget`` counts the tokens
-    kept per KV head, window included (or ``ratio``: fraction of the prompt removed);
+    object (``MixKV(AdaKV(SnapKV()))``), see :mod:`mixkv.methods`; a :class:`Method` that
+    ``mixkv.methods.resolve`` returned is taken as is and takes no options. ``budget`` counts
+    the tokens kept per KV head, window included (or ``ratio``: fraction of the prompt removed);
     ``window`` (32); ``base`` picks how many tokens each head keeps: "snapkv" (uniform),
     "pyramidkv", "adakv" or "explicit" (``profile`` [L, Hkv] weights); the other options go to
     the method's parts (``redundancy``: "online" or an [L, Hkv] profile for MixKV; ``sinks``,
@@ -383,6 +384,14 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
     prefill keeps ``decode_budget`` as well.
     """
     check_transformers_version()
+    if isinstance(method, Method) and options:
+        # A resolved Method is taken as is (budget, window and parts fixed by resolve): its
+        # options would silently not apply. decode_budget / interval do apply to it.
+        given = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        raise ValueError(f"mixkv.patch: method is an already resolved Method (label "
+                         f"{method.label!r}); the options {given} would be ignored: give them "
+                         "to mixkv.methods.resolve() or pass the method by name or as a "
+                         "Scorer/BudgetPolicy object")
     decoding = None
     if decode_budget is None and interval is None:
         resolved = method if isinstance(method, Method) else resolve(method, **options)
