@@ -32,3 +32,20 @@ def test_a_swap_beyond_a_tie_fails(op_kept):
 def test_dropping_the_window_fails():
     with pytest.raises(AssertionError, match="window"):
         assert_same_selection([0, 1, 5], REFERENCE, torch.tensor([9.0, 5, 3, 3, 1, 0]), C=5)
+
+
+def test_kept_rows_may_differ_only_by_a_tie():
+    from conftest import assert_same_kept_rows
+
+    keys = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 2.0 + 1e-5]])
+    norm = lambda rows: rows.norm(dim=-1)  # noqa: E731
+    # the same rows, drifted by rounding: no flip
+    assert not assert_same_kept_rows(keys[:3], keys[:3] + 1e-4, 1e-3)
+    # row 1 and row 3 tie (norms 2 and 2 + 1e-5): a flip, accepted and reported
+    assert assert_same_kept_rows(keys[:3], keys[[0, 3, 2]], 1e-6, norm, 1e-4)
+    with pytest.raises(AssertionError, match="beyond a tie"):   # 2 against 1.41: no tie
+        assert_same_kept_rows(keys[:2], keys[[0, 2]], 1e-6, norm, 1e-4)
+    with pytest.raises(AssertionError, match="kept rows differ"):  # no score: no flip allowed
+        assert_same_kept_rows(keys[:3], keys[[0, 3, 2]], 1e-6)
+    with pytest.raises(AssertionError):  # a different count of kept rows
+        assert_same_kept_rows(keys[:3], keys[:2], 1e-3, norm, 1.0)

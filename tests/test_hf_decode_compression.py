@@ -15,6 +15,7 @@ from mixkv.hf import CompressedLayer, HeadwiseLayer  # noqa: E402
 from mixkv.methods import AdaKV, MixKV, SnapKV  # noqa: E402
 
 import hf_models  # noqa: E402
+from conftest import assert_same_kept_rows  # noqa: E402
 
 W = 8
 VOCAB = 99
@@ -151,6 +152,11 @@ def test_every_scorer_plain_and_mixed_under_every_base():
 
 # -- padded batches ----------------------------------------------------------------------------
 
+KNORM_SCORE = lambda keys: -keys.norm(dim=-1)  # noqa: E731  (knorm's score of kept keys)
+# Ties: two tokens' norms within the keys' own drift between runs (1e-3, as compared below).
+KNORM_TIE = 1e-3
+
+
 def _real_kept_keys(layer, b):
     """Row b's real kept keys per KV head, in cache order (a list over heads)."""
     if isinstance(layer, HeadwiseLayer):
@@ -191,15 +197,24 @@ def test_padded_rows_equal_single_runs(method, base):
             batch[b, 60 - len(r):], mask[b, 60 - len(r):] = r, 1
         seq, _, cache = generate(model, batch, new, attention_mask=mask)
         assert handle.decoding.compressions > 0
+    # knorm ranks by ATen's key norm, and a token repeated in a prompt or in the generated text
+    # has the same key norm at every position of layer 0 (RoPE is a rotation) up to rounding,
+    # which differs between a batch and a single run and between CPUs: such a tie may flip.
+    # Other methods' kept tokens must be the same.
+    score, tie = (KNORM_SCORE, KNORM_TIE) if method == "knorm" else (None, 0.0)
+    heads = flipped = 0
     for b, (single_seq, _, single_cache) in enumerate(alone):
         assert torch.equal(seq[b, 60:], single_seq[0, len(rows[b]):]), b
         for i, layer in enumerate(cache.layers):
             got, want = _real_kept_keys(layer, b), _real_kept_keys(single_cache.layers[i], 0)
             for h, (g, w) in enumerate(zip(got, want)):
-                assert g.shape == w.shape, (b, i, h)
                 # Same tokens in the same order: decoded tokens' keys drift by float rounding
                 # between a batch and a single run (~1e-4); two different tokens differ by ~0.1.
-                torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
+                flip = assert_same_kept_rows(g, w, 1e-3, score, tie)
+                if not flip:  # the same tokens, in the same order too
+                    torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
+                heads, flipped = heads + 1, flipped + flip
+    assert flipped <= heads // 8, f"{flipped} of {heads} heads flipped a tie: not rare"
 
 
 @pytest.mark.parametrize("attn,method", [("sdpa", "mixkv"), ("eager", "mixkv"),

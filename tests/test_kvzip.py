@@ -26,7 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 W = 4
 N = 42
 PROMPT = [5, 6, 7]
-TOL = dict(rtol=1e-4, atol=1e-6)
+# Peaked attention (logits in the tens): a probability's relative error is its logit's
+# absolute error, which differs between sdpa and eager and between CPUs' vectorised
+# reductions (1.2e-4 seen under ATEN_CPU_CAPABILITY=default).
+TOL = dict(rtol=1e-3, atol=1e-6)
 
 
 def _sharpened(build, attn="sdpa"):
