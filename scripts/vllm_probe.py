@@ -36,7 +36,8 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0, a 16-block pool of 32 tokens, eager, float32):
 
 Stage 2 is a probe, not the plugin: it monkeypatches GPUModelRunner._prepare_inputs in this
 process, handles no chunked prefill, preemption or prefix caching, and compresses every prompt.
-Prints what it measured and exits non-zero on any failed check (about 15 s on 2 cores).
+Prints what it measured and exits non-zero on any failed check (about 15 s on 2 cores). Under
+ATEN_CPU_CAPABILITY=default it sets TORCH_COMPILE_DISABLE=1 (see below).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")            # GiB; the pool 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+    # Asking for logprobs makes vLLM's sampler torch.compile a helper
+    # (v1/sample/ops/logprobs.py: batched_count_greater_than, inductor on CPU), whose generated
+    # C++ does not compile under ATEN_CPU_CAPABILITY=default ("'at::vec' has not been
+    # declared"); run it eagerly there (the CI reruns suites under that setting).
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 import torch  # noqa: E402
 
