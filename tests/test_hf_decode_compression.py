@@ -312,10 +312,12 @@ def test_recompression_is_the_ops_selection_on_the_latest_queries(monkeypatch, m
                             + [c["query"] for c in calls[1:]], dim=-2)
         last = calls[-1]
         assert last["key"].shape[-2] == budget + interval  # what the compressing step saw
-        if mode is None:  # knorm, defined here: the lowest key norms, then the window
+        if mode is None:  # knorm, defined here: the lowest key norms, then the window (the
+            # scorer's norms bit for bit; an exact tie to the lower position: a stable sort)
             k, v, C = last["key"][0], last["value"][0], budget + interval - W
-            kept = [torch.cat([k[h, :C].norm(dim=-1).argsort()[:decode_budget - W].sort().values,
-                               torch.arange(C, C + W)]) for h in range(2)]
+            lowest = [k[h, :C].norm(dim=-1).argsort(stable=True)[:decode_budget - W].sort().values
+                      for h in range(2)]
+            kept = [torch.cat([lowest[h], torch.arange(C, C + W)]) for h in range(2)]
             want_k = torch.stack([k[h, kept[h]] for h in range(2)])[None]
             want_v = torch.stack([v[h, kept[h]] for h in range(2)])[None]
         else:
