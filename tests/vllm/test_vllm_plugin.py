@@ -1,0 +1,197 @@
+"""mixkv.vllm inside vLLM 0.32 (CPU): inert without its setting, mixkv.patch's greedy outputs
+with it (several methods, batched prompts of different lengths), leading blocks freed, and
+every refusal's message."""
+
+# First: it sets the environment vLLM and torch.compile read when they load.
+from vllm_engine import (BLOCK, MAX_TOKENS, PROMPT_LENGTHS, generate, hf_generate,  # isort: skip
+                         make_llm, scheduler_manager, with_engine)
+from vllm_engine import hf_model, model_dir, plugin, prompts, vanilla  # noqa: F401 (fixtures)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mixkv.vllm.config import MixKVConfig, kept_tokens, plan, refusal  # noqa: E402
+
+LOGPROB_TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_import_mixkv_never_needs_vllm():
+    """mixkv does not import mixkv.vllm, and mixkv.vllm imports without vLLM."""
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "import mixkv; assert 'mixkv.vllm' not in sys.modules\n"
+            "import mixkv.vllm, mixkv.vllm.config, mixkv.vllm.compress\n"
+            "assert sys.modules['vllm'] is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_entry_point_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '[project.entry-points."vllm.general_plugins"]\nmixkv = "mixkv.vllm:register"' in text
+
+
+def test_plugin_inactive_is_vanilla(model_dir, prompts, vanilla, plugin):
+    """Registered but not configured: the same tokens and bit-equal logprobs, vLLM's spec and
+    manager, the override backend serving as plain CPU attention."""
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    def use(llm):
+        assert type(scheduler_manager(llm)) is FullAttentionManager
+        return generate(llm, prompts)
+
+    for extra in ({}, {"additional_config": {"other": 1}}):
+        assert with_engine(model_dir, use, **extra) == vanilla
+
+
+def run_plugin(model_dir, prompts, monkeypatch, **setting):
+    """Plugin run: outputs, blocks freed early, and kept positions per (layer, prompt length)."""
+    import mixkv.vllm.compress as compress
+
+    kept_positions = {}
+    select = compress.select
+
+    def recording_select(method, queries, keys, *args, layer, **kwargs):
+        out = select(method, queries, keys, *args, layer=layer, **kwargs)
+        kept_positions[(layer, keys.shape[0])] = out[2]
+        return out
+
+    monkeypatch.setattr(compress, "select", recording_select)
+    def use(llm):
+        manager = scheduler_manager(llm)
+        assert type(manager).__name__ == "MixKVAttentionManager"
+        results = generate(llm, prompts)
+        pool = manager.block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "blocks leaked"
+        return results, manager.freed_blocks
+
+    results, freed = with_engine(model_dir, use, additional_config={"mixkv": setting})
+    return results, freed, kept_positions
+
+
+# method, its options, and whether heads keep different positions in some layer and prompt
+CASES = [
+    ("mixkv", dict(budget=24, window=8), True),
+    ("snapkv", dict(ratio=0.5, window=8), True),
+    ("knorm", dict(budget=24, window=8), True),
+    ("streamingllm", dict(budget=24, window=8), False),
+    ("tova", dict(budget=40, window=8), False),       # TOVA scores average the heads
+    ("mixkv(tova)", dict(budget=24, window=8), True),
+]
+
+
+@pytest.mark.parametrize("method,options,heads_differ", CASES,
+                         ids=[c[0] for c in CASES])
+def test_greedy_equals_mixkv_patch(model_dir, prompts, vanilla, plugin, hf_model, monkeypatch,
+                                   method, options, heads_differ):
+    got, freed, kept_positions = run_plugin(model_dir, prompts, monkeypatch, method=method,
+                                            **options)
+    want = hf_generate(hf_model, prompts, method=method, **options)
+    kept = [kept_tokens(n, options.get("budget"), options.get("ratio"), options["window"])
+            for n in PROMPT_LENGTHS]
+    for n, k, (g_tokens, g_lp), (w_tokens, w_lp), (v_tokens, _) in zip(
+            PROMPT_LENGTHS, kept, got, want, vanilla):
+        assert g_tokens == w_tokens, f"prompt {n}: {g_tokens} != mixkv.patch's {w_tokens}"
+        assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL, f"prompt {n}"
+        assert len(g_tokens) == MAX_TOKENS
+        if n <= k:       # nothing to drop: untouched, as vanilla
+            assert g_tokens == v_tokens
+            assert all(key[1] != n for key in kept_positions), f"prompt {n} was compressed"
+    assert freed == sum(plan(n, k, BLOCK)[0] for n, k in zip(PROMPT_LENGTHS, kept) if n > k)
+    compressed = {(layer, n) for layer, n in kept_positions}
+    assert compressed == {(layer, n) for layer in (0, 1) for n, k in zip(PROMPT_LENGTHS, kept)
+                          if n > k}
+    differ = [key for key, pos in kept_positions.items()
+              if not torch.equal(pos[0].sort().values, pos[1].sort().values)]
+    assert bool(differ) == heads_differ, differ
+
+
+def test_compression_changes_outputs_and_frees(model_dir, prompts, vanilla, plugin,
+                                               monkeypatch):
+    """The setting used in the docs: 4 blocks freed (1 for the 75-token prompt, 3 for the
+    150-token one; 40 tokens drop 16 < a block), and the compressed outputs differ from the
+    full cache's for the prompts that lost tokens."""
+    got, freed, _ = run_plugin(model_dir, prompts, monkeypatch, method="mixkv", budget=24,
+                               window=8)
+    assert freed == 4
+    assert got[0] == vanilla[0]                          # 7 tokens <= budget: untouched
+    assert any(g[0] != v[0] for g, v in zip(got[1:], vanilla[1:]))
+
+
+# ----------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("setting,message", [
+    ({"method": "adakv", "budget": 64}, r"different budgets \(policy 'adakv'\).*uniform"),
+    ({"method": "pyramidkv", "budget": 64}, r"different budgets \(policy 'pyramidkv'\)"),
+    ({"method": "mixkv+adakv", "budget": 64}, r"'mixkv\+adakv' gives KV heads different"),
+    ({"method": "snapkv", "base": "explicit", "budget": 64, "profile": [[1.0, 1.0]] * 2},
+     r"policy 'explicit'"),
+    ({"method": "expected_attention", "budget": 64}, r"hidden states"),
+    ({"method": "kvzip", "budget": 64}, r"re-reads the\s+context"),
+    ({"method": "mixkv", "budget": 64, "decode_budget": 32}, r"\['decode_budget'\].*not supported"),
+    ({"method": "full"}, r"does not compress"),
+    ({"method": "nosuch", "budget": 64}, r'additional_config\["mixkv"\].*nosuch'),
+    ({"method": "mixkv", "budget": 8, "window": 8}, r"budget \(8\) must be larger than window"),
+    ({"method": "mixkv"}, r"exactly one of budget="),
+    ("mixkv", r"must be a dict"),
+])
+def test_method_refusals(setting, message):
+    with pytest.raises(ValueError, match=message):
+        MixKVConfig.from_additional({"mixkv": setting})
+
+
+def fake_engine(**changes):
+    """A stand-in for VllmConfig holding the fields refusal() reads, set as the plugin needs."""
+    ns = types.SimpleNamespace
+    cfg = ns(cache_config=ns(enable_prefix_caching=False, cache_dtype="auto"),
+             scheduler_config=ns(enable_chunked_prefill=False, long_prefill_token_threshold=0),
+             parallel_config=ns(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                decode_context_parallel_size=1),
+             model_config=ns(get_sliding_window=lambda: None),
+             speculative_config=None, kv_transfer_config=None)
+    for path, value in changes.items():
+        part, _, field = path.rpartition(".")
+        setattr(getattr(cfg, part) if part else cfg, field, value)
+    return cfg
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"cache_config.enable_prefix_caching": True}, "enable_prefix_caching=False"),
+    ({"scheduler_config.enable_chunked_prefill": True}, "enable_chunked_prefill=False"),
+    ({"scheduler_config.long_prefill_token_threshold": 64}, "long_prefill_token_threshold"),
+    ({"speculative_config": object()}, "speculative decoding"),
+    ({"cache_config.cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
+    ({"kv_transfer_config": object()}, "kv_transfer_config"),
+    ({"parallel_config.tensor_parallel_size": 2}, "parallelism"),
+    ({"parallel_config.decode_context_parallel_size": 2}, "parallelism"),
+    ({"model_config.get_sliding_window": lambda: 64}, "sliding-window"),
+])
+def test_engine_refusals(change, message):
+    assert refusal(fake_engine()) is None
+    why = refusal(fake_engine(**change))
+    assert why is not None and message in why and 'additional_config["mixkv"]' in why
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(enable_prefix_caching=True), "enable_prefix_caching=False"),
+    (dict(enable_chunked_prefill=True), "enable_chunked_prefill=False"),
+    (dict(additional_config={"mixkv": {"method": "adakv", "budget": 64}}), "uniform"),
+])
+def test_engine_start_refused(model_dir, plugin, overrides, message):
+    """The refusals fire while vLLM builds the engine's config, before a model is loaded."""
+    overrides.setdefault("additional_config", {"mixkv": {"method": "mixkv", "budget": 64}})
+    with pytest.raises(Exception, match=message):
+        make_llm(model_dir, **overrides)
+
+
+def test_version_check(monkeypatch):
+    import vllm
+
+    import mixkv.vllm.engine as engine
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.\* .*found vllm 0\.33\.0"):
+        engine._check_version()

@@ -1,0 +1,143 @@
+"""Engines, reference runs and fixtures of the vLLM plugin's tests (scripts/vllm_test.sh runs
+them in .venv-vllm). Not a conftest.py: tests/conftest.py's helpers are imported by that name.
+Imported before vLLM, since the environment it sets is read when vLLM loads.
+
+One process holds every engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): a tiny random GQA Llama
+(head_dim 32, 2 layers, vocab 256) saved without a tokenizer, token-id prompts, a 16-block pool
+of 32-token blocks, float32, eager. The plugin is registered by the ``plugin`` fixture, after
+the vanilla reference run (``vanilla``): vLLM's backend override is process-wide.
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # engine core + worker in-process
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")            # GiB; the pool is overridden
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+    # Asking for logprobs makes vLLM's sampler torch.compile a helper
+    # (v1/sample/ops/logprobs.py), whose inductor C++ does not build under
+    # ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"): run it eagerly.
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+PROMPT_LENGTHS = (7, 40, 75, 150)   # 1, 2, 3 and 5 blocks of 32 tokens
+MAX_TOKENS = 8
+BLOCK = 32
+NUM_BLOCKS = 16
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, num_hidden_layers=2, vocab_size=256, max_position_embeddings=512,
+        rms_norm_eps=1e-6, initializer_range=0.1,        # peaked logits: no greedy near-ties
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+ENGINE_ARGS = dict(skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+                   block_size=BLOCK, num_gpu_blocks_override=NUM_BLOCKS, max_model_len=256,
+                   max_num_seqs=4, max_num_batched_tokens=256, enable_prefix_caching=False,
+                   enable_chunked_prefill=False, seed=0, disable_log_stats=True)
+
+
+def make_llm(folder, **overrides):
+    from vllm import LLM
+
+    return LLM(model=folder, **{**ENGINE_ARGS, **overrides})
+
+
+def scheduler_manager(llm):
+    core = llm.llm_engine.engine_core.engine_core          # InprocClient -> EngineCore
+    (manager,) = core.scheduler.kv_cache_manager.coordinator.single_type_managers
+    return manager
+
+
+def generate(llm, prompts):
+    """Greedy tokens and their logprobs per prompt, all prompts in one batch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True,
+                            detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                        use_tqdm=False)
+    results = []
+    for out in outs:
+        c = out.outputs[0]
+        results.append((list(c.token_ids),
+                        [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]))
+    return results
+
+
+def with_engine(folder, use, **overrides):
+    """``use(llm)`` on a fresh engine, which is gone when this returns: an engine collected
+    later would tear down vLLM's process-wide state under the next one."""
+    llm = make_llm(folder, **overrides)
+    try:
+        return use(llm)
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="session")
+def vanilla(model_dir, prompts):
+    """vLLM without the plugin: must run before ``plugin`` registers it in this process."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert "mixkv" not in AttentionBackendEnum.CPU_ATTN.get_path(), \
+        "the plugin was registered before the vanilla reference run"
+    return with_engine(model_dir, lambda llm: generate(llm, prompts))
+
+
+@pytest.fixture(scope="session")
+def plugin(vanilla):
+    import mixkv.vllm
+
+    mixkv.vllm.register()
+    return mixkv.vllm
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None      # vLLM runs with ignore_eos
+    return model
+
+
+def hf_generate(model, prompts, **method):
+    """mixkv.patch + generate, one prompt at a time: greedy tokens and their logprobs."""
+    import mixkv
+
+    results = []
+    with torch.no_grad(), mixkv.patch(model, **method):
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=0)
+            tokens = out.sequences[0, len(ids):].tolist()
+            results.append((tokens, [torch.log_softmax(step[0].float(), -1)[t].item()
+                                     for step, t in zip(out.logits, tokens)]))
+    return results
