@@ -34,7 +34,8 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0, a 16-block pool of 32 tokens, eager, float32):
    (positions, hence RoPE, untouched). Greedy tokens equal ``mixkv.patch(model, "mixkv")`` +
    ``generate`` (and differ from the full cache's), logprobs within 1e-4, 4 blocks freed.
 
-Stage 2 is a probe, not the plugin: it monkeypatches GPUModelRunner._prepare_inputs in this
+The plugin built on it is mixkv/vllm (docs/vllm-plugin.md section 14); this script stays as the
+record of the groundwork. Stage 2 is a probe, not the plugin: it monkeypatches GPUModelRunner._prepare_inputs in this
 process, handles no chunked prefill, preemption or prefix caching, and compresses every prompt.
 Prints what it measured and exits non-zero on any failed check (about 15 s on 2 cores). Under
 ATEN_CPU_CAPABILITY=default it sets TORCH_COMPILE_DISABLE=1 (see below).

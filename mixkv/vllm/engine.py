@@ -96,7 +96,8 @@ class MixKVAttentionManager(FullAttentionManager):
         if num_prompt_tokens is not None and processed_computed_tokens >= num_prompt_tokens:
             layout = self.kv_cache_spec.plan(num_prompt_tokens)
             blocks = self.req_to_blocks.get(request_id, [])
-            if layout is not None and layout[0] and not blocks[layout[0] - 1].is_null:
+            if (layout is not None and layout[0] and len(blocks) >= layout[0]
+                    and not blocks[layout[0] - 1].is_null):
                 self._remove_blocks_in_range(request_id, 0, layout[0])
                 self.freed_blocks += layout[0]
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)

@@ -195,3 +195,35 @@ def test_version_check(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.\* .*found vllm 0\.33\.0"):
         engine._check_version()
+
+
+ENTRY_POINT_RUN = """
+import json, sys
+from vllm_engine import generate, make_llm
+setting = {"method": "mixkv", "budget": 24, "window": 8}
+llm = make_llm(sys.argv[1], additional_config={"mixkv": setting})
+print("RESULT " + json.dumps(generate(llm, json.loads(sys.argv[2]))))
+"""
+
+
+def test_entry_point_in_separate_processes(model_dir, prompts, hf_model, tmp_path):
+    """As installed: vLLM loads the plugin through its entry point in each of its processes
+    (front end, engine core with the scheduler, worker); nothing calls register() here."""
+    import json
+    import os
+
+    dist = tmp_path / "mixkv_entry-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixkv-entry\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nmixkv = mixkv.vllm:register\n")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUN, model_dir, json.dumps(prompts)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    got = json.loads(lines[0][len("RESULT "):])
+    want = hf_generate(hf_model, prompts, method="mixkv", budget=24, window=8)
+    for n, (g_tokens, g_lp), (w_tokens, w_lp) in zip(PROMPT_LENGTHS, got, want):
+        assert g_tokens == w_tokens, f"prompt {n}"
+        assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL, f"prompt {n}"
