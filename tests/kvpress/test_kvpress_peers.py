@@ -22,11 +22,16 @@ Where they differ by design the difference is aligned, then compared exactly:
 Budgets are tokens kept per head, window included; kvpress's compression_ratio is set so that
 ``int(N * (1 - ratio))`` is that budget (peers.ratio_for).
 
-Ties: mixkv's kept set must equal, exactly, the top ``budget`` of the kvpress press's own scores
-(recorded from its score()) with equal scores going to the lower position, mixkv's rule.
-kvpress's torch.topk leaves the order of equal scores open, so its own kept set may differ from
-that only by tokens whose scores are exactly equal (tiny random models do produce exact ties in
-SnapKV's pooled attention); any other difference fails.
+Ties: mixkv's kept set must equal the top ``budget`` of the kvpress press's own scores
+(recorded from its score()) with equal scores going to the lower position, mixkv's rule:
+exactly where both compute the same numbers (Knorm: the same ATen norm, bit for bit;
+StreamingLLM: positions), and up to near ties (NEAR_TIE) where they compute them differently
+(SnapKV, KeyDiff: kvpress's torch code and mixkv's kernels round differently, by up to 2.8e-7
+of the value or range measured under ATEN_CPU_CAPABILITY=default/avx2/avx512, while a tiny
+random model's near-uniform scores leave boundary gaps down to 3e-7), in at most one head of
+eight. kvpress's torch.topk leaves the order of equal scores open, so its own kept set may
+differ from that only by tokens whose scores are exactly equal (tiny random models do produce
+exact ties in SnapKV's pooled attention); any other difference fails.
 """
 
 import functools
@@ -45,6 +50,10 @@ BUILDERS = {"llama": hf_models.llama, "qwen2": hf_models.qwen2}
 LENGTH = 300
 SEEDS = (1, 2)
 BUDGETS = (48, 100, 200)
+# mixkv's and kvpress's scores of SnapKV (relative to the value) and KeyDiff (relative to the
+# head's range) differ by <= 2.8e-7 here: a near tie is a gap within ~7 times that.
+NEAR_TIE = 2e-6
+EXACT = (0.0, "value")
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,24 +86,30 @@ def _window_kept(press_cls):
     return WindowKept
 
 
-def _compare(name, seed, budget, press, patch):
+def _compare(name, seed, budget, press, patch, tie=EXACT):
     """Kept positions [layer][b][h] of mixkv (``patch``) and of kvpress (``press``). mixkv's must
-    be exactly the top ``budget`` of the press's own scores, ties to the lower position; the
-    press's own top-k must be the same set up to exactly equal scores (torch.topk's order of
-    ties is unspecified). Returns (ours, theirs, heads that differ by such a tie)."""
+    be the top ``budget`` of the press's own scores, ties to the lower position, up to the
+    near ties ``tie`` (rel, relative_to of differ_only_in_ties; EXACT: none) in at most one
+    head of eight; the press's own top-k must be the same set up to exactly equal scores
+    (torch.topk's order of ties is unspecified). Returns (ours, theirs, heads that differ by
+    such an exact tie)."""
     ids = _prompt(seed)
     full = _full(name, seed)
     scores = record_scores(press)
     theirs = all_kept(full, prefill(_model(name), ids, press=press)[0])
     ours = all_kept(full, prefill(_model(name), ids, patch=patch)[0])
     assert sorted(scores) == list(range(len(full)))
-    ties = 0
+    ties = flips = heads = 0
     for layer, (a, b) in enumerate(zip(ours, theirs)):
         for row in a + b:
             assert all(len(kept) == budget for kept in row), "every head keeps the budget"
         expected = top_by_score(scores[layer], budget)
-        assert a == expected, describe_difference(layer, a, expected)
+        if tie == EXACT:
+            assert a == expected, describe_difference(layer, a, expected)
+        flips += differ_only_in_ties(a, expected, scores[layer], *tie)
+        heads += sum(len(row) for row in a)
         ties += differ_only_in_ties(b, expected, scores[layer])
+    assert flips <= max(1, heads // 8), f"{flips} of {heads} heads flipped a near tie: not rare"
     return ours, theirs, ties
 
 
@@ -110,7 +125,8 @@ def test_snapkv_keeps_the_same_tokens(name, seed, budget):
     ratio = ratio_for(LENGTH, budget)
     ours, _, _ = _compare(name, seed, budget,
                        SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=5),
-                       dict(method="snapkv", budget=budget, window=WINDOW, pool_kernel=5))
+                       dict(method="snapkv", budget=budget, window=WINDOW, pool_kernel=5),
+                       tie=(NEAR_TIE, "value"))
     # Not a vacuous agreement: the heads of a layer disagree with each other somewhere.
     assert any(len({tuple(h) for h in layer[0]}) > 1 for layer in ours)
 
@@ -133,7 +149,8 @@ def test_window_free_presses_agree_once_the_window_is_kept(kind, name, seed, bud
     press_cls = {"knorm": KnormPress, "keydiff": KeyDiffPress}[kind]
     ratio = ratio_for(LENGTH, budget)
     ours, _, _ = _compare(name, seed, budget, _window_kept(press_cls)(compression_ratio=ratio),
-                       dict(method=kind, budget=budget, window=WINDOW))
+                       dict(method=kind, budget=budget, window=WINDOW),
+                       tie=(NEAR_TIE, "range") if kind == "keydiff" else EXACT)
     # The by-design difference, unaligned: kvpress's plain press may drop window tokens and
     # then keeps more candidates, a superset of mixkv's.
     full = _full(name, seed)
@@ -148,3 +165,22 @@ def test_window_free_presses_agree_once_the_window_is_kept(kind, name, seed, bud
                 dropped_window += WINDOW - sum(j >= candidates for j in b)
     if kind == "knorm":  # random keys: the window's norms are no lower than the rest
         assert dropped_window > 0, "the plain KnormPress should drop some window tokens here"
+
+
+def test_differ_only_in_ties_allows_exact_or_stated_near_ties_only():
+    scores = torch.tensor([[[9.0, 5.0, 3.0, 3.0, 2.999997, 1.0]]])   # 3e-6 apart: 1e-6 of 3
+    kept = [[[0, 1, 2]]]
+    assert differ_only_in_ties(kept, [[[0, 1, 2]]], scores) == 0
+    assert differ_only_in_ties(kept, [[[0, 1, 3]]], scores) == 1          # an exact tie
+    with pytest.raises(AssertionError, match="beyond exact ties"):
+        differ_only_in_ties(kept, [[[0, 1, 4]]], scores)                  # near, not exact
+    assert differ_only_in_ties(kept, [[[0, 1, 4]]], scores, 2e-6) == 1
+    with pytest.raises(AssertionError, match="beyond a near tie"):
+        differ_only_in_ties(kept, [[[0, 1, 4]]], scores, 5e-7)
+    # relative to the range of finite scores (8; a +inf window score does not count)
+    window = torch.cat([scores, torch.full((1, 1, 1), math.inf)], -1)
+    assert differ_only_in_ties(kept, [[[0, 1, 4]]], window, 5e-7, "range") == 1
+    with pytest.raises(AssertionError, match="beyond a near tie"):
+        differ_only_in_ties(kept, [[[0, 1, 4]]], window, 2e-7, "range")
+    with pytest.raises(AssertionError, match="beyond a near tie"):
+        differ_only_in_ties(kept, [[[0, 2, 5]]], scores, 1e-3)             # 5 against 1

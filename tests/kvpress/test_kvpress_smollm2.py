@@ -11,7 +11,11 @@ window queries and the full cache; then each kvpress press runs its own
 forward hook does after each layer's attention -- and the mixkv shim compresses a copy of the
 full cache from the same window queries (``compress_cache``, as mixkv-eval does). Knorm and
 KeyDiff are aligned as in test_kvpress_peers (window kept); ties in the press's scores are
-broken toward the lower position, as mixkv does."""
+broken toward the lower position, as mixkv does. SnapKV's and KeyDiff's scores are computed
+differently by kvpress and mixkv, so a near tie (NEAR_TIE) may go either way, in at most one
+head of eight; Knorm's and StreamingLLM's are the same numbers and must agree exactly.
+MixKVPress scores with mixkv's ops from window queries that are the model's, bit for bit: it
+must keep exactly what the op keeps."""
 
 import copy
 
@@ -30,6 +34,10 @@ from peers import (WINDOW, describe_difference, differ_only_in_ties, kept_positi
 from test_kvpress_peers import _window_kept
 
 BUDGETS = (128, 256, 512)
+# mixkv's and kvpress's SnapKV scores differ by <= 4e-6 of the value, their KeyDiff scores by
+# <= 3.8e-6 of the head's range (seen under ATEN_CPU_CAPABILITY=default/avx2/avx512), while
+# boundary gaps go down to 1e-7 and below: a near tie is a gap within ~5 times that.
+NEAR_TIE = {"snapkv": (2e-5, "value"), "keydiff": (2e-5, "range")}
 PROMPTS = (("niah_single", "agnostic"), ("niah_multikey", "aware"))
 
 
@@ -113,13 +121,20 @@ def test_smollm2_peers_keep_the_same_tokens(smollm2, task, mode):
         for budget in BUDGETS:
             theirs, scores = _press_kept(smollm2, prefilled, make(ratio_for(N, budget)))
             ours = _shim_kept(smollm2, prefilled, method=method, budget=budget)
+            flips = heads = 0
             for layer, (a, b) in enumerate(zip(ours, theirs)):
                 assert all(len(h) == budget for h in a[0] + b[0])
                 expected = top_by_score(scores[layer], budget)
-                assert a == expected, f"{method} {budget}: " + \
-                    describe_difference(layer, a, expected)
+                if method not in NEAR_TIE:
+                    assert a == expected, f"{method} {budget}: " + \
+                        describe_difference(layer, a, expected)
+                flips += differ_only_in_ties(a, expected, scores[layer],
+                                             *NEAR_TIE.get(method, (0.0, "value")))
+                heads += sum(len(row) for row in a)
                 ties[method, budget] = ties.get((method, budget), 0) + \
                     differ_only_in_ties(b, expected, scores[layer])
+            assert flips <= heads // 8, f"{method} {budget}: {flips} of {heads} heads flipped " \
+                                        "a near tie: not rare"
     # SnapKV on a real model: no exact ties at all, so kvpress's own top-k is mixkv's exactly.
     assert all(ties["snapkv", b] == 0 for b in BUDGETS), ties
 
