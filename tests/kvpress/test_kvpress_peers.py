@@ -28,10 +28,11 @@ exactly where both compute the same numbers (Knorm: the same ATen norm, bit for 
 StreamingLLM: positions), and up to near ties (NEAR_TIE) where they compute them differently
 (SnapKV, KeyDiff: kvpress's torch code and mixkv's kernels round differently, by up to 2.8e-7
 of the value or range measured under ATEN_CPU_CAPABILITY=default/avx2/avx512, while a tiny
-random model's near-uniform scores leave boundary gaps down to 3e-7), in at most one head of
-eight. kvpress's torch.topk leaves the order of equal scores open, so its own kept set may
-differ from that only by tokens whose scores are exactly equal (tiny random models do produce
-exact ties in SnapKV's pooled attention); any other difference fails.
+random model's near-uniform scores leave boundary gaps down to 2.4e-7), in one head of a
+comparison at most (an eighth, where a comparison has more than eight). kvpress's torch.topk
+leaves the order of equal scores open, so its own kept set may differ from that only by tokens
+whose scores are exactly equal (tiny random models do produce exact ties in SnapKV's pooled
+attention); any other difference fails.
 """
 
 import functools
@@ -89,10 +90,10 @@ def _window_kept(press_cls):
 def _compare(name, seed, budget, press, patch, tie=EXACT):
     """Kept positions [layer][b][h] of mixkv (``patch``) and of kvpress (``press``). mixkv's must
     be the top ``budget`` of the press's own scores, ties to the lower position, up to the
-    near ties ``tie`` (rel, relative_to of differ_only_in_ties; EXACT: none) in at most one
-    head of eight; the press's own top-k must be the same set up to exactly equal scores
-    (torch.topk's order of ties is unspecified). Returns (ours, theirs, heads that differ by
-    such an exact tie)."""
+    near ties ``tie`` (rel, relative_to of differ_only_in_ties; EXACT: none) in one head at
+    most (an eighth of the heads, if more); the press's own top-k must be the same set up to
+    exactly equal scores (torch.topk's order of ties is unspecified). Returns (ours, theirs,
+    heads that differ by such an exact tie)."""
     ids = _prompt(seed)
     full = _full(name, seed)
     scores = record_scores(press)
