@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mixkv.vllm.config import MixKVConfig, kept_tokens, plan, refusal  # noqa: E402
+from mixkv.methods import Scorer, register_scorer  # noqa: E402
 
 LOGPROB_TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,14 @@ def run_plugin(model_dir, prompts, monkeypatch, **setting):
     return results, freed, kept_positions
 
 
+@register_scorer("vllm_test_value_norm")
+class LargeValues(Scorer):
+    """A user-registered scorer (not fused): keep the largest values."""
+
+    def score(self, p):
+        return p.values[:, :, :p.candidates].float().norm(dim=-1)
+
+
 # method, its options, and whether heads keep different positions in some layer and prompt
 CASES = [
     ("mixkv", dict(budget=24, window=8), True),
@@ -81,6 +90,8 @@ CASES = [
     ("streamingllm", dict(budget=24, window=8), False),
     ("tova", dict(budget=40, window=8), False),       # TOVA scores average the heads
     ("mixkv(tova)", dict(budget=24, window=8), True),
+    ("keydiff", dict(budget=24, window=8, pool_kernel=1), True),
+    ("vllm_test_value_norm", dict(budget=24, window=8), True),
 ]
 
 
@@ -227,3 +238,40 @@ def test_entry_point_in_separate_processes(model_dir, prompts, hf_model, tmp_pat
     for n, (g_tokens, g_lp), (w_tokens, w_lp) in zip(PROMPT_LENGTHS, got, want):
         assert g_tokens == w_tokens, f"prompt {n}"
         assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL, f"prompt {n}"
+
+
+def test_freed_blocks_admit_more_requests(model_dir, plugin, hf_model):
+    """Four 150-token prompts, a pool of 7 usable 32-token blocks: each needs 5 blocks for its
+    prefill, so vanilla vLLM runs them one at a time; compressed to 24 tokens a request keeps 2
+    blocks, and the scheduler admits the next one beside it. Outputs stay mixkv.patch's."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    g = torch.Generator().manual_seed(2)
+    long_prompts = [torch.randint(3, 256, (150,), generator=g).tolist() for _ in range(4)]
+
+    def run(llm):
+        engine, core = llm.llm_engine, llm.llm_engine.engine_core.engine_core
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1,
+                                ignore_eos=True, detokenize=False)
+        for i, ids in enumerate(long_prompts):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+        most, outputs = 0, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    c = out.outputs[0]
+                    outputs[int(out.request_id)] = (
+                        list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+            most = max(most, len(core.scheduler.running))
+        return most, [outputs[i] for i in range(len(long_prompts))]
+
+    small = dict(num_gpu_blocks_override=8, max_model_len=160)
+    setting = {"method": "mixkv", "budget": 24, "window": 8}
+    most_vanilla, _ = with_engine(model_dir, run, **small)
+    most, got = with_engine(model_dir, run, additional_config={"mixkv": setting}, **small)
+    assert (most_vanilla, most) == (1, 2)
+    want = hf_generate(hf_model, long_prompts, **setting)
+    for (g_tokens, g_lp), (w_tokens, w_lp) in zip(got, want):
+        assert g_tokens == w_tokens
+        assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL
