@@ -122,6 +122,9 @@ class WorkerState:
     rows: List[_Row] = dataclasses.field(default_factory=list)
     layouts: Dict[str, Tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     #                                           req_id -> (s, g, N - kept)
+    resumed: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #                                           req_id -> generated tokens recomputed at its last
+    #                                           resume after a preemption (stats, tests)
 
 
 # The state of the runner preparing the current step: _prepare_inputs runs just before the
@@ -143,17 +146,15 @@ def _update_rows(state: WorkerState, runner, scheduler_output, num_scheduled) ->
     for rid in scheduler_output.finished_req_ids:
         state.layouts.pop(rid, None)
     for rid in scheduler_output.preempted_req_ids or ():
-        if rid in state.layouts:
-            raise RuntimeError(
-                f"mixkv: request {rid} was preempted after its KV cache was compressed, which "
-                "the vLLM plugin does not support yet; give the engine more KV-cache blocks "
-                "(VLLM_CPU_KVCACHE_SPACE / num_gpu_blocks_override) or fewer max_num_seqs")
+        # Its blocks are gone; it comes back as a prefill from position 0 and is compressed
+        # again then (the scheduler frees its leading blocks again at the same rule).
+        state.layouts.pop(rid, None)
     batch = runner.input_batch
     state.rows = [_Row(rid, int(batch.num_prompt_tokens[r]), int(batch.num_computed_tokens_cpu[r]),
                        int(num_scheduled[r]))
                   for r, rid in enumerate(batch.req_ids[: batch.num_reqs])]
     for row in state.rows:
-        whole = row.computed == 0 and row.scheduled == row.num_prompt
+        whole = row.computed == 0 and row.scheduled >= row.num_prompt   # > after a preemption
         if (row.computed < row.num_prompt and not whole
                 and row.num_prompt > state.config.kept(row.num_prompt)):
             raise RuntimeError(f"mixkv: request {row.req_id}'s prompt is not prefilled in one "
@@ -233,6 +234,10 @@ class MixKVCPUImpl(CPUAttentionBackendImpl):
         return out
 
     def _compress(self, state, layer, query, key, value, kv_cache, meta) -> None:
+        """For each request prefilled from position 0 in this step: select from its prompt's
+        rows, write the kept rows to cache indices [s*bs, s*bs + kept) and, for a request
+        resumed after a preemption (its prompt and k generated tokens recomputed in one step),
+        the k tokens after them, at p - g."""
         if self.sliding_window not in (None, -1) or self.kv_sharing_target_layer_name:
             raise RuntimeError("mixkv: sliding-window or KV-sharing attention layers are not "
                                "supported by the vLLM plugin")
@@ -244,20 +249,25 @@ class MixKVCPUImpl(CPUAttentionBackendImpl):
             layout = plan(row.num_prompt, kept, bs)
             if layout is None or row.computed != 0:
                 continue
-            q0, q1 = qsl[r], qsl[r + 1]
+            q0, q1, n = qsl[r], qsl[r + 1], row.num_prompt
             kept_k, kept_v, _ = compress.select(
-                state.config.method, query[q0:q1], key[q0:q1], value[q0:q1], kept,
+                state.config.method, query[q0:q0 + n], key[q0:q0 + n], value[q0:q0 + n], kept,
                 layer=extract_layer_index(layer.layer_name), num_layers=state.num_layers,
                 scale=self.scale)
-            index = layout[0] * bs + torch.arange(kept)
+            # Kept rank j of every head is written as one "token" at cache index s*bs + j, and
+            # any recomputed generated token right after: N - g = s*bs + kept.
+            index = layout[0] * bs + torch.arange(kept + (q1 - q0 - n))
             slots = meta.block_table[r, index // bs].to(torch.int64) * bs + index % bs
-            # Kept rank j of every head is written as one "token" at cache index s*bs + j: the
-            # op packs keys in the ISA's own order, so it is the only safe writer.
-            ops.cpu_attn_reshape_and_cache(kept_k, kept_v, key_cache, value_cache, slots,
+            rows_k = torch.cat([kept_k, key[q0 + n:q1]]) if q1 - q0 > n else kept_k
+            rows_v = torch.cat([kept_v, value[q0 + n:q1]]) if q1 - q0 > n else kept_v
+            # The op packs keys in the ISA's own order, so it is the only safe writer.
+            ops.cpu_attn_reshape_and_cache(rows_k, rows_v, key_cache, value_cache, slots,
                                            layer.isa, k_scale=layer._k_scale_float,
                                            v_scale=layer._v_scale_float,
                                            kv_cache_dtype=self.kv_cache_dtype)
-            state.layouts[row.req_id] = (layout[0], layout[1], row.num_prompt - kept)
+            state.layouts[row.req_id] = (layout[0], layout[1], n - kept)
+            if q1 - q0 > n:
+                state.resumed[row.req_id] = q1 - q0 - n
 
 
 class MixKVCPUBuilder(CPUAttentionMetadataBuilder):

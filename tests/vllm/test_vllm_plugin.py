@@ -4,7 +4,7 @@ every refusal's message."""
 
 # First: it sets the environment vLLM and torch.compile read when they load.
 from vllm_engine import (BLOCK, MAX_TOKENS, PROMPT_LENGTHS, generate, hf_generate,  # isort: skip
-                         make_llm, scheduler_manager, with_engine)
+                         hf_resumed, make_llm, scheduler_manager, with_engine)
 from vllm_engine import hf_model, model_dir, plugin, prompts, vanilla  # noqa: F401 (fixtures)
 
 import subprocess  # noqa: E402
@@ -275,3 +275,54 @@ def test_freed_blocks_admit_more_requests(model_dir, plugin, hf_model):
     for (g_tokens, g_lp), (w_tokens, w_lp) in zip(got, want):
         assert g_tokens == w_tokens
         assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL
+
+
+def test_preempted_requests_are_compressed_again(model_dir, plugin, hf_model):
+    """A pool too small for four growing requests: vLLM preempts compressed ones, frees their
+    blocks and later recomputes prompt + generated tokens in one step; the plugin compresses
+    the prompt part again (the manager frees its leading blocks again) and moves the generated
+    tokens after the kept ones. The run finishes without leaking blocks, and the request that is
+    never preempted gives the tokens of an unpreempted run. (The others legitimately differ: the
+    recomputed tokens attend the whole prompt, as in vLLM's own recompute.)"""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 256, (60,), generator=g).tolist() for _ in range(4)]
+
+    def run(llm):
+        engine, core = llm.llm_engine, llm.llm_engine.engine_core.engine_core
+        params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+        outputs, preempted = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[int(out.request_id.split("-")[0])] = list(out.outputs[0].token_ids)
+            for request in core.scheduler.running:
+                preempted[request.request_id.split("-")[0]] = request.num_preemptions
+        pool = scheduler_manager(llm).block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "blocks leaked"
+        runner = core.model_executor.driver_worker.worker.model_runner
+        resumed = {int(rid.split("-")[0]): k for rid, k in runner._mixkv_state.resumed.items()}
+        return [outputs[i] for i in range(4)], preempted, scheduler_manager(llm).freed_blocks, \
+            resumed
+
+    method = {"method": "mixkv", "budget": 24, "window": 8}
+    setting = {"additional_config": {"mixkv": method}, "max_model_len": 224}
+    roomy, none_preempted, freed_roomy, _ = with_engine(
+        model_dir, run, num_gpu_blocks_override=64, **setting)
+    tight, preempted, freed_tight, resumed = with_engine(
+        model_dir, run, num_gpu_blocks_override=8, **setting)
+    assert set(none_preempted.values()) == {0} and freed_roomy == 4
+    assert max(preempted.values()) > 0 and freed_tight > freed_roomy and resumed
+    assert all(len(tokens) == 150 for tokens in tight)
+    for i, count in preempted.items():
+        if count == 0:
+            assert tight[int(i)] == roomy[int(i)]
+    # Each resumed request from its last resume on: the tokens of that computation in HF.
+    for i, k in resumed.items():
+        want = hf_resumed(hf_model, prompts[i], tight[i][:k], 150 - k, **method)
+        assert tight[i][k:] == want, f"request {i} resumed after {k} tokens"

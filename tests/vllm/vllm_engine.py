@@ -141,3 +141,40 @@ def hf_generate(model, prompts, **method):
             results.append((tokens, [torch.log_softmax(step[0].float(), -1)[t].item()
                                      for step, t in zip(out.logits, tokens)]))
     return results
+
+
+def hf_resumed(model, prompt, generated, steps, **method):
+    """What the plugin computes for a request preempted after the tokens ``generated`` and
+    resumed: one full-attention forward over prompt + generated (its last logits give the next
+    token); the prompt's part of that cache compressed from the prompt's own last window
+    queries (mixkv.patch's compress_cache), the generated tokens' K/V kept after it; then greedy
+    decoding at true positions. Returns the ``steps`` greedy tokens after ``generated``."""
+    import mixkv
+    from mixkv.hf.capture import capture_prefill
+    from transformers import DynamicCache
+
+    n, k = len(prompt), len(generated)
+    with torch.no_grad(), mixkv.patch(model, **method) as patched:
+        window = patched.method.window
+    with torch.no_grad():
+        with capture_prefill(model, window + k) as captured:     # unpatched: full attention
+            out = model(torch.tensor([prompt + generated]), use_cache=True,
+                        past_key_values=DynamicCache(config=model.config))
+        cache = out.past_key_values
+        tails = [(layer.keys[:, :, n:].clone(), layer.values[:, :, n:].clone())
+                 for layer in cache.layers]
+        cache.crop(n)
+        with mixkv.patch(model, **method) as patched:
+            patched.compress_cache(cache, {i: q[..., :window, :]
+                                           for i, q in captured.queries.items()})
+            for layer, (keys, values) in zip(cache.layers, tails):
+                layer.keys = torch.cat([layer.keys, keys], -2)
+                layer.values = torch.cat([layer.values, values], -2)
+            tokens = [int(out.logits[0, -1].argmax())]
+            for i in range(steps - 1):
+                p = n + k + i
+                logits = model(torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[p]]),
+                               cache_position=torch.tensor([p]), past_key_values=cache,
+                               use_cache=True).logits
+                tokens.append(int(logits[0, -1].argmax()))
+    return tokens
