@@ -24,8 +24,9 @@ keeps (``kept``) and block size bs, with ``(s, g) = config.plan(N, kept, bs)``:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 SUPPORTED = "0.32."
 
@@ -122,9 +123,10 @@ class WorkerState:
     rows: List[_Row] = dataclasses.field(default_factory=list)
     layouts: Dict[str, Tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     #                                           req_id -> (s, g, N - kept)
-    resumed: Dict[str, int] = dataclasses.field(default_factory=dict)
-    #                                           req_id -> generated tokens recomputed at its last
-    #                                           resume after a preemption (stats, tests)
+    resumed: Deque[Tuple[str, int]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=1024))
+    #                                           (req_id, generated tokens recomputed) of the
+    #                                           latest resumes after a preemption (stats, tests)
 
 
 # The state of the runner preparing the current step: _prepare_inputs runs just before the
@@ -141,8 +143,8 @@ def _runner_state(runner) -> Optional[WorkerState]:
 
 
 def _update_rows(state: WorkerState, runner, scheduler_output, num_scheduled) -> None:
-    """Records the step's rows, drops finished requests and refuses what would desynchronise
-    the worker's layout from the scheduler's frees (a chunked or resumed prefill)."""
+    """Records the step's rows, forgets finished and preempted requests, and refuses what
+    would desynchronise the worker's layout from the scheduler's frees (a chunked prefill)."""
     for rid in scheduler_output.finished_req_ids:
         state.layouts.pop(rid, None)
     for rid in scheduler_output.preempted_req_ids or ():
@@ -158,7 +160,7 @@ def _update_rows(state: WorkerState, runner, scheduler_output, num_scheduled) ->
         if (row.computed < row.num_prompt and not whole
                 and row.num_prompt > state.config.kept(row.num_prompt)):
             raise RuntimeError(f"mixkv: request {row.req_id}'s prompt is not prefilled in one "
-                               "step (chunked, or resumed); the vLLM plugin compresses whole "
+                               "step (chunked); the vLLM plugin compresses whole "
                                "prefills only")
 
 
@@ -266,8 +268,8 @@ class MixKVCPUImpl(CPUAttentionBackendImpl):
                                            v_scale=layer._v_scale_float,
                                            kv_cache_dtype=self.kv_cache_dtype)
             state.layouts[row.req_id] = (layout[0], layout[1], n - kept)
-            if q1 - q0 > n:
-                state.resumed[row.req_id] = q1 - q0 - n
+            if q1 - q0 > n and extract_layer_index(layer.layer_name) == 0:
+                state.resumed.append((row.req_id, q1 - q0 - n))
 
 
 class MixKVCPUBuilder(CPUAttentionMetadataBuilder):

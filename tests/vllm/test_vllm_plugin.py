@@ -306,7 +306,7 @@ def test_preempted_requests_are_compressed_again(model_dir, plugin, hf_model):
         pool = scheduler_manager(llm).block_pool
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "blocks leaked"
         runner = core.model_executor.driver_worker.worker.model_runner
-        resumed = {int(rid.split("-")[0]): k for rid, k in runner._mixkv_state.resumed.items()}
+        resumed = {int(rid.split("-")[0]): k for rid, k in runner._mixkv_state.resumed}
         return [outputs[i] for i in range(4)], preempted, scheduler_manager(llm).freed_blocks, \
             resumed
 
