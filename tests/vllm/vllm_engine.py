@@ -21,6 +21,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
     # ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"): run it eagerly.
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
+import functools  # noqa: E402
 import gc  # noqa: E402
 
 import pytest  # noqa: E402
@@ -32,7 +33,23 @@ BLOCK = 32
 NUM_BLOCKS = 16
 
 
+_ONCE = {}
+
+
+def once(fixture):
+    """One value per process: each test module that imports these fixtures gets its own
+    session-scoped definition from pytest, and ``vanilla`` must run only once, before the
+    plugin is registered."""
+    @functools.wraps(fixture)
+    def wrapper(*args, **kwargs):
+        if fixture.__name__ not in _ONCE:
+            _ONCE[fixture.__name__] = fixture(*args, **kwargs)
+        return _ONCE[fixture.__name__]
+    return wrapper
+
+
 @pytest.fixture(scope="session")
+@once
 def model_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,6 +65,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@once
 def prompts():
     g = torch.Generator().manual_seed(1)
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
@@ -100,6 +118,7 @@ def with_engine(folder, use, **overrides):
 
 
 @pytest.fixture(scope="session")
+@once
 def vanilla(model_dir, prompts):
     """vLLM without the plugin: must run before ``plugin`` registers it in this process."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -110,6 +129,7 @@ def vanilla(model_dir, prompts):
 
 
 @pytest.fixture(scope="session")
+@once
 def plugin(vanilla):
     import mixkv.vllm
 
@@ -118,6 +138,7 @@ def plugin(vanilla):
 
 
 @pytest.fixture(scope="session")
+@once
 def hf_model(model_dir):
     from transformers import AutoModelForCausalLM
 
