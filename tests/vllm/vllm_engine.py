@@ -137,15 +137,20 @@ def plugin(vanilla):
     return mixkv.vllm
 
 
+def load_hf(folder):
+    """The saved model in HF (float32, sdpa), generating as vLLM does with ignore_eos."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
 @pytest.fixture(scope="session")
 @once
 def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
-    model.generation_config.eos_token_id = None      # vLLM runs with ignore_eos
-    return model
+    return load_hf(model_dir)
 
 
 def hf_generate(model, prompts, **method):
