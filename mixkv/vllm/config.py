@@ -123,9 +123,11 @@ def refusal(vllm_config) -> Optional[str]:
          f"kv_cache_dtype={cache.cache_dtype!r} is not supported: use 'auto'"),
         (vllm_config.kv_transfer_config is not None,
          "kv_transfer_config (a KV connector) is not supported"),
-        (parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1
+        # Tensor parallelism needs nothing: each rank compresses its own KV heads by the
+        # same plan, and uniform budgets need no score from another rank.
+        (parallel.pipeline_parallel_size > 1
          or getattr(parallel, "decode_context_parallel_size", 1) > 1,
-         "tensor, pipeline and decode-context parallelism are not supported yet"),
+         "pipeline and decode-context parallelism are not supported yet"),
         (model is not None and model.get_sliding_window() is not None,
          "models with sliding-window layers are not supported"),
     ]

@@ -7,6 +7,7 @@ from vllm_engine import (BLOCK, MAX_TOKENS, PROMPT_LENGTHS, generate, hf_generat
                          hf_resumed, make_llm, scheduler_manager, with_engine)
 from vllm_engine import hf_model, model_dir, plugin, prompts, vanilla  # noqa: F401 (fixtures)
 
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -176,12 +177,13 @@ def fake_engine(**changes):
     ({"speculative_config": object()}, "speculative decoding"),
     ({"cache_config.cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
     ({"kv_transfer_config": object()}, "kv_transfer_config"),
-    ({"parallel_config.tensor_parallel_size": 2}, "parallelism"),
+    ({"parallel_config.pipeline_parallel_size": 2}, "parallelism"),
     ({"parallel_config.decode_context_parallel_size": 2}, "parallelism"),
     ({"model_config.get_sliding_window": lambda: 64}, "sliding-window"),
 ])
 def test_engine_refusals(change, message):
     assert refusal(fake_engine()) is None
+    assert refusal(fake_engine(**{"parallel_config.tensor_parallel_size": 2})) is None
     why = refusal(fake_engine(**change))
     assert why is not None and message in why and 'additional_config["mixkv"]' in why
 
@@ -221,14 +223,9 @@ def test_entry_point_in_separate_processes(model_dir, prompts, hf_model, tmp_pat
     """As installed: vLLM loads the plugin through its entry point in each of its processes
     (front end, engine core with the scheduler, worker); nothing calls register() here."""
     import json
-    import os
 
-    dist = tmp_path / "mixkv_entry-0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixkv-entry\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nmixkv = mixkv.vllm:register\n")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent), str(ROOT)])}
+           "PYTHONPATH": entry_point_path(tmp_path)}
     run = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUN, model_dir, json.dumps(prompts)],
                          env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
@@ -236,6 +233,50 @@ def test_entry_point_in_separate_processes(model_dir, prompts, hf_model, tmp_pat
     got = json.loads(lines[0][len("RESULT "):])
     want = hf_generate(hf_model, prompts, method="mixkv", budget=24, window=8)
     for n, (g_tokens, g_lp), (w_tokens, w_lp) in zip(PROMPT_LENGTHS, got, want):
+        assert g_tokens == w_tokens, f"prompt {n}"
+        assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL, f"prompt {n}"
+
+
+TENSOR_PARALLEL_RUN = """
+import json, sys
+from vllm_engine import generate, make_llm, scheduler_manager
+setting = {"method": sys.argv[3], "budget": 24, "window": 8}
+llm = make_llm(sys.argv[1], additional_config={"mixkv": setting}, tensor_parallel_size=2,
+               distributed_executor_backend="mp")
+got = generate(llm, json.loads(sys.argv[2]))
+print("RESULT " + json.dumps(dict(outputs=got, freed=scheduler_manager(llm).freed_blocks)))
+"""
+
+
+def entry_point_path(tmp_path):
+    """A folder whose dist-info declares the plugin's entry point, as an installed mixkv does."""
+    dist = tmp_path / "mixkv_entry-0.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixkv-entry\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nmixkv = mixkv.vllm:register\n")
+    return os.pathsep.join([str(tmp_path), str(Path(__file__).parent), str(ROOT)])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two ranks need two CPUs to bind")
+@pytest.mark.parametrize("method", ["mixkv", "knorm"])
+def test_tensor_parallel_two_ranks(model_dir, prompts, hf_model, tmp_path, method):
+    """tensor_parallel_size=2: each rank (a worker process loading the plugin through its entry
+    point) holds one of the two KV heads and compresses it by the shared plan; the scheduler
+    (in this process's engine core) frees the same blocks as with one rank, and the outputs are
+    mixkv.patch's. vLLM's CPU build binds each rank's threads to cores: one core each here."""
+    import json
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+           "PYTHONPATH": entry_point_path(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", TENSOR_PARALLEL_RUN, model_dir,
+                          json.dumps(prompts), method],
+                         env=env, capture_output=True, text=True, timeout=400)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    got = json.loads(lines[0][len("RESULT "):])
+    assert got["freed"] == sum(plan(n, 24, BLOCK)[0] for n in PROMPT_LENGTHS if n > 24)
+    want = hf_generate(hf_model, prompts, method=method, budget=24, window=8)
+    for n, (g_tokens, g_lp), (w_tokens, w_lp) in zip(PROMPT_LENGTHS, got["outputs"], want):
         assert g_tokens == w_tokens, f"prompt {n}"
         assert max(abs(a - b) for a, b in zip(g_lp, w_lp)) < LOGPROB_TOL, f"prompt {n}"
 
