@@ -43,34 +43,13 @@ import torch  # noqa: E402
 
 
 def save_smollm2(folder: Path) -> None:
-    """The packaged GGUF dequantised to float32 and saved for vLLM (tests/vllm serves it too):
-    no quantization_config, and the tied embedding under model.embed_tokens.weight, since
-    safetensors' save_model (mixkv.eval.models' converted cache) keeps it as lm_head.weight
-    only, which vLLM's Llama skips when tie_word_embeddings is set."""
-    import copy
-
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The packaged GGUF dequantised to float32 and saved for vLLM (tests/vllm serves it too),
+    as mixkv-eval's vLLM engine saves it (mixkv.eval.models.save_copy: no quantization_config,
+    the tied embedding under model.embed_tokens.weight, which vLLM's Llama reads)."""
     from mixkv.eval import models
 
-    path = models.packaged_gguf()
-    with models._fast_gguf():
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                      dtype=torch.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    loaded.generation_config.save_pretrained(folder)
-    state = loaded.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata=dict(format="pt"))
-    tokenizer.save_pretrained(folder)
+    em = models.load_model(dtype=torch.float32)
+    models.save_copy(folder, em.model, em.tokenizer)
 
 
 def make_prompts(folder: Path, count: int, length: int):

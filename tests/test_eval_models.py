@@ -102,3 +102,33 @@ def test_any_local_folder_via_model_path(em, tmp_path):
                           count_tokens=local.count_tokens)[0]
     record = engine.run(engine.prefill(engine.prepare(sample)), "snapkv", budget=32)
     assert record["kv_ratio"] < 0.5 and record["kl"] >= 0
+
+
+def test_save_copy_stores_a_tied_embedding_under_its_input_name(tmp_path):
+    """The converted and serving copies (mixkv.eval.models.save_copy) keep a tied output
+    embedding as ``model.embed_tokens.weight``: the name vLLM's Llama reads (it skips
+    ``lm_head.weight`` when embeddings are tied); transformers re-ties it and the reloaded
+    model computes the same logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from mixkv.eval.models import save_copy
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        num_hidden_layers=1, vocab_size=64, tie_word_embeddings=True)).eval()
+
+    class NoTokenizer:
+        def save_pretrained(self, folder):
+            pass
+
+    folder = tmp_path / "copy"
+    save_copy(folder, model, NoTokenizer())
+    with safe_open(str(folder / "model.safetensors"), "pt") as saved:
+        names = set(saved.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    again = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

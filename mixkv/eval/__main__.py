@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redundancy", default=None,
                    help="offline redundancy profile (torch.save file) for the mixkv methods")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--engine", default="hf", choices=runner.ENGINES,
+                   help="hf: transformers + mixkv.patch (default); vllm: vLLM 0.32 + the "
+                        "mixkv.vllm plugin, one engine per method and budget, query-aware "
+                        "only (--mode aware), no fidelity metrics; run it in .venv-vllm")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     return p

