@@ -241,3 +241,16 @@ def test_a_results_file_torn_in_its_first_byte_loses_no_row(tmp_path):
     (out / "results.jsonl").write_text("{")   # killed while writing its very first row
     run(config(tmp_path, tasks=["passkey"], samples=1), em=tiny_eval_model())
     assert [r["method"] for r in load_records(out / "results.jsonl")] == ["full", "snapkv"]
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(engine="vllm"), r"--engine vllm runs the query-aware regime only .*--mode agnostic"),
+    (dict(engine="vllm", mode="both"), r"query-aware regime only .*--mode both"),
+    (dict(engine="vllm", mode="aware", decode_budget=64), r"does not compress during generation"),
+    (dict(engine="sglang"), r"unknown engine 'sglang'; choose from hf, vllm"),
+])
+def test_engine_settings_it_cannot_honour_are_refused_before_loading(tmp_path, changes, message):
+    """--engine vllm cannot feed a question after a compressed prompt, nor compress while
+    decoding: refused by name before a model loads (em=None would load one)."""
+    with pytest.raises(ValueError, match=message):
+        run(config(tmp_path, **changes))
