@@ -103,9 +103,10 @@ class MixKVConfig:
         return cls(method=method, raw=raw)
 
 
-def refusal(vllm_config) -> Optional[str]:
+def refusal(vllm_config, *, cuda: bool = False) -> Optional[str]:
     """Why an engine with mixkv configured cannot run (None: it can). Reads public config
-    fields only; each message names the setting to change."""
+    fields only; each message names the setting to change. ``cuda``: the engine runs on a
+    CUDA platform (FlashAttention through the V1 model runner, unverified: section 14)."""
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
     parallel, model = vllm_config.parallel_config, vllm_config.model_config
     checks = [
@@ -131,6 +132,17 @@ def refusal(vllm_config) -> Optional[str]:
         (model is not None and model.get_sliding_window() is not None,
          "models with sliding-window layers are not supported"),
     ]
+    if cuda:
+        graphs = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+        checks += [
+            (vllm_config.use_v2_model_runner,
+             "the V2 model runner is not supported: set VLLM_USE_V2_MODEL_RUNNER=0"),
+            # Full CUDA graphs replay the block table and sequence lengths captured in the
+            # runner's buffers; the plugin shifts copies of them (piecewise graphs are fine).
+            (graphs is not None and graphs.has_full_cudagraphs(),
+             "full CUDA graphs are not supported: set enforce_eager=True or "
+             "compilation_config={'cudagraph_mode': 'PIECEWISE'}"),
+        ]
     reasons = [why for bad, why in checks if bad]
     if not reasons:
         return None

@@ -1,10 +1,10 @@
 """Everything of mixkv.vllm that touches vLLM's internals, for vLLM 0.32.* only.
 
 What it uses that vLLM does not promise to keep (docs/vllm-plugin.md section 12): the CPU
-attention backend's classes and cache layout, ``KVCacheSpecRegistry._ensure_registered``,
+and FlashAttention backends' classes and cache layout, ``KVCacheSpecRegistry._ensure_registered``,
 ``SingleTypeKVCacheManager._remove_blocks_in_range`` / ``req_to_blocks``,
 ``GPUModelRunner._prepare_inputs`` and ``get_kv_cache_spec``, the runner's ``input_batch`` and
-block-table buffers, ``CpuPlatform.check_and_update_config``. Importing this module checks the
+block-table buffers, the platform's ``check_and_update_config``. Importing this module checks the
 version first, so another vLLM fails here with one clear line.
 
 Every class and hook installed here is a pass-through unless the engine's
@@ -14,11 +14,12 @@ keeps (``kept``) and block size bs, with ``(s, g) = config.plan(N, kept, bs)``:
 
 - prefill step, every layer: full attention first (the first token sees the whole prompt, as in
   mixkv.patch), then the method selects ``kept`` tokens per KV head and they are written to the
-  request's cache indices ``[s*bs, s*bs + kept)``           (MixKVCPUImpl.forward);
+  request's cache indices ``[s*bs, s*bs + kept)`` (_CompressAfterAttention.forward, through the
+  backend's own reshape-and-cache op);
 - the scheduler frees the request's first s blocks once its prompt is processed
                                                              (MixKVAttentionManager);
 - later steps: new tokens at position p are cached at p - g (runner hook, slot mapping), and
-  attention reads the block-table row from block s with seq_len - (N - kept) (MixKVCPUBuilder).
+  attention reads the block-table row from block s with seq_len - (N - kept) (shifted_metadata).
   Positions, hence RoPE, stay true.
 """
 
@@ -47,11 +48,14 @@ import vllm._custom_ops as ops  # noqa: E402
 from vllm.config import get_layers_from_vllm_config  # noqa: E402
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: E402
 from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
-from vllm.platforms.cpu import CpuPlatform  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
 from vllm.v1.attention.backend import AttentionType  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend,  # noqa: E402
                                                  CPUAttentionBackendImpl,
                                                  CPUAttentionMetadataBuilder)
+from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend,  # noqa: E402
+                                                   FlashAttentionImpl,
+                                                   FlashAttentionMetadataBuilder)
 from vllm.v1.attention.backends.registry import (AttentionBackendEnum,  # noqa: E402
                                                  register_backend)
 from vllm.v1.attention.selector import _cached_get_attn_backend  # noqa: E402
@@ -166,9 +170,11 @@ def _update_rows(state: WorkerState, runner, scheduler_output, num_scheduled) ->
 
 def _shift_slots(state: WorkerState, runner) -> None:
     """Moves the new tokens of compressed requests from cache index p to p - g, in the
-    slot-mapping buffer both the KV writes and the attention metadata read."""
+    slot-mapping buffer both the KV writes and the attention metadata read. The device
+    buffers: vLLM 0.32 computes the slot mapping there (on the CPU platform they are the
+    host buffers themselves)."""
     table = runner.input_batch.block_table[0]
-    bs, slots, rows = table.block_size, table.slot_mapping.cpu, table.block_table.cpu
+    bs, slots, rows = table.block_size, table.slot_mapping.gpu, table.block_table.gpu
     qsl = runner.query_start_loc.cpu[: len(state.rows) + 1].tolist()
     for r, row in enumerate(state.rows):
         if row.req_id in state.layouts:
@@ -184,11 +190,11 @@ def _check_backends(runner, specs) -> None:
     layers = get_layers_from_vllm_config(runner.vllm_config, AttentionLayerBase)
     for name, spec in specs.items():
         backend = layers[name].get_attn_backend()
-        if type(spec) is FullAttentionSpec and not issubclass(backend, MixKVCPUBackend):
+        if type(spec) is FullAttentionSpec and not issubclass(backend, _BACKENDS):
             raise RuntimeError(
-                f"mixkv: layer {name} runs attention backend {backend.__name__}, not mixkv's "
-                "CPU backend; the vLLM plugin needs vLLM's CPU platform and a decoder-only, "
-                "non-MLA model")
+                f"mixkv: layer {name} runs attention backend {backend.__name__}, not one of "
+                "mixkv's (CPU_ATTN, FLASH_ATTN); the vLLM plugin needs one of them and a "
+                "decoder-only, non-MLA model")
 
 
 def _wrap_runner() -> None:
@@ -221,9 +227,10 @@ def _wrap_runner() -> None:
     GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
 
 
-class MixKVCPUImpl(CPUAttentionBackendImpl):
+class _CompressAfterAttention:
     """After the layer's full attention, compresses each prompt that was prefilled whole in
-    this step and records its layout."""
+    this step and records its layout. A backend's impl adds :meth:`_write`, its own
+    reshape-and-cache op (never indexing: the CPU one packs keys in the ISA's order)."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -235,16 +242,18 @@ class MixKVCPUImpl(CPUAttentionBackendImpl):
             self._compress(state, layer, query, key, value, kv_cache, attn_metadata)
         return out
 
+    def _write(self, layer, kv_cache, keys, values, slots) -> None:
+        raise NotImplementedError
+
     def _compress(self, state, layer, query, key, value, kv_cache, meta) -> None:
         """For each request prefilled from position 0 in this step: select from its prompt's
         rows, write the kept rows to cache indices [s*bs, s*bs + kept) and, for a request
         resumed after a preemption (its prompt and k generated tokens recomputed in one step),
         the k tokens after them, at p - g."""
-        if self.sliding_window not in (None, -1) or self.kv_sharing_target_layer_name:
+        if self.sliding_window not in (None, -1, (-1, -1)) or self.kv_sharing_target_layer_name:
             raise RuntimeError("mixkv: sliding-window or KV-sharing attention layers are not "
                                "supported by the vLLM plugin")
-        num_blocks, heads, bs, two_d = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, heads, 2 * bs, two_d // 2).chunk(2, 2)
+        bs = kv_cache.shape[2]          # [blocks, kv heads, block size, 2 x head size]
         qsl = meta.query_start_loc.tolist()
         for r, row in enumerate(state.rows):
             kept = state.config.kept(row.num_prompt)
@@ -258,38 +267,66 @@ class MixKVCPUImpl(CPUAttentionBackendImpl):
                 scale=self.scale)
             # Kept rank j of every head is written as one "token" at cache index s*bs + j, and
             # any recomputed generated token right after: N - g = s*bs + kept.
-            index = layout[0] * bs + torch.arange(kept + (q1 - q0 - n))
+            index = layout[0] * bs + torch.arange(kept + (q1 - q0 - n), device=key.device)
             slots = meta.block_table[r, index // bs].to(torch.int64) * bs + index % bs
             rows_k = torch.cat([kept_k, key[q0 + n:q1]]) if q1 - q0 > n else kept_k
             rows_v = torch.cat([kept_v, value[q0 + n:q1]]) if q1 - q0 > n else kept_v
-            # The op packs keys in the ISA's own order, so it is the only safe writer.
-            ops.cpu_attn_reshape_and_cache(rows_k, rows_v, key_cache, value_cache, slots,
-                                           layer.isa, k_scale=layer._k_scale_float,
-                                           v_scale=layer._v_scale_float,
-                                           kv_cache_dtype=self.kv_cache_dtype)
+            self._write(layer, kv_cache, rows_k, rows_v, slots)
             state.layouts[row.req_id] = (layout[0], layout[1], n - kept)
             if q1 - q0 > n and extract_layer_index(layer.layer_name) == 0:
                 state.resumed.append((row.req_id, q1 - q0 - n))
 
 
-class MixKVCPUBuilder(CPUAttentionMetadataBuilder):
-    """Shows the kernel a compressed request from block s on, with seq_len - (N - kept)."""
+class MixKVCPUImpl(_CompressAfterAttention, CPUAttentionBackendImpl):
+    def _write(self, layer, kv_cache, keys, values, slots) -> None:
+        num_blocks, heads, bs, two_d = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, heads, 2 * bs, two_d // 2).chunk(2, 2)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, layer.isa,
+                                       k_scale=layer._k_scale_float,
+                                       v_scale=layer._v_scale_float,
+                                       kv_cache_dtype=self.kv_cache_dtype)
 
+
+class MixKVFlashImpl(_CompressAfterAttention, FlashAttentionImpl):
+    """FlashAttention on CUDA: the same cache shape, read as [blocks, block size, heads, D]
+    views by vLLM's own ``reshape_and_cache_flash``. Unverified until a GPU run
+    (docs/vllm-plugin.md section 14)."""
+
+    def _write(self, layer, kv_cache, keys, values, slots) -> None:
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        ops.reshape_and_cache_flash(keys, values, key_cache, value_cache, slots,
+                                    self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+
+
+def shifted_metadata(state: Optional[WorkerState], spec, cm):
+    """The common attention metadata a backend's builder sees: for a compressed request, its
+    block-table row from block s on and seq_len - (N - kept) (copies: the originals are views
+    of the runner's persistent buffers). ``max_seq_len`` stays an upper bound."""
+    if state is None or not state.layouts or not isinstance(spec, MixKVAttentionSpec):
+        return cm
+    seq_lens, table = cm.seq_lens.clone(), cm.block_table_tensor.clone()
+    shifted = False
+    for r, row in enumerate(state.rows):
+        if row.req_id in state.layouts:
+            s, _, dropped = state.layouts[row.req_id]
+            seq_lens[r] -= dropped
+            table[r, : table.shape[1] - s] = cm.block_table_tensor[r, s:]
+            shifted = True
+    return dataclasses.replace(cm, seq_lens=seq_lens, block_table_tensor=table) if shifted else cm
+
+
+class MixKVCPUBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        state, cm = _STEP, common_attn_metadata
-        if (state is not None and state.layouts and isinstance(self.kv_cache_spec,
-                                                                MixKVAttentionSpec)):
-            seq_lens, table = cm.seq_lens.clone(), cm.block_table_tensor.clone()
-            shifted = False
-            for r, row in enumerate(state.rows):
-                if row.req_id in state.layouts:
-                    s, _, dropped = state.layouts[row.req_id]
-                    seq_lens[r] -= dropped
-                    table[r, : table.shape[1] - s] = cm.block_table_tensor[r, s:]
-                    shifted = True
-            if shifted:   # copies: block_table_tensor is a view of the runner's buffer
-                cm = dataclasses.replace(cm, seq_lens=seq_lens, block_table_tensor=table)
-        return super().build(common_prefix_len, cm, fast_build)
+        return super().build(common_prefix_len,
+                             shifted_metadata(_STEP, self.kv_cache_spec, common_attn_metadata),
+                             fast_build)
+
+
+class MixKVFlashBuilder(FlashAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        return super().build(common_prefix_len,
+                             shifted_metadata(_STEP, self.kv_cache_spec, common_attn_metadata),
+                             fast_build)
 
 
 class MixKVCPUBackend(CPUAttentionBackend):
@@ -305,20 +342,36 @@ class MixKVCPUBackend(CPUAttentionBackend):
         return MixKVCPUBuilder
 
 
+class MixKVFlashBackend(FlashAttentionBackend):
+    """Registered in place of FLASH_ATTN, the CUDA platform's default for these models."""
+
+    @staticmethod
+    def get_impl_cls():
+        return MixKVFlashImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return MixKVFlashBuilder
+
+
+_BACKENDS = (MixKVCPUBackend, MixKVFlashBackend)
+
+
 # ----------------------------------------------------------------------------- engine config
 def _wrap_platform_check() -> None:
     """Refuses unsupported settings as the engine's config is built (process 0), before any
     model is loaded; also parses the mixkv setting there so a bad method fails early."""
-    check = CpuPlatform.check_and_update_config.__func__
+    platform = type(current_platform)
+    check = platform.check_and_update_config.__func__
 
     def check_and_update_config(cls, vllm_config):
         check(cls, vllm_config)
         if MixKVConfig.from_additional(vllm_config.additional_config) is not None:
-            why = refusal(vllm_config)
+            why = refusal(vllm_config, cuda=current_platform.is_cuda_alike())
             if why is not None:
                 raise ValueError(why)
 
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 _INSTALLED = False
@@ -330,8 +383,8 @@ def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    register_backend(AttentionBackendEnum.CPU_ATTN,
-                     f"{MixKVCPUBackend.__module__}.{MixKVCPUBackend.__qualname__}")
+    for name, backend in (("CPU_ATTN", MixKVCPUBackend), ("FLASH_ATTN", MixKVFlashBackend)):
+        register_backend(AttentionBackendEnum[name], f"{backend.__module__}.{backend.__qualname__}")
     _cached_get_attn_backend.cache_clear()   # an engine built before register() cached CPU_ATTN
     # The registry fills in vLLM's own specs only while it is empty: do that first.
     KVCacheSpecRegistry._ensure_registered()

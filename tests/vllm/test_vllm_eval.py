@@ -4,6 +4,7 @@ the mixkv.vllm plugin give, sample by sample, the answers and scores of the HF e
 
 # First: it sets the environment vLLM and torch.compile read when they load.
 import vllm_engine  # noqa: F401  # isort: skip
+from vllm_engine import model_dir, prompts, vanilla  # noqa: F401,E402 (fixtures)
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -33,7 +34,9 @@ def grid(tmp_path, engine, **changes):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def evaluated(tmp_path_factory, vanilla):
+    """Both engines' runs (the vLLM engine registers the plugin process-wide: the other
+    modules' vanilla reference run comes first)."""
     tmp = tmp_path_factory.mktemp("eval")
     mp = pytest.MonkeyPatch()
     mp.setenv("MIXKV_CACHE_DIR", str(tmp / "cache"))   # the serving copy goes here
