@@ -10,6 +10,7 @@ boundary (docs/vllm-plugin.md sections 7-9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 from ..methods import Method, resolve
@@ -20,6 +21,7 @@ _SETTING = 'additional_config["mixkv"]'
 _DECODE_OPTIONS = ("decode_budget", "interval")
 
 
+@functools.lru_cache(maxsize=4096)   # asked per request and layer at every prefill step
 def kept_tokens(num_prompt: int, budget: Optional[int], ratio: Optional[float],
                 window: int) -> int:
     """Tokens each head keeps of a prompt: Method.budget_for, from numbers alone (the

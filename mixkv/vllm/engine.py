@@ -256,9 +256,11 @@ class _CompressAfterAttention:
         bs = kv_cache.shape[2]          # [blocks, kv heads, block size, 2 x head size]
         qsl = meta.query_start_loc.tolist()
         for r, row in enumerate(state.rows):
+            if row.computed != 0:        # decoding, or not a whole prefill: nothing to select
+                continue
             kept = state.config.kept(row.num_prompt)
             layout = plan(row.num_prompt, kept, bs)
-            if layout is None or row.computed != 0:
+            if layout is None:
                 continue
             q0, q1, n = qsl[r], qsl[r + 1], row.num_prompt
             kept_k, kept_v, _ = compress.select(
