@@ -110,12 +110,15 @@ def test_readme_shows_the_committed_default_evaluation():
     # ... and that output came from `make eval`'s command: its settings, only --out differs.
     import json
 
+    from mixkv.eval.runner import RunConfig
+
     config = json.loads((EVAL_DEFAULT / "summary.json").read_text())["config"]
     for key, value in _eval_config("eval").items():
         if key in ("out", "progress", "quiet", "imports", "threads"):  # not in results
             continue
-        if value is None and key not in config:
-            continue  # an option newer than the committed run, off by default (decode_budget)
+        if key not in config and value == getattr(RunConfig(), key):
+            continue  # an option newer than the committed run, at its default (decode_budget,
+            #           engine)
         assert config[key] == value, key
 
 
