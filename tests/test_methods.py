@@ -402,12 +402,17 @@ def test_expected_attention_is_the_gaussian_expectation_of_the_rotated_queries(
     want = attention[..., :N - W]
     if use_vnorm:
         want = want * p.values[:, :, :N - W].float().norm(dim=-1)
-    want[..., :sinks] = want.max() + 1
+    importance = want.clone()
+    importance[..., :sinks] = want.max()      # the sinks: the row's largest importance ...
+    want[..., :sinks] = want.max() + 1        # ... and selected above every candidate
     scorer = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
                                              use_covariance=use_covariance, sinks=sinks,
                                              use_vnorm=use_vnorm)
     got = scorer.score(p)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    got_importance, got_scores = scorer.score_with_importance(p)
+    torch.testing.assert_close(got_importance, importance, rtol=1e-4, atol=1e-7)
+    assert torch.equal(got_scores, got)
     if use_covariance:  # the term matters: the ranking differs from the mean-only one
         mean_only = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
                                                     use_covariance=False, sinks=sinks).score(p)

@@ -226,11 +226,12 @@ class ExpectedAttention(Scorer):
 
     ``sinks``: the first ``sinks`` real tokens (attention sinks) are always kept, scored above
     every other candidate of the batch row, and left out of the softmax, as kvpress's
-    ``n_sink`` does. The sinks' values are small, so the value norm alone would drop them, and
-    a model without its first tokens stops answering (benchmarks/RESULTS.md, "Expected
-    attention against kvpress"); ``sinks=0`` scores them like any other token (mixkv's
-    behaviour before this option).
-    Scores: [B, Hkv, C] float32, >= 0, 0 at padding."""
+    ``n_sink`` does; their importance (for budget policies and mixers, which may still trade
+    them) is the row's largest. Their values are small, so the value norm ranks them low and
+    many heads drop them (then SmolLM2 mostly answers nothing: benchmarks/RESULTS.md,
+    "Expected attention against kvpress"); ``sinks=0`` scores them like any other token and
+    takes the softmax over every real key (mixkv's scorer before this option).
+    Scores and importance: [B, Hkv, C] float32, >= 0, 0 at padding."""
 
     needs_hidden_states = True
 
@@ -253,7 +254,7 @@ class ExpectedAttention(Scorer):
             future_positions, skip_first, float(epsilon)
         self.use_covariance, self.sinks, self.use_vnorm = use_covariance, sinks, use_vnorm
 
-    def score(self, p: Prefill) -> Tensor:
+    def score_with_importance(self, p: Prefill) -> Tuple[Tensor, Tensor]:
         B, Hkv, N, D = p.keys.shape
         C = p.candidates
         mean_query, covariance = self._future_query_statistics(p)        # [B, Hq, D(, D)]
@@ -274,12 +275,18 @@ class ExpectedAttention(Scorer):
         if self.use_vnorm:
             norms = p.values[:, :, :C].float().norm(dim=-1)
             attention = (attention + self.epsilon) * norms
-        scores = torch.where(p.real_candidates()[:, None, :], attention, 0.0)
-        if self.sinks:
-            # Above every candidate of the row, in every head: kept first under any policy.
-            top = scores.flatten(1).amax(-1)[:, None, None] + 1.0
-            scores = torch.where(sink[:, None, :C], top, scores)
-        return scores
+        importance = torch.where(p.real_candidates()[:, None, :], attention, 0.0)
+        if not self.sinks:
+            return importance, importance
+        # The sinks count as the row's most important candidate for policies and mixers (a
+        # value of the scores, not a constant that would shift a mixer's rescaling), and
+        # select above every candidate of the row, in every head.
+        top = importance.flatten(1).amax(-1)[:, None, None]
+        sink = sink[:, None, :C]
+        return torch.where(sink, top, importance), torch.where(sink, top + 1.0, importance)
+
+    def score(self, p: Prefill) -> Tensor:
+        return self.score_with_importance(p)[1]
 
     def _mean_future_query(self, p: Prefill) -> Tensor:
         return self._future_query_statistics(p)[0]
