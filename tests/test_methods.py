@@ -425,7 +425,8 @@ def _kept_sinks(label, sinks, pad=20):
     tokens past the window); row 1 is left-padded by ``pad``."""
     model, _ = hf_models.llama()
     cache, _, _ = _patched_prefill(model, label, pad=pad, budget=BUDGET, sinks=sinks)
-    ids = torch.randint(2, hf_models.TEXT_VOCAB, (2, 64), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(2, hf_models.TEXT_VOCAB, (2, 64),
+                        generator=torch.Generator().manual_seed(5))   # _patched_prefill's
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
     full = DynamicCache(config=model.config)
