@@ -14,8 +14,13 @@ question appended after compression), hidden states captured. Then, per budget:
   its own ``ScorerPress.compress`` on every layer's (input hidden states, keys, values), what its
   forward hook does after each layer's attention; the compression ratio keeps exactly the budget
   per head (tests/kvpress/peers.ratio_for);
-- each ``--variant`` of mixkv (``NAME=OPTIONS``: a method label and mixkv.patch options as JSON)
-  compresses a copy of the full cache with ``compress_cache``, as mixkv-eval does;
+- with ``--leaderboard``, also kvpress's leaderboard entry "expected_attention" (kvpress's
+  evaluation/evaluate_registry.py: ``AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))``, masking
+  head-wise instead of removing) and its scorer under uniform budgets;
+- each ``--variant`` of mixkv (``NAME=METHOD:OPTIONS[@PEER]``: a method label, mixkv.patch
+  options as JSON, the kvpress configuration to compare with) compresses a copy of the full
+  cache with ``compress_cache``, as mixkv-eval does (head-wise variants are not answered under
+  kvpress's transformers, which the shim's head-wise cache does not support);
 
 and the engine answers the question from each compressed cache. Kept positions are recovered by
 matching kept key rows against the full cache's rows bit for bit (peers.kept_positions).
@@ -143,14 +148,17 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--budgets", default="256,512")
     parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=OPTIONS: a mixkv method label and its mixkv.patch options "
-                             "as JSON, e.g. 'sinks0=expected_attention:{\"sinks\": 0}' "
-                             "(repeatable; default: expected_attention with its defaults)")
+                        help="NAME=METHOD:OPTIONS[@PEER]: a mixkv method label, its "
+                             "mixkv.patch options as JSON and the kvpress press its kept tokens "
+                             "are compared with (kvpress, or with --leaderboard kvpress_eps or "
+                             "kvpress_adakv; default kvpress), e.g. "
+                             "'sinks0=expected_attention:{\"sinks\": 0}' (repeatable; default: "
+                             "expected_attention with its defaults)")
     parser.add_argument("--leaderboard", action="store_true",
                         help="also kvpress's leaderboard configuration (kvpress's "
                              "evaluation/evaluate_registry.py 'expected_attention'): "
-                             "AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)); variants whose "
-                             "method has '+adakv' are compared with it")
+                             "kvpress_adakv = AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)), "
+                             "and its scorer under uniform budgets, kvpress_eps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -158,8 +166,9 @@ def main(argv=None):
     variants = {}
     for spec in args.variant or ["mixkv=expected_attention:{}"]:
         name, rest = spec.split("=", 1)
+        rest, _, peer = rest.partition("@")
         method, _, options = rest.partition(":")
-        variants[name] = (method, json.loads(options or "{}"))
+        variants[name] = (method, json.loads(options or "{}"), peer or "kvpress")
     os.makedirs(args.out, exist_ok=True)
     em = load_model()
     engine = Engine(em, window=WINDOW, mode="agnostic", hidden_states=True)
@@ -181,6 +190,8 @@ def main(argv=None):
                                full=full["score"], needles=needles)
                     presses = {"kvpress": ExpectedAttentionPress(compression_ratio=ratio)}
                     if args.leaderboard:
+                        presses["kvpress_eps"] = ExpectedAttentionPress(
+                            compression_ratio=ratio, epsilon=1e-2)
                         presses["kvpress_adakv"] = AdaKVPress(ExpectedAttentionPress(
                             compression_ratio=ratio, epsilon=1e-2))
                     kept = {}
@@ -190,15 +201,13 @@ def main(argv=None):
                         clear_masks(em)
                         row[name] = dict(score=answer["score"], output=answer["output"],
                                          **compare(kept[name], kept[name], needles))
-                    for name, (method, options) in variants.items():
+                    for name, (method, options, peer) in variants.items():
                         cache, ours, headwise = mixkv_compress(em, prefilled, method, budget,
                                                                options)
                         # The shim's head-wise cache needs transformers >= 5.3, newer than
                         # kvpress's: its answers come from mixkv-eval in the main environment.
                         answer = dict(score=None, output=None) if headwise and OLD_TRANSFORMERS \
                             else engine._answer(prefilled, cache)
-                        peer = "kvpress_adakv" if "+adakv" in method and args.leaderboard \
-                            else "kvpress"
                         row[name] = dict(score=answer["score"], output=answer["output"],
                                          peer=peer, **compare(ours, kept[peer], needles))
                     out.write(json.dumps(row) + "\n")
@@ -209,8 +218,8 @@ def main(argv=None):
                                       if k in variants else "")
                                    for k in [*presses, *variants]),
                           f"{time.perf_counter() - start:.1f}s", flush=True)
-    summarize(path, budgets, ["kvpress", *(["kvpress_adakv"] if args.leaderboard else []),
-                              *variants])
+    summarize(path, budgets, ["kvpress", *(["kvpress_eps", "kvpress_adakv"]
+                                           if args.leaderboard else []), *variants])
 
 
 def summarize(path, budgets, names):
