@@ -231,6 +231,10 @@ class ExpectedAttention(Scorer):
     many heads drop them (then SmolLM2 mostly answers nothing: benchmarks/RESULTS.md,
     "Expected attention against kvpress"); ``sinks=0`` scores them like any other token and
     takes the softmax over every real key (mixkv's scorer before this option).
+
+    The defaults are the press's; kvpress's leaderboard entry is
+    ``AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))``, here ``"expected_attention+adakv"``
+    with ``epsilon=0.01``. The observation window is always kept (kvpress ranks it).
     Scores and importance: [B, Hkv, C] float32, >= 0, 0 at padding."""
 
     needs_hidden_states = True
