@@ -203,6 +203,7 @@ def test_every_registered_part_with_options_is_covered():
         assert key in covered, f"CANNOT_CHANGE names {key}, which no registered part takes"
     assert {("snapkv", "pool_kernel"), ("mixkv", "redundancy"), ("streamingllm", "sinks"),
             ("adakv", "floor_alpha"), ("expected_attention", "use_covariance"),
+            ("expected_attention", "sinks"), ("expected_attention", "use_vnorm"),
             ("kvzip", "chunk_size")} <= covered
 
 

@@ -364,12 +364,14 @@ def test_expected_attention_uses_the_next_positions_rope_and_not_the_window(buil
     assert torch.equal(scorer.score(other), scores)
 
 
-@pytest.mark.parametrize("use_covariance", [False, True])
+@pytest.mark.parametrize("use_covariance,sinks,use_vnorm", [(False, 0, True), (True, 0, True),
+                                                         (True, 3, True), (False, 5, False)])
 @pytest.mark.parametrize("build", [hf_models.llama, hf_models.qwen3])
-def test_expected_attention_is_the_gaussian_expectation_of_the_rotated_queries(build,
-                                                                              use_covariance):
+def test_expected_attention_is_the_gaussian_expectation_of_the_rotated_queries(
+        build, use_covariance, sinks, use_vnorm):
     """By hand, another way round: rotate every prompt query by the averaged future RoPE, take
-    their mean and covariance, and E[exp(s q.k)] = exp(s mu.k + s^2 k'Sigma k / 2)."""
+    their mean and covariance, and E[exp(s q.k)] = exp(s mu.k + s^2 k'Sigma k / 2); softmax over
+    the keys past the sinks, the sinks scored above every candidate (kvpress's n_sink)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model, _ = build()
@@ -395,16 +397,80 @@ def test_expected_attention_is_the_gaussian_expectation_of_the_rotated_queries(b
     if use_covariance:
         logits = logits + 0.5 * s * s * torch.einsum("bhnd,bhde,bhne->bhn", keys, covariance,
                                                      keys)
-    attention = logits.softmax(-1).view(1, Hkv, Hq // Hkv, N).mean(2)[..., :N - W]
-    want = attention * p.values[:, :, :N - W].float().norm(dim=-1)
+    attention = torch.zeros(1, Hkv, N)
+    attention[..., sinks:] = logits[..., sinks:].softmax(-1).view(1, Hkv, Hq // Hkv, -1).mean(2)
+    want = attention[..., :N - W]
+    if use_vnorm:
+        want = want * p.values[:, :, :N - W].float().norm(dim=-1)
+    importance = want.clone()
+    importance[..., :sinks] = want.max()      # the sinks: the row's largest importance ...
+    want[..., :sinks] = want.max() + 1        # ... and selected above every candidate
     scorer = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
-                                             use_covariance=use_covariance)
+                                             use_covariance=use_covariance, sinks=sinks,
+                                             use_vnorm=use_vnorm)
     got = scorer.score(p)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    got_importance, got_scores = scorer.score_with_importance(p)
+    torch.testing.assert_close(got_importance, importance, rtol=1e-4, atol=1e-7)
+    assert torch.equal(got_scores, got)
     if use_covariance:  # the term matters: the ranking differs from the mean-only one
         mean_only = M.SCORERS["expected_attention"](future_positions=F, skip_first=skip,
-                                                    use_covariance=False).score(p)
+                                                    use_covariance=False, sinks=sinks).score(p)
         assert (got - mean_only).abs().max() > 100 * (got - want).abs().max()
+
+
+def _kept_sinks(label, sinks, pad=20):
+    """Per (layer, row, KV head): (how many of the row's first 4 real tokens a patched prefill of
+    ``label`` (expected attention with ``sinks``) keeps, how many candidates it keeps: the
+    tokens past the window); row 1 is left-padded by ``pad``."""
+    model, _ = hf_models.llama()
+    cache, _, _ = _patched_prefill(model, label, pad=pad, budget=BUDGET, sinks=sinks)
+    ids = torch.randint(2, hf_models.TEXT_VOCAB, (2, 64),
+                        generator=torch.Generator().manual_seed(5))   # _patched_prefill's
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{hf_models.cache_kwarg(): full})
+    counts = []
+    for layer, full_layer in zip(cache.layers, full.layers):
+        Hkv = full_layer.keys.shape[1]
+        for i, segment in enumerate(_segments(layer)):
+            b, h = divmod(i, Hkv)
+            first = pad if b == 1 else 0
+            wanted = full_layer.keys[b, h, first:first + 4]
+            counts.append((sum(any(torch.equal(w, k) for k in segment) for w in wanted),
+                           segment.shape[0] - W))
+    return counts
+
+
+@pytest.mark.parametrize("label", ["expected_attention", "expected_attention+adakv",
+                                   "expected_attention+pyramidkv"])
+def test_expected_attention_keeps_the_first_real_tokens_of_every_head(label):
+    """kvpress's n_sink: the first 4 real tokens of each row (after left padding) are kept by
+    every head under every policy (pyramidkv's last layer keeps the window alone); with sinks=0
+    the scores alone decide, and drop some."""
+    kept = _kept_sinks(label, 4)
+    assert [sinks for sinks, _ in kept] == [min(4, candidates) for _, candidates in kept]
+    assert sum(candidates >= 4 for _, candidates in kept) >= 4
+    assert any(sinks < min(4, candidates) for sinks, candidates in _kept_sinks(label, 0))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("sinks", -1, "sinks must be an integer >= 0, got -1"),
+    ("sinks", 2.0, "sinks must be an integer >= 0, got 2.0"),
+    ("future_positions", 0, "future_positions must be an integer >= 1, got 0"),
+    ("skip_first", True, "skip_first must be an integer >= 0, got True"),
+    ("use_vnorm", "yes", "use_vnorm must be True or False, got 'yes'"),
+    ("use_covariance", 1, "use_covariance must be True or False, got 1"),
+    ("epsilon", -0.1, "epsilon must be a finite number >= 0, got -0.1"),
+    ("epsilon", float("nan"), "epsilon must be a finite number >= 0, got nan")])
+def test_expected_attention_refuses_bad_options_by_name(option, value, message):
+    with pytest.raises(ValueError, match=r"^mixkv: expected_attention's " + message + "$"):
+        M.SCORERS["expected_attention"](**{option: value})
+    with pytest.raises(ValueError, match=r"expected_attention's " + option):
+        mixkv.patch(hf_models.llama()[0], "expected_attention", budget=BUDGET, window=W,
+                    **{option: value})
 
 
 @pytest.mark.parametrize("label", ["expected_attention", "mixkv(expected_attention)+adakv",

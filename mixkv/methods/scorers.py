@@ -213,27 +213,54 @@ def _rotate_half(x: Tensor) -> Tensor:
 @register_scorer("expected_attention")
 class ExpectedAttention(Scorer):
     """Query-agnostic: the attention each key would get from the *future* queries, estimated
-    without them (after kvpress's ExpectedAttentionPress).
+    without them (after kvpress's ExpectedAttentionPress; its defaults are the defaults here).
 
     The pre-RoPE queries of the prompt (the layer's hidden states through ``q_proj`` and
-    ``q_norm``; the first ``skip_first`` real tokens, attention sinks, left out) are modelled as a
-    Gaussian per query head, mean mu and covariance Sigma, rotated by the RoPE rotation R
-    averaged over the next ``future_positions`` positions. A key's expected logit is then
+    ``q_norm``; the first ``skip_first`` real tokens left out) are modelled as a Gaussian per
+    query head, mean mu and covariance Sigma, rotated by the RoPE rotation R averaged over the
+    next ``future_positions`` positions. A key's expected logit is then
     ``s R mu . k + s^2 k^T (R Sigma R^T) k / 2`` (s the attention scaling; the second term,
-    ``use_covariance``, is log E[exp] of the Gaussian's spread); its softmax over the real keys,
-    averaged over each KV head's query heads, is weighted by the value norm
-    (``(a + epsilon) * |V|``)."""
+    ``use_covariance``, is log E[exp] of the Gaussian's spread); its softmax over the real keys
+    past the sinks, averaged over each KV head's query heads, is weighted by the value norm
+    (``(a + epsilon) * |V|``; ``use_vnorm=False``: ``a`` alone, epsilon unused).
+
+    ``sinks``: the first ``sinks`` real tokens (attention sinks) are always kept, scored above
+    every other candidate of the batch row, and left out of the softmax, as kvpress's
+    ``n_sink`` does; their importance (for budget policies and mixers, which may still trade
+    them) is the row's largest. Their values are small, so the value norm ranks them low and
+    many heads drop them (then SmolLM2 mostly answers nothing: benchmarks/RESULTS.md,
+    "Expected attention against kvpress"); ``sinks=0`` scores them like any other token and
+    takes the softmax over every real key (mixkv's scorer before this option).
+
+    The defaults are the press's; kvpress's leaderboard entry is
+    ``AdaKVPress(ExpectedAttentionPress(epsilon=1e-2))``, here ``"expected_attention+adakv"``
+    with ``epsilon=0.01``. The observation window is always kept (kvpress ranks it).
+    Scores and importance: [B, Hkv, C] float32, >= 0, 0 at padding."""
 
     needs_hidden_states = True
 
     def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0,
-                 use_covariance: bool = True):
+                 use_covariance: bool = True, sinks: int = 4, use_vnorm: bool = True):
+        for name, value, least in (("future_positions", future_positions, 1),
+                                   ("skip_first", skip_first, 0), ("sinks", sinks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"mixkv: expected_attention's {name} must be an integer >= "
+                                 f"{least}, got {value!r}")
+        for name, value in (("use_covariance", use_covariance), ("use_vnorm", use_vnorm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"mixkv: expected_attention's {name} must be True or False, "
+                                 f"got {value!r}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or \
+                not 0 <= epsilon < float("inf"):
+            raise ValueError("mixkv: expected_attention's epsilon must be a finite number >= 0, "
+                             f"got {epsilon!r}")
         self.future_positions, self.skip_first, self.epsilon = \
-            future_positions, skip_first, epsilon
-        self.use_covariance = use_covariance
+            future_positions, skip_first, float(epsilon)
+        self.use_covariance, self.sinks, self.use_vnorm = use_covariance, sinks, use_vnorm
 
-    def score(self, p: Prefill) -> Tensor:
+    def score_with_importance(self, p: Prefill) -> Tuple[Tensor, Tensor]:
         B, Hkv, N, D = p.keys.shape
+        C = p.candidates
         mean_query, covariance = self._future_query_statistics(p)        # [B, Hq, D(, D)]
         Hq = mean_query.shape[1]
         keys = p.keys.float().repeat_interleave(Hq // Hkv, dim=1)       # [B, Hq, N, D]
@@ -241,12 +268,29 @@ class ExpectedAttention(Scorer):
         logits = (keys @ mean_query[..., None]).squeeze(-1) * scale      # [B, Hq, N]
         if covariance is not None:
             logits = logits + 0.5 * scale ** 2 * ((keys @ covariance) * keys).sum(-1)
-        if p.key_mask is not None:
-            logits = logits.masked_fill(~p.key_mask[:, None, :].bool(), float("-inf"))
-        attention = logits.softmax(-1).view(B, Hkv, Hq // Hkv, N).mean(2)[..., :p.candidates]
-        norms = p.values[:, :, :p.candidates].float().norm(dim=-1)
-        return torch.where(p.real_candidates()[:, None, :], (attention + self.epsilon) * norms,
-                           0.0)
+        real = torch.ones(B, N, dtype=torch.bool, device=p.keys.device) if p.key_mask is None \
+            else p.key_mask.bool()
+        sink = real & (real.long().cumsum(-1) <= self.sinks)             # [B, N]
+        attended = real & ~sink
+        # A prompt of sinks alone (too short for them): the softmax over every real key.
+        attended = torch.where(attended.any(-1, keepdim=True), attended, real)
+        logits = logits.masked_fill(~attended[:, None, :], float("-inf"))
+        attention = logits.softmax(-1).view(B, Hkv, Hq // Hkv, N).mean(2)[..., :C]
+        if self.use_vnorm:
+            norms = p.values[:, :, :C].float().norm(dim=-1)
+            attention = (attention + self.epsilon) * norms
+        importance = torch.where(p.real_candidates()[:, None, :], attention, 0.0)
+        if not self.sinks:
+            return importance, importance
+        # The sinks count as the row's most important candidate for policies and mixers (a
+        # value of the scores, not a constant that would shift a mixer's rescaling), and
+        # select above every candidate of the row, in every head.
+        top = importance.flatten(1).amax(-1)[:, None, None]
+        sink = sink[:, None, :C]
+        return torch.where(sink, top, importance), torch.where(sink, top + 1.0, importance)
+
+    def score(self, p: Prefill) -> Tensor:
+        return self.score_with_importance(p)[1]
 
     def _mean_future_query(self, p: Prefill) -> Tensor:
         return self._future_query_statistics(p)[0]

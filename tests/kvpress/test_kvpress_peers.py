@@ -18,6 +18,12 @@ Where they differ by design the difference is aligned, then compared exactly:
   keeps at least as many candidates, and every candidate mixkv keeps, kvpress keeps.
 - KeyDiff's score: kvpress ``-cos(k, mean of unit keys)``, mixkv ``-(k/|k|) . mean`` min-max
   rescaled: the same order per head (a positive factor |mean| and an increasing affine map).
+- Expected attention: kvpress's ``ExpectedAttentionPress`` ranks all N tokens (its n_sink first
+  ones above all); mixkv's ``expected_attention`` keeps the window and ranks the candidates, its
+  ``sinks`` first real tokens above all. Aligned as Knorm (window kept), each kvpress field set
+  as the mixkv option of the same meaning (EA_OPTIONS): n_sink = sinks = skip_first (kvpress
+  drops its sinks from the query statistics too), n_future_positions = future_positions,
+  use_covariance, use_vnorm, epsilon.
 
 Budgets are tokens kept per head, window included; kvpress's compression_ratio is set so that
 ``int(N * (1 - ratio))`` is that budget (peers.ratio_for).
@@ -41,7 +47,8 @@ import math
 import pytest
 import torch
 
-from kvpress import KeyDiffPress, KnormPress, SnapKVPress, StreamingLLMPress
+from kvpress import (ExpectedAttentionPress, KeyDiffPress, KnormPress, SnapKVPress,
+                     StreamingLLMPress)
 
 import hf_models
 from peers import (WINDOW, all_kept, describe_difference, differ_only_in_ties, prefill,
@@ -54,6 +61,16 @@ BUDGETS = (48, 100, 200)
 # mixkv's and kvpress's scores of SnapKV (relative to the value) and KeyDiff (relative to the
 # head's range) differ by <= 2.8e-7 here: a near tie is a gap within ~7 times that.
 NEAR_TIE = 2e-6
+# kvpress's ExpectedAttentionPress fields -> mixkv's expected_attention options: kvpress's
+# defaults first (mixkv's defaults), then one field off its default at a time.
+EA_OPTIONS = [
+    ({}, {}),
+    (dict(n_sink=0), dict(sinks=0, skip_first=0)),
+    (dict(n_sink=2, use_vnorm=False), dict(sinks=2, skip_first=2, use_vnorm=False)),
+    (dict(n_future_positions=16, use_covariance=False),
+     dict(future_positions=16, use_covariance=False)),
+    (dict(epsilon=0.01), dict(epsilon=0.01)),
+]
 EXACT = (0.0, "value")
 
 
@@ -185,3 +202,30 @@ def test_differ_only_in_ties_allows_exact_or_stated_near_ties_only():
         differ_only_in_ties(kept, [[[0, 1, 4]]], window, 2e-7, "range")
     with pytest.raises(AssertionError, match="beyond a near tie"):
         differ_only_in_ties(kept, [[[0, 2, 5]]], scores, 1e-3)             # 5 against 1
+
+
+def _ea_cases():
+    """kvpress's defaults at every seed and budget; each other option set at one of them."""
+    cases = []
+    for i, (theirs, ours) in enumerate(EA_OPTIONS):
+        for name in BUILDERS:
+            for seed in SEEDS if i == 0 else SEEDS[:1]:
+                for budget in BUDGETS if i == 0 else BUDGETS[1:2]:
+                    cases.append(pytest.param(theirs, ours, name, seed, budget, id="-".join(
+                        [",".join(theirs) or "defaults", name, str(seed), str(budget)])))
+    return cases
+
+
+@pytest.mark.parametrize("theirs, ours, name, seed, budget", _ea_cases())
+def test_expected_attention_keeps_the_same_tokens_once_the_window_is_kept(theirs, ours, name,
+                                                                           seed, budget):
+    ratio = ratio_for(LENGTH, budget)
+    kept, _, _ = _compare(name, seed, budget,
+                          _window_kept(ExpectedAttentionPress)(compression_ratio=ratio, **theirs),
+                          dict(method="expected_attention", budget=budget, window=WINDOW, **ours),
+                          tie=(NEAR_TIE, "value"))
+    sinks = theirs.get("n_sink", 4)
+    heads = [head for layer in kept for row in layer for head in row]
+    assert all(set(range(sinks)) <= set(head) for head in heads)
+    # Not a vacuous agreement: the heads keep different candidates.
+    assert len({tuple(head) for head in heads}) > 1

@@ -15,7 +15,9 @@ broken toward the lower position, as mixkv does. SnapKV's and KeyDiff's scores a
 differently by kvpress and mixkv, so a near tie (NEAR_TIE) may go either way, in at most one
 head of eight; Knorm's and StreamingLLM's are the same numbers and must agree exactly.
 MixKVPress scores with mixkv's ops from window queries that are the model's, bit for bit: it
-must keep exactly what the op keeps."""
+must keep exactly what the op keeps. ExpectedAttentionPress (kvpress's defaults, window kept
+as for Knorm) keeps what mixkv's expected_attention (its defaults: kvpress's) keeps from the
+same hidden states, up to near ties."""
 
 import copy
 
@@ -23,7 +25,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress import KeyDiffPress, KnormPress, SnapKVPress, StreamingLLMPress
+from kvpress import (ExpectedAttentionPress, KeyDiffPress, KnormPress, SnapKVPress,
+                     StreamingLLMPress)
 
 import mixkv
 from mixkv.eval.engine import Engine, capture_window_queries
@@ -37,7 +40,8 @@ BUDGETS = (128, 256, 512)
 # mixkv's and kvpress's SnapKV scores differ by <= 4e-6 of the value, their KeyDiff scores by
 # <= 3.8e-6 of the head's range (seen under ATEN_CPU_CAPABILITY=default/avx2/avx512), while
 # boundary gaps go down to 1e-7 and below: a near tie is a gap within ~5 times that.
-NEAR_TIE = {"snapkv": (2e-5, "value"), "keydiff": (2e-5, "range")}
+NEAR_TIE = {"snapkv": (2e-5, "value"), "keydiff": (2e-5, "range"),
+            "expected_attention": (2e-5, "value")}
 PROMPTS = (("niah_single", "agnostic"), ("niah_multikey", "aware"))
 
 
@@ -82,6 +86,7 @@ def _press_kept(em, prefilled, press):
         for layer, attention in enumerate(l.self_attn for l in em.model.model.layers):
             hidden, rope = inputs[layer]
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            attention.rotary_emb = em.model.model.rotary_emb   # as kvpress's press(model)
             k, _ = press.compress(attention, hidden, keys, values, None,
                                   {"position_embeddings": rope})
             kept.append(kept_positions(keys, k))
@@ -89,10 +94,12 @@ def _press_kept(em, prefilled, press):
 
 
 def _shim_kept(em, prefilled, **options):
-    _, cache, queries, _ = prefilled
+    _, cache, queries, inputs = prefilled
     compressed = copy.deepcopy(cache)
     with mixkv.patch(em.model, window=WINDOW, **options) as handle:
-        handle.compress_cache(compressed, queries)
+        hidden = {layer: h for layer, (h, _) in inputs.items()} \
+            if handle.method.needs_hidden_states else None
+        handle.compress_cache(compressed, queries, hidden_states=hidden)
     return [kept_positions(cache.layers[i].keys, compressed.layers[i].keys)
             for i in range(len(cache.layers))]
 
@@ -115,6 +122,7 @@ def test_smollm2_peers_keep_the_same_tokens(smollm2, task, mode):
         "streamingllm": lambda r: StreamingLLMPress(compression_ratio=r, n_sink=4),
         "knorm": lambda r: _window_kept(KnormPress)(compression_ratio=r),
         "keydiff": lambda r: _window_kept(KeyDiffPress)(compression_ratio=r),
+        "expected_attention": lambda r: _window_kept(ExpectedAttentionPress)(compression_ratio=r),
     }
     ties = {}
     for method, make in presses.items():
