@@ -199,7 +199,8 @@ def test_cache_is_back_to_the_context_after_every_chunk_and_intact_after(monkeyp
 
 
 def _kvzip(**kw):
-    return dict(repeat_prompt=PROMPT, chunk_size=7, **kw)
+    """mixkv's former KVzip setup (the reference above re-reads it) with the ids prompt."""
+    return {**M.kvzip.FORMER, **dict(repeat_prompt=PROMPT, chunk_size=7), **kw}
 
 
 @pytest.mark.parametrize("build", [hf_models.llama, hf_models.gemma3])

@@ -56,6 +56,7 @@ ALTERNATIVES = {
     "floor_alpha": 0.6, "normalize": False, "pyramid_beta": 4, "profile": _profile(3),
     "future_positions": 3, "skip_first": 0, "epsilon": 0.5, "use_covariance": False,
     "chunk_size": 16, "repeat_prompt": [5, 6, 7], "tokenizer": _tokenizer, "crop_chunks": False,
+    "chunk_prompt": [8, 9], "reread": "all", "softmax": "all", "floor": 1000,  # every head its whole capacity: uniform
 }
 
 # Options that act outside Method.compress, so the ops cannot see them on a captured prefill.
@@ -68,6 +69,18 @@ CANNOT_CHANGE = {
                                 "(mixkv/hf/reconstruct.py), before compress runs",
     ("kvzip", "tokenizer"): "tokenizes the reconstruction pass's text prompt "
                             "(mixkv/hf/reconstruct.py), before compress runs",
+    ("kvzip", "chunk_prompt"): "is the prompt before later chunks of the reconstruction pass "
+                               "(mixkv/hf/reconstruct.py), before compress runs",
+    ("kvzip", "overlap"): "sets how many of the previous chunk's tokens follow chunk_prompt in "
+                          "the reconstruction pass, before compress runs",
+    ("kvzip", "header"): "adds the chat template's assistant header to the reconstruction "
+                         "pass's prompt, before compress runs",
+    ("kvzip", "reread"): "sets which tokens the reconstruction pass re-reads, before compress "
+                         "runs",
+    ("kvzip", "softmax"): "sets the keys of the reconstruction pass's scoring softmax, before "
+                          "compress runs",
+    ("kvzip", "sinks"): "sets which tokens the reconstruction pass marks as kept (+inf in "
+                        "Prefill.reconstruction, which this test draws at random)",
 }
 
 

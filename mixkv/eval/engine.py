@@ -235,8 +235,9 @@ class Engine:
         from ..hf import reconstruct
 
         prepared = prefilled.prepared
-        plan = reconstruct.plan_for(handle.method, self.em.encode)
-        key = (tuple(plan["prompt_ids"]), plan["chunk_size"], plan["crop_chunks"])
+        plan = reconstruct.plan_for(handle.method, self.em.encode,
+                                    getattr(self.em, "tokenizer", None))
+        key = reconstruct.plan_key(plan)
         if key in prefilled.reconstructions:
             scores, seconds = prefilled.reconstructions[key]
             return scores, seconds

@@ -133,9 +133,9 @@ class MixKVPatch:
         self._hooks = []
         self._states = {}
         self._original_generate = None
-        # Scores from a reconstruction pass (KVzip): compress after the whole prefill forward.
-        self._deferred = reconstruct.DeferredCompression(self) \
-            if method.needs_reconstruction else None
+        # Scores from a reconstruction pass (KVzip), or one budget over every layer (global):
+        # compress after the whole prefill forward.
+        self._deferred = reconstruct.DeferredCompression(self) if method.deferred else None
         try:
             for module in self.modules:
                 state = _LayerState(self, module.layer_idx)
@@ -236,39 +236,65 @@ class MixKVPatch:
     # -- compression -------------------------------------------------------------------------
     def _compress(self, module, cache, idx, layer, q_window, key_mask, hidden=None,
                   reconstruction=None):
+        """Compress one layer (a policy per layer)."""
+        self._compress_layers([(module, cache, idx, layer, q_window, key_mask, hidden,
+                                reconstruction)])
+
+    def _compress_layers(self, items) -> None:
+        """Compress several layers of one prefill: ``items`` are (module, cache, idx, layer,
+        q_window, key_mask, hidden, reconstruction). Under a policy that spans layers (global)
+        they share one budget; otherwise each is compressed on its own."""
         m = self.method
-        keys, values = layer.keys, layer.values
-        B, Hkv, N, D = keys.shape
-        budget = m.budget_for(N)
-        before = keys.nbytes + values.nbytes
-        if N <= budget:  # nothing to remove: the cache stays as it is, bit for bit
-            self._stats[idx] = dict(kept=torch.full((B, Hkv), N), bytes_before=before,
-                                    bytes_after=before, prompt=N)
+        prefills, where = {}, {}
+        for module, cache, idx, layer, q_window, key_mask, hidden, reconstruction in items:
+            keys, values = layer.keys, layer.values
+            B, Hkv, N, D = keys.shape
+            budget = m.budget_for(N)
+            before = keys.nbytes + values.nbytes
+            if N <= budget:  # nothing to remove: the cache stays as it is, bit for bit
+                self._stats[idx] = dict(kept=torch.full((B, Hkv), N), bytes_before=before,
+                                        bytes_after=before, prompt=N)
+                continue
+            if key_mask is not None:
+                key_mask = key_mask.to(keys.device)
+            if m.needs_hidden_states and hidden is None:
+                raise ValueError(f"mixkv: method {m.label!r} needs the layer's hidden states; "
+                                 "pass hidden_states= to compress_cache")
+            scaling = getattr(module, "scaling", None)
+            prefills[idx] = Prefill(queries=q_window.to(keys.device), keys=keys, values=values,
+                                    key_mask=key_mask, window=m.window, layer=idx,
+                                    num_layers=self.num_layers,
+                                    scaling=None if scaling is None else float(scaling),
+                                    module=module, decoder=self.decoder, hidden_states=hidden,
+                                    reconstruction=reconstruction)
+            where[idx] = (cache, budget, before)
+        if not prefills:
             return
-        if key_mask is not None:
-            key_mask = key_mask.to(keys.device)
-        if m.needs_hidden_states and hidden is None:
-            raise ValueError(f"mixkv: method {m.label!r} needs the layer's hidden states; "
-                             "pass hidden_states= to compress_cache")
-        scaling = getattr(module, "scaling", None)
-        prefill = Prefill(queries=q_window.to(keys.device), keys=keys, values=values,
-                          key_mask=key_mask, window=m.window, layer=idx,
-                          num_layers=self.num_layers,
-                          scaling=None if scaling is None else float(scaling), module=module,
-                          decoder=self.decoder, hidden_states=hidden,
-                          reconstruction=reconstruction)
-        kept = m.compress(prefill, budget)
-        cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv)
-        counts = torch.full((B, Hkv), kept.keys.shape[-2]) if kept.offsets is None else \
-            kept.offsets.diff().view(B, Hkv).cpu()
-        self._stats[idx] = dict(kept=counts, bytes_before=before,
-                                bytes_after=kept.keys.nbytes + kept.values.nbytes, prompt=N)
+        budgets = {b for _, b, _ in where.values()}
+        if m.spans_layers and len(budgets) > 1:
+            raise ValueError(f"mixkv: method {m.label!r} splits one budget over every layer, "
+                             f"but the layers hold prompts of different lengths (budgets "
+                             f"{sorted(budgets)})")
+        if m.spans_layers:
+            selections = m.compress_layers(prefills, budgets.pop())
+        else:
+            selections = {i: m.compress(p, where[i][1]) for i, p in prefills.items()}
+        for idx, kept in selections.items():
+            cache, _, before = where[idx]
+            p = prefills[idx]
+            B, Hkv = p.keys.shape[:2]
+            cache.layers[idx] = layer_from_kept(kept, p.key_mask, B, Hkv)
+            counts = torch.full((B, Hkv), kept.keys.shape[-2]) if kept.offsets is None else \
+                kept.offsets.diff().view(B, Hkv).cpu()
+            self._stats[idx] = dict(kept=counts, bytes_before=before,
+                                    bytes_after=kept.keys.nbytes + kept.values.nbytes,
+                                    prompt=p.keys.shape[-2])
 
     # -- public ------------------------------------------------------------------------------
     def compress_cache(self, cache, window_queries: dict, key_mask=None,
                        hidden_states: Optional[dict] = None, *, context_ids=None,
-                       positions=None, encode=None, reconstruction: Optional[dict] = None
-                       ) -> None:
+                       positions=None, encode=None, reconstruction: Optional[dict] = None,
+                       tokenizer=None) -> None:
         """Compress a full prefill ``cache`` in place, as the patched forward would have.
 
         ``window_queries`` maps each decoder layer index to that layer's post-RoPE queries
@@ -279,15 +305,19 @@ class MixKVPatch:
         compress a copy of the full cache per method. Layers the shim leaves alone
         (sliding-window, already compressed) stay as they are. Methods with a reconstruction
         pass (kvzip) need the context's ``context_ids`` [B, N] (``positions``: the prefill's
-        position ids; ``encode``: text -> ids for a text repeat prompt), or its per-layer
-        scores as ``reconstruction`` (``reconstruct.scores_for``)."""
+        position ids; ``encode``: text -> ids for a text repeat prompt; ``tokenizer``: a
+        Hugging Face tokenizer for the chat template, when the scorer has none), or its
+        per-layer scores as ``reconstruction`` (``reconstruct.scores_for``). Under a policy
+        that splits one budget over every layer (global) the layers are compressed
+        together."""
         if self.method.needs_reconstruction and reconstruction is None:
             if context_ids is None:
                 raise ValueError(f"mixkv: method {self.method.label!r} re-reads the context: "
                                  "pass context_ids= (or reconstruction=) to compress_cache")
             reconstruction = reconstruct.scores_for(self, cache, input_ids=context_ids,
                                                     key_mask=key_mask, positions=positions,
-                                                    encode=encode)
+                                                    encode=encode, tokenizer=tokenizer)
+        items = []
         for module in self.modules:
             idx = module.layer_idx
             if not self.compressible(cache, idx):
@@ -296,10 +326,14 @@ class MixKVPatch:
                 raise KeyError(f"mixkv: compress_cache got no window queries for layer {idx}")
             layer = cache.layers[idx]
             W = min(self.method.window, layer.keys.shape[-2])
-            with torch.no_grad():
-                self._compress(module, cache, idx, layer, window_queries[idx][..., -W:, :],
-                               key_mask, (hidden_states or {}).get(idx),
-                               (reconstruction or {}).get(idx))
+            items.append((module, cache, idx, layer, window_queries[idx][..., -W:, :], key_mask,
+                          (hidden_states or {}).get(idx), (reconstruction or {}).get(idx)))
+        with torch.no_grad():
+            if self.method.spans_layers:
+                self._compress_layers(items)
+            else:
+                for item in items:
+                    self._compress_layers([item])
         if self.decoding is not None:  # decoding goes on from these queries (decode.py)
             self.decoding.start(window_queries)
 

@@ -28,7 +28,7 @@ compresses every layer with ``Prefill.reconstruction`` set.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +131,28 @@ def _real_order(real: Tensor) -> Tensor:
     return torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
 
 
+def _row_prefix(ids: Optional[Tensor], order: Tensor, lengths: Tensor,
+                prefix: Tensor) -> Tensor:
+    """[B] how many of each row's first real tokens are exactly ``prefix`` (its length, or 0
+    where the row does not start with it, or without ids)."""
+    B = order.shape[0]
+    P = prefix.numel()
+    out = torch.zeros(B, dtype=torch.long, device=order.device)
+    if ids is None or P == 0:
+        return out
+    for b in range(B):
+        if int(lengths[b]) >= P and torch.equal(ids[b, order[b, :P]], prefix.to(ids.device)):
+            out[b] = P
+    return out
+
+
+def _shift_rows(order: Tensor, skip: Tensor) -> Tensor:
+    """Each row of ``order`` [B, N] rotated left by ``skip[b]`` (the skipped tokens go last)."""
+    N = order.shape[1]
+    index = (torch.arange(N, device=order.device)[None, :] + skip[:, None]) % N
+    return order.gather(1, index)
+
+
 def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] = (),
                           chunk_size: int = 2048, crop_chunks: bool = True,
                           input_ids: Optional[Tensor] = None,
@@ -138,18 +160,43 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
                           key_mask: Optional[Tensor] = None,
                           positions: Optional[Tensor] = None,
                           layers: Optional[Iterable[int]] = None,
-                          on_chunk: Optional[Callable[[int, object], None]] = None
-                          ) -> Dict[int, Tensor]:
+                          on_chunk: Optional[Callable[[int, object], None]] = None,
+                          chunk_prompt_ids: Optional[Iterable[int]] = None, overlap: int = 0,
+                          header_ids: Iterable[int] = (), prefix_ids: Iterable[int] = (),
+                          reread: str = "all", sinks: Union[str, int] = 0,
+                          softmax: str = "all") -> Dict[int, Tensor]:
     """Run the reconstruction pass over a full prefill ``cache`` of `model`'s context and return
-    ``{layer: [B, Hkv, N] float32}`` (0 at padding). The cache is left as it was.
+    ``{layer: [B, Hkv, N] float32}`` (0 at padding, +inf at the tokens the plan keeps). The
+    cache is left as it was.
 
     The context is ``input_ids`` [B, N] (or ``inputs_embeds`` [B, N, hidden], as the decoder
     got them), ``key_mask`` [B, N] its real tokens (None: all), ``positions`` [B, N] the
     prefill's position ids (None: 0 .. N-1). ``layers``: the decoder layers to score (default:
     every layer). ``on_chunk(index, cache)`` is called after each chunk once the cache is
-    restored (crop_chunks) or still extended (otherwise)."""
+    restored (crop_chunks) or still extended (otherwise).
+
+    How the context is re-read (``KVzip``'s options, its ``reconstruction_plan``): every chunk
+    is fed after a lead, ``prompt_ids`` + ``header_ids`` for the first (and, without
+    ``chunk_prompt_ids``, for every) chunk, ``chunk_prompt_ids`` + the previous chunk's last
+    ``overlap`` tokens + ``header_ids`` for later ones (crop_chunks only). ``prefix_ids``: a
+    row whose real tokens start with them has that prefix (the chat template's); ``reread``
+    "context" re-reads only the tokens after it, "all" every real token. ``sinks`` "prefix"
+    marks the prefix as kept, an int n the first n real tokens (+inf scores). ``softmax``
+    "all": each fed query's softmax is the model's own over every key; "span": over the kept
+    tokens, the chunk's own span of the context and the fed tokens only (the official code's
+    and kvpress's), so a chunk scores only its own span."""
     from .patch import find_attention_modules
 
+    if reread not in ("all", "context"):
+        raise ValueError(f"mixkv: the reconstruction pass's reread must be 'all' or "
+                         f"'context', got {reread!r}")
+    if softmax not in ("all", "span"):
+        raise ValueError(f"mixkv: the reconstruction pass's softmax must be 'all' or 'span', "
+                         f"got {softmax!r}")
+    if not (sinks == "prefix" or (isinstance(sinks, int) and not isinstance(sinks, bool)
+                                  and sinks >= 0)):
+        raise ValueError(f"mixkv: the reconstruction pass's sinks must be 'prefix' or an int "
+                         f">= 0, got {sinks!r}")
     decoder, modules = find_attention_modules(model)
     context = input_ids if input_ids is not None else inputs_embeds
     if context is None:
@@ -169,11 +216,21 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
     wanted = set(range(len(modules)) if layers is None else layers)
     if not wanted:
         return {}
-    prompt = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+    as_ids = lambda x: torch.tensor([int(t) for t in x], dtype=torch.long, device=device)
+    prompt, header = as_ids(prompt_ids), as_ids(header_ids)
+    later = None if chunk_prompt_ids is None else as_ids(chunk_prompt_ids)
     chunk_size = max(1, int(chunk_size))
+    overlap = max(0, min(int(overlap), chunk_size))
 
-    lengths = real.sum(1)                                          # real tokens per row
     order = _real_order(real)                                      # real ones first
+    prefix = _row_prefix(input_ids, order, real.sum(1), as_ids(prefix_ids))   # [B]
+    skip = prefix if reread == "context" else torch.zeros_like(prefix)
+    order = _shift_rows(order, skip)                               # re-read tokens first
+    lengths = real.sum(1) - skip                                   # re-read tokens per row
+    rank = torch.empty_like(order).scatter_(
+        1, _real_order(real), torch.arange(N, device=device).expand(B, N))  # i-th real token
+    kept_count = prefix if sinks == "prefix" else torch.full_like(prefix, int(sinks))
+    kept = real & (rank < kept_count[:, None])                     # [B, N] always kept
     next_position = torch.where(real, positions, positions.new_full((), -1)).amax(1) + 1
     embed = decoder.get_input_embeddings() if inputs_embeds is not None else None
     cache_keyword = _cache_keyword(decoder)
@@ -184,7 +241,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
         scores[i] = torch.zeros(B, keys.shape[1], N, dtype=torch.float32, device=keys.device)
     if not scores:
         return scores
-    kept = _Snapshot(cache)
+    snapshot = _Snapshot(cache)
     state = dict(key_real=real, query_real=None)
 
     def score(next_fn, module, query, key, value, attention_mask, *args, **kwargs):
@@ -197,41 +254,62 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
         return next_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     chunks = max(1, -(-int(lengths.max()) // chunk_size))
-    key_real = real
+    key_real = real       # the keys the model attends (its attention mask)
     try:
         with capture.intercepting(modules, score), torch.no_grad():
             for c in range(chunks):
                 start = c * chunk_size
                 take = (lengths - start).clamp(0, chunk_size)                 # [B]
                 width = int(take.max())
-                lead = prompt if (crop_chunks or c == 0) else prompt[:0]
-                R = lead.numel()
                 picked = order[:, start:start + width]                       # [B, width]
-                fed_real = torch.cat([torch.ones(B, R, dtype=torch.bool, device=device),
-                                      torch.arange(width, device=device)[None, :]
-                                      < take[:, None]], dim=1)              # [B, R + width]
-                state["key_real"] = torch.cat([key_real, fed_real], dim=1)
+                fed_chunk = torch.arange(width, device=device)[None, :] < take[:, None]
+                if not (crop_chunks or c == 0):
+                    lead = prompt.new_zeros(B, 0)
+                elif c == 0 or later is None:
+                    lead = torch.cat([prompt, header])[None].expand(B, -1)
+                else:
+                    tail = order[:, start - overlap:start]                    # [B, overlap]
+                    tail_ids = input_ids.gather(1, tail) if input_ids is not None else None
+                    lead = torch.cat([later[None].expand(B, -1),
+                                      tail_ids if tail_ids is not None
+                                      else prompt.new_zeros(B, 0),
+                                      header[None].expand(B, -1)], dim=1)
+                R = lead.shape[1]
+                # a row with nothing left to re-read feeds nothing real (as its own run would)
+                lead_real = (take > 0)[:, None].expand(B, R) if c > 0 else \
+                    torch.ones(B, R, dtype=torch.bool, device=device)
+                fed_real = torch.cat([lead_real, fed_chunk], dim=1)          # [B, R + width]
+                attended = key_real
+                if softmax == "span":                # the kept tokens and this chunk's span
+                    span = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(
+                        1, picked, fed_chunk)
+                    attended = torch.cat([key_real[:, :N] & (kept | span),
+                                          key_real[:, N:]], dim=1)
+                state["key_real"] = torch.cat([attended, fed_real], dim=1)
                 state["query_real"] = fed_real
                 fed_positions = next_position[:, None] + torch.arange(R + width, device=device)
                 if input_ids is not None:
-                    tokens = torch.cat([lead.expand(B, R), input_ids.gather(1, picked)], dim=1)
+                    tokens = torch.cat([lead, input_ids.gather(1, picked)], dim=1)
                     feed = dict(input_ids=tokens)
                 else:
                     gathered = inputs_embeds.gather(
                         1, picked[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
-                    lead_embeds = embed(lead)[None].expand(B, -1, -1).to(gathered.dtype)
+                    lead_embeds = embed(lead).to(gathered.dtype)
                     feed = dict(inputs_embeds=torch.cat([lead_embeds, gathered], dim=1))
-                decoder(**feed, attention_mask=state["key_real"].long(),
+                decoder(**feed, attention_mask=torch.cat([key_real, fed_real], dim=1).long(),
                         position_ids=fed_positions, use_cache=True, **{cache_keyword: cache})
                 if crop_chunks:
-                    kept.restore(cache)
+                    snapshot.restore(cache)
                 else:
-                    key_real = state["key_real"]
+                    key_real = torch.cat([key_real, fed_real], dim=1)
                     next_position = next_position + R + width
                 if on_chunk is not None:
                     on_chunk(c, cache)
     finally:
-        kept.restore(cache, final=True)
+        snapshot.restore(cache, final=True)
+    if bool(kept.any()):
+        for i in scores:
+            scores[i].masked_fill_(kept.to(scores[i].device)[:, None, :], float("inf"))
     return scores
 
 
@@ -264,13 +342,24 @@ class _Snapshot:
 
 # -- the shim's side ---------------------------------------------------------------------------
 
-def plan_for(method, encode=None) -> dict:
-    """The reconstruction plan of a method's reconstruction scorer."""
-    return method.reconstruction_scorer.reconstruction_plan(encode)
+def plan_for(method, encode=None, tokenizer=None) -> dict:
+    """The reconstruction plan of a method's reconstruction scorer (``encode``: text -> ids,
+    ``tokenizer``: a Hugging Face tokenizer for its chat template, when the caller has one)."""
+    scorer = method.reconstruction_scorer
+    if tokenizer is not None and "tokenizer" in inspect.signature(
+            scorer.reconstruction_plan).parameters:
+        return scorer.reconstruction_plan(encode, tokenizer=tokenizer)
+    return scorer.reconstruction_plan(encode)
+
+
+def plan_key(plan: dict) -> tuple:
+    """A hashable key of a reconstruction plan (lists as tuples), to reuse a pass's scores."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in plan.items()))
 
 
 def scores_for(handle, cache, *, input_ids=None, inputs_embeds=None, key_mask=None,
-               positions=None, encode=None, layers=None, on_chunk=None) -> Dict[int, Tensor]:
+               positions=None, encode=None, layers=None, on_chunk=None,
+               tokenizer=None) -> Dict[int, Tensor]:
     """The reconstruction pass of a patch handle's method over ``cache`` (default layers: the
     ones the shim compresses)."""
     if layers is None:
@@ -281,13 +370,15 @@ def scores_for(handle, cache, *, input_ids=None, inputs_embeds=None, key_mask=No
     return reconstruction_scores(handle.model, cache, input_ids=input_ids,
                                  inputs_embeds=inputs_embeds, key_mask=key_mask,
                                  positions=positions, layers=layers, on_chunk=on_chunk,
-                                 **plan_for(handle.method, encode))
+                                 **plan_for(handle.method, encode, tokenizer))
 
 
 class DeferredCompression:
     """Compression after the whole prefill forward, for methods that need a reconstruction
-    pass: the shim's per-layer hook calls :meth:`hold` instead of compressing; a forward hook on
-    the decoder then runs the pass over the held layers and compresses each of them."""
+    pass or whose policy splits one budget over every layer (global): the shim's per-layer hook
+    calls :meth:`hold` instead of compressing; a forward hook on the decoder then runs the pass
+    (if the method has one) over the held layers and compresses them (together, under a
+    policy over every layer)."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -320,12 +411,18 @@ class DeferredCompression:
         self.running = True
         try:
             with torch.no_grad():
-                scores = scores_for(handle, cache, key_mask=key_mask, layers=list(held),
-                                    **context)
-                for idx in sorted(held):
-                    module, cache, layer, q_window, key_mask, hidden = held[idx]
-                    handle._compress(module, cache, idx, layer, q_window, key_mask, hidden,
-                                     reconstruction=scores.get(idx))
+                scores = {}
+                if handle.method.needs_reconstruction:
+                    scores = scores_for(handle, cache, key_mask=key_mask, layers=list(held),
+                                        **context)
+                items = [(module, cache, idx, layer, q_window, key_mask, hidden, scores.get(idx))
+                         for idx, (module, cache, layer, q_window, key_mask, hidden)
+                         in sorted(held.items())]
+                if handle.method.spans_layers:
+                    handle._compress_layers(items)
+                else:
+                    for item in items:
+                        handle._compress_layers([item])
         finally:
             self.running = False
 

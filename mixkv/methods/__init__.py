@@ -7,7 +7,7 @@ KV head keeps), optionally inside a mixer such as :class:`MixKV`. Names, as ``mi
 - ``NAME``: a registered scorer (``snapkv``, ``knorm``, ``random``, ``streamingllm``, ``tova``,
   ``expected_attention``, ``kvzip``, ...) under uniform budgets, or ``full`` (no compression);
 - ``NAME+BASE``: the same under a registered policy (``snapkv`` uniform, ``pyramidkv``,
-  ``adakv``, ``explicit``); ``base=`` says the same; ``pyramidkv`` / ``adakv`` alone are
+  ``adakv``, ``explicit``, ``global``); ``base=`` says the same; ``pyramidkv`` / ``adakv`` alone are
   SnapKV under that policy;
 - ``MIXER(NAME)+BASE``: a mixer (``mixkv``, ``vnorm``, ``keydiff``, ``mix3``) over any scorer;
   ``MIXER`` alone wraps SnapKV, so ``mixkv+adakv`` is "AdaKV + MixKV".
@@ -26,7 +26,7 @@ from . import kvzip  # noqa: F401  (after them: the registry's order is the tabl
 from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
                    constructor_options, load_profile, register_policy, register_scorer)
 from .kvzip import KVzip
-from .policies import AdaKV, Adaptive, Explicit, Pyramid, PyramidKV, Uniform
+from .policies import AdaKV, Adaptive, Explicit, Global, Pyramid, PyramidKV, Uniform
 from .scorers import (KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random, SnapKV, StreamingLLM,
                       ValueNorm)
 
@@ -35,7 +35,7 @@ __all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
            "uses_option", "needs_hidden_states", "needs_reconstruction", "order_key",
            "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
            "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
-           "Adaptive", "Explicit", "PyramidKV", "AdaKV", "KVzip", "load_profile"]
+           "Adaptive", "Explicit", "Global", "PyramidKV", "AdaKV", "KVzip", "load_profile"]
 
 FULL = "full"
 DEFAULT_BASE = "snapkv"

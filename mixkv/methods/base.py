@@ -152,6 +152,12 @@ class Scorer:
     def score(self, prefill: Prefill) -> Tensor:
         raise NotImplementedError(f"mixkv: scorer {type(self).__name__} must implement score()")
 
+    def always_kept(self, prefill: Prefill) -> Optional[Tensor]:
+        """[B, C] bool: candidates every head keeps whatever the scores (sinks, a system
+        prompt), inside the budget; None (the default): none. ``Method`` raises their scores and
+        importance above the layer's highest, so every policy and mixer keeps them first."""
+        return None
+
     def score_with_importance(self, prefill: Prefill) -> Tuple[Tensor, Tensor]:
         """(importance for budget policies and mixers, selection scores), both [B, Hkv, C]."""
         scores = self.score(prefill)
@@ -186,6 +192,9 @@ class BudgetPolicy:
     name: ClassVar[str] = ""
     headwise: ClassVar[bool] = True
     op_policy: ClassVar[Optional[str]] = None
+    # True: capacities need every compressed layer's importance at once (``layer_capacities``),
+    # so the shim compresses after the whole prefill forward, as for a reconstruction pass.
+    spans_layers: ClassVar[bool] = False
 
     def __init__(self, scorer: Optional[Scorer] = None):
         self.scorer = scorer
@@ -202,6 +211,12 @@ class BudgetPolicy:
         policy, alpha, normalize, layer, layers, beta, profile = self.op_arguments(prefill)
         return torch.ops.mixkv.head_budgets(importance, capacity, policy, alpha, normalize,
                                             prefill.key_mask, layer, layers, beta, profile)
+
+    def layer_capacities(self, importances: Dict[int, Tensor], capacity: int,
+                         prefills: Dict[int, Prefill]) -> Dict[int, Tensor]:
+        """Capacities of several layers at once ({layer: [B, Hkv]}); per layer unless the
+        policy ``spans_layers``."""
+        return {i: self.capacities(importances[i], capacity, prefills[i]) for i in importances}
 
     def native(self) -> bool:
         return self.op_policy is not None and not _overrides(self, BudgetPolicy, "capacities")
@@ -263,6 +278,17 @@ class Method:
         return self.reconstruction_scorer is not None
 
     @property
+    def spans_layers(self) -> bool:
+        """Whether the policy splits one budget over every compressed layer (global)."""
+        return self.scorer is not None and self.policy.spans_layers
+
+    @property
+    def deferred(self) -> bool:
+        """Whether compression waits for the whole prefill forward (a reconstruction pass, or
+        a policy over every layer's scores)."""
+        return self.needs_reconstruction or self.spans_layers
+
+    @property
     def redundancy(self) -> Optional[Tensor]:
         """The offline redundancy profile of a MixKV mix, if any."""
         for part in self.scorer.parts() if self.scorer is not None else []:
@@ -289,14 +315,48 @@ class Method:
                 return Selection(*torch.ops.mixkv.compress_ragged(
                     *common, *self.policy.op_arguments(prefill)))
             return Selection(*torch.ops.mixkv.compress(*common))
-        importance, scores = (self._checked(x, prefill)
-                              for x in self.scorer.score_with_importance(prefill))
+        importance, scores = self.scored(prefill)
         capacity = budget - W
         if not self.policy.headwise:
             return Selection(*torch.ops.mixkv.select_kv(scores, keys, values, capacity, W, mask))
         capacities = self.policy.capacities(importance, capacity, prefill)
         return Selection(*torch.ops.mixkv.select_kv_ragged(scores, keys, values,
                                                            capacities.to(torch.int32), W, mask))
+
+    def compress_layers(self, prefills: Dict[int, Prefill], budget: int
+                        ) -> Dict[int, Selection]:
+        """Kept K/V of several layers (each N > budget): per layer (``compress``), or, under a
+        policy that ``spans_layers``, every layer scored first, then one split of the budget
+        over all of them, then each layer's selection."""
+        if not self.policy.spans_layers:
+            return {i: self.compress(p, budget) for i, p in prefills.items()}
+        scored = {i: self.scored(p) for i, p in prefills.items()}
+        capacities = self.policy.layer_capacities({i: s[0] for i, s in scored.items()},
+                                                  budget - self.window, prefills)
+        out = {}
+        for i, p in prefills.items():
+            out[i] = Selection(*torch.ops.mixkv.select_kv_ragged(
+                scored[i][1], p.keys, p.values, capacities[i].to(torch.int32), p.window,
+                p.key_mask))
+        return out
+
+    def scored(self, prefill: Prefill) -> Tuple[Tensor, Tensor]:
+        """(importance, scores) [B, Hkv, C] float32 of the scorer, checked, with the
+        candidates a scorer part always keeps (``Scorer.always_kept``) raised to 1 above the
+        layer's highest real score (both tensors), so every policy counts and every head
+        selects them first."""
+        importance, scores = (self._checked(x, prefill)
+                              for x in self.scorer.score_with_importance(prefill))
+        kept = None
+        for part in self.scorer.parts():
+            mask = part.always_kept(prefill)
+            if mask is not None:
+                mask = mask.to(device=scores.device, dtype=torch.bool)
+                kept = mask if kept is None else kept | mask
+        if kept is None or not bool(kept.any()):
+            return importance, scores
+        kept = (kept & prefill.real_candidates())[:, None, :]
+        return _raised(importance, kept, prefill), _raised(scores, kept, prefill)
 
     def _checked(self, scores: Tensor, prefill: Prefill) -> Tensor:
         B, Hkv = prefill.keys.shape[:2]
@@ -306,6 +366,15 @@ class Method:
                              f"{getattr(scores, 'shape', type(scores).__name__)}, expected "
                              f"scores of shape {list(want)} (rows, KV heads, candidates)")
         return scores.to(device=prefill.keys.device, dtype=torch.float32).contiguous()
+
+
+def _raised(x: Tensor, kept: Tensor, prefill: Prefill) -> Tensor:
+    """`x` with the `kept` [B, 1, C] candidates set to 1 + the highest finite real value of
+    the layer (1 when there is none)."""
+    real = prefill.real_candidates()[:, None, :] & torch.isfinite(x)
+    top = torch.where(real, x, float("-inf")).amax() if bool(real.any()) else x.new_zeros(())
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return torch.where(kept, top + 1.0, x).contiguous()
 
 
 def constructor_options(cls: type) -> Dict[str, inspect.Parameter]:

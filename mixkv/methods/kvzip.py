@@ -13,66 +13,144 @@ mixer like any other scorer.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .base import Prefill, Scorer, register_scorer
 
-REPEAT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
+CHUNK_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
+# mixkv's setup before issue 30 (every option that differs from the official code's).
+FORMER = dict(repeat_prompt="\n\nRepeat the previous context exactly.\n", chunk_prompt=None,
+              header=False, reread="all", sinks=0, softmax="all", chunk_size=2048)
+# kvpress 0.5.5's KVzipPress (its defaults: 4 sinks, chunks of 2048, no space after "with").
+KVPRESS = dict(chunk_prompt=CHUNK_PROMPT.rstrip(" "), sinks=4, chunk_size=2048)
+
+Prompt = Union[str, Sequence[int], None]
+
+
+def _check_prompt(name: str, prompt) -> None:
+    if not (prompt is None or isinstance(prompt, str) or
+            all(isinstance(t, int) or (isinstance(t, Tensor) and t.numel() == 1)
+                for t in prompt)):
+        raise TypeError(f"mixkv: kvzip {name} must be text, a sequence of token ids or None, "
+                        f"got {prompt!r}")
+
+
+def chat_template_parts(tokenizer) -> Tuple[str, str]:
+    """(prefix, header) text of the tokenizer's chat template around one user message: what
+    comes before the message's content (system prompt, user header) and what follows it up to
+    the assistant's answer (end of turn, assistant header; kvpress's "suffix", the official
+    code's "postfix"). Without a chat template: ("", "\n"), as kvpress."""
+    if not getattr(tokenizer, "chat_template", None):   # also without a tokenizer
+        return "", "\n"
+    content = "\x00MIXKV-CONTENT\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=False)
+    if content not in text:
+        raise ValueError("mixkv: kvzip could not find the user message in the tokenizer's chat "
+                         "template; pass header=False and reread='all'")
+    prefix, header = text.split(content, 1)
+    return prefix, header
 
 
 @register_scorer("kvzip")
 class KVzip(Scorer):
     """Query-agnostic importance from a reconstruction pass over the context.
 
+    The defaults follow the official code (snu-mllab/KVzip); ``KVzip(**kvzip.FORMER)`` is
+    mixkv's setup before issue 30, ``KVzip(**kvzip.KVPRESS)`` kvpress's KVzipPress.
+
     Options:
-    - ``chunk_size`` (2048): context tokens re-read per forward pass; the pass's attention
-      scores take O(chunk_size x N) memory per layer at a time.
-    - ``repeat_prompt``: the text fed before the re-read context (tokenized with ``tokenizer``
-      or the tokenizer the caller has, e.g. the evaluation's), a list of token ids, or None
-      (no prompt). Text without any tokenizer is an error that says so.
-    - ``tokenizer``: a Hugging Face tokenizer for a text prompt (``mixkv.patch`` has none).
+    - ``chunk_size`` (2000, the official code's; kvpress: 2048): context tokens re-read per
+      forward pass; the pass's attention scores take O(chunk_size x N) memory per layer.
+    - ``repeat_prompt`` ("\n\nRepeat the previous context exactly."): the text fed before
+      the first re-read chunk (tokenized with ``tokenizer`` or the tokenizer the caller has,
+      e.g. the evaluation's), a list of token ids, or None (no prompt). Text without any
+      tokenizer is an error that says so.
+    - ``chunk_prompt`` ("\n\nRepeat the part of the previous context exactly, starting with
+      "): fed before every later chunk, followed by the previous chunk's last ``overlap`` (8)
+      tokens; None: every chunk gets ``repeat_prompt``.
+    - ``header`` (True): the chat template's end of the user turn and assistant header follow
+      the prompt (a tokenizer without a chat template: "\n", as kvpress); False: nothing.
+    - ``reread`` ("context"): a context that starts with the chat template's prefix (system
+      prompt, user header) is re-read without it; "all": every prompt token is re-read.
+    - ``sinks`` ("prefix"): that prefix is always kept (the official code never evicts the
+      system prompt); an int n: the first n tokens are always kept (kvpress: 4); 0: none.
+      Kept tokens count in the budget.
+    - ``softmax`` ("span"): a re-read query's softmax runs over the kept tokens, its chunk's
+      own span of the context and the fed tokens (the official code's and kvpress's), so each
+      chunk scores its own span; "all": the model's own softmax over every key.
+    - ``tokenizer``: a Hugging Face tokenizer for text prompts and the chat template
+      (``mixkv.patch`` has none; the evaluation passes its model's).
     - ``crop_chunks`` (True): the cache is cropped back to the context after every chunk and
-      every chunk re-reads after the prompt (KVzip's way: extra KV memory bounded by
-      prompt + chunk). False: the re-read continues across chunks (the scores then equal one
-      pass over [context, prompt, context] whatever the chunk size; the cache holds up to
-      2N + prompt tokens during the pass) and is cropped back at the end.
+      every chunk re-reads after its prompt (KVzip's way: extra KV memory bounded by
+      prompt + chunk). False: the re-read continues across chunks after one prompt (the
+      scores then equal one pass over [context, prompt, context] whatever the chunk size with
+      ``softmax="all"``; the cache holds up to 2N + prompt tokens during the pass) and is
+      cropped back at the end.
     """
 
     needs_reconstruction = True
 
-    def __init__(self, chunk_size: int = 2048,
-                 repeat_prompt: Union[str, Sequence[int], None] = REPEAT_PROMPT,
-                 tokenizer=None, crop_chunks: bool = True):
+    def __init__(self, chunk_size: int = 2000, repeat_prompt: Prompt = REPEAT_PROMPT,
+                 tokenizer=None, crop_chunks: bool = True, chunk_prompt: Prompt = CHUNK_PROMPT,
+                 overlap: int = 8, header: bool = True, reread: str = "context",
+                 sinks: Union[str, int] = "prefix", softmax: str = "span"):
         if int(chunk_size) < 1:
             raise ValueError(f"mixkv: kvzip chunk_size must be >= 1, got {chunk_size}")
-        if not (repeat_prompt is None or isinstance(repeat_prompt, str) or
-                all(isinstance(t, int) or (isinstance(t, Tensor) and t.numel() == 1)
-                    for t in repeat_prompt)):
-            raise TypeError("mixkv: kvzip repeat_prompt must be text, a sequence of token ids "
-                            f"or None, got {repeat_prompt!r}")
+        _check_prompt("repeat_prompt", repeat_prompt)
+        _check_prompt("chunk_prompt", chunk_prompt)
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise ValueError(f"mixkv: kvzip overlap must be an int >= 0, got {overlap!r}")
+        if reread not in ("context", "all"):
+            raise ValueError(f"mixkv: kvzip reread must be 'context' or 'all', got {reread!r}")
+        if softmax not in ("span", "all"):
+            raise ValueError(f"mixkv: kvzip softmax must be 'span' or 'all', got {softmax!r}")
+        if not (sinks == "prefix" or (isinstance(sinks, int) and not isinstance(sinks, bool)
+                                      and sinks >= 0)):
+            raise ValueError(f"mixkv: kvzip sinks must be 'prefix' or an int >= 0, got "
+                             f"{sinks!r}")
         self.chunk_size, self.repeat_prompt = int(chunk_size), repeat_prompt
         self.tokenizer, self.crop_chunks = tokenizer, bool(crop_chunks)
+        self.chunk_prompt, self.overlap, self.header = chunk_prompt, overlap, bool(header)
+        self.reread, self.sinks, self.softmax = reread, sinks, softmax
 
-    def prompt_ids(self, encode: Optional[Callable[[str], List[int]]] = None) -> List[int]:
-        """The repeat prompt as token ids (``encode``: text -> ids, used without a tokenizer)."""
-        prompt = self.repeat_prompt
+    def _ids(self, prompt: Prompt, encode, what: str) -> Optional[List[int]]:
         if prompt is None:
-            return []
+            return None
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
         if self.tokenizer is not None:
             return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if encode is not None:
             return list(encode(prompt))
-        raise ValueError("mixkv: kvzip's repeat prompt is text but no tokenizer is at hand: "
-                         "pass tokenizer=..., repeat_prompt=[token ids] or repeat_prompt=None")
+        raise ValueError(f"mixkv: kvzip's {what} is text but no tokenizer is at hand: "
+                         f"pass tokenizer=..., {what}=[token ids] or {what}=None")
 
-    def reconstruction_plan(self, encode=None) -> dict:
+    def prompt_ids(self, encode: Optional[Callable[[str], List[int]]] = None) -> List[int]:
+        """The repeat prompt as token ids (``encode``: text -> ids, used without a tokenizer)."""
+        return self._ids(self.repeat_prompt, encode, "repeat_prompt") or []
+
+    def reconstruction_plan(self, encode=None, tokenizer=None) -> dict:
+        """How the pass re-reads (``reconstruct.reconstruction_scores``'s arguments).
+        ``tokenizer``: the caller's Hugging Face tokenizer (for the chat template), used when
+        the scorer has none."""
+        tokenizer = self.tokenizer if self.tokenizer is not None else tokenizer
+        if encode is None and tokenizer is not None:
+            encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa
+        needs_template = self.header or self.reread == "context" or self.sinks == "prefix"
+        prefix, header = chat_template_parts(tokenizer) if needs_template else ("", "")
+        ids = lambda text: list(encode(text)) if text and encode is not None else []  # noqa
         return dict(prompt_ids=self.prompt_ids(encode), chunk_size=self.chunk_size,
-                    crop_chunks=self.crop_chunks)
+                    crop_chunks=self.crop_chunks,
+                    chunk_prompt_ids=self._ids(self.chunk_prompt, encode, "chunk_prompt"),
+                    overlap=self.overlap, header_ids=ids(header) if self.header else [],
+                    prefix_ids=ids(prefix), reread=self.reread, sinks=self.sinks,
+                    softmax=self.softmax)
 
     def score(self, p: Prefill) -> Tensor:
         if p.reconstruction is None:
@@ -80,8 +158,17 @@ class KVzip(Scorer):
                              "scores (Prefill.reconstruction); mixkv.patch and "
                              "compress_cache(..., context_ids=...) run it")
         scores = p.reconstruction[..., :p.candidates].float()
+        # the pass marks the tokens it keeps +inf (always_kept): the top probability, 1
+        scores = torch.where(torch.isinf(scores), 1.0, scores)
         return torch.where(p.real_candidates()[:, None, :], scores, 0.0).contiguous()
+
+    def always_kept(self, p: Prefill) -> Optional[Tensor]:
+        if p.reconstruction is None:
+            return None
+        return torch.isposinf(p.reconstruction[:, 0, :p.candidates])
 
     def __repr__(self):
         return (f"KVzip(chunk_size={self.chunk_size}, repeat_prompt={self.repeat_prompt!r}, "
-                f"crop_chunks={self.crop_chunks})")
+                f"chunk_prompt={self.chunk_prompt!r}, overlap={self.overlap}, "
+                f"header={self.header}, reread={self.reread!r}, sinks={self.sinks!r}, "
+                f"softmax={self.softmax!r}, crop_chunks={self.crop_chunks})")

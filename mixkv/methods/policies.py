@@ -1,10 +1,14 @@
 """The budget policies, registered under the base names of ``"NAME+BASE"``: snapkv (uniform),
-pyramidkv (pyramid), adakv (adaptive), explicit (a capacity profile). docs/design.md section 4,
-step 6, defines each; ``torch.ops.mixkv.head_budgets`` computes them."""
+pyramidkv (pyramid), adakv (adaptive), explicit (a capacity profile), global (one top-k over
+every compressed layer and head). docs/design.md section 4, step 6, defines each;
+``torch.ops.mixkv.head_budgets`` computes the first four, :func:`global_capacities` the last."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
 
 from .base import BudgetPolicy, Prefill, Scorer, load_profile, profile_row, register_policy
 
@@ -63,6 +67,93 @@ class Explicit(BudgetPolicy):
     def op_arguments(self, p: Prefill) -> tuple:
         return (self.op_policy, 0.2, True, p.layer, p.num_layers, 20,
                 profile_row(self.profile, "capacity", p))
+
+
+def global_capacities(importances: Sequence[Tensor], real: Sequence[Tensor], capacity: int,
+                      where: str = "global", floor: int = 0) -> List[Tensor]:
+    """One top-k per batch row over every layer's and head's candidates: how many of them each
+    (layer, row, head) has among the row's ``capacity x Hkv x layers`` best (all of its real
+    candidates if it has fewer).
+
+    ``importances``: per layer [B, Hkv, C_l] (C_l may differ between layers); ``real``: per
+    layer [B, Hkv, C_l] or [B, C_l] bool, the candidates that compete (others count 0).
+    Ranked by importance, higher first; equal importance goes to the lower (layer, head,
+    position), so the result is deterministic. ``floor``: each head's ``min(floor, capacity)``
+    best real candidates are taken first (0: no floor). Returns [B, Hkv] int32 per layer; the
+    counts of a row sum to min(capacity x Hkv x layers, its real candidates)."""
+    if capacity < 0:
+        raise ValueError(f"mixkv: policy {where!r}: capacity must be >= 0, got {capacity}")
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise ValueError(f"mixkv: policy {where!r}: floor must be an int >= 0, got {floor!r}")
+    floor = min(floor, capacity)
+    if not importances:
+        return []
+    B, Hkv = importances[0].shape[:2]
+    flat, sizes = [], []
+    for layer, (x, r) in enumerate(zip(importances, real)):
+        if x.dim() != 3 or tuple(x.shape[:2]) != (B, Hkv):
+            raise ValueError(f"mixkv: policy {where!r}: importance of layer {layer} has shape "
+                             f"{tuple(x.shape)}, expected [{B}, {Hkv}, candidates]")
+        r = r.to(device=x.device, dtype=torch.bool)
+        r = r[:, None, :].expand_as(x) if r.dim() == 2 else r
+        if tuple(r.shape) != tuple(x.shape):
+            raise ValueError(f"mixkv: policy {where!r}: real-candidate mask of layer {layer} "
+                             f"has shape {tuple(r.shape)}, expected {tuple(x.shape)}")
+        x = x.float()
+        if not bool(torch.isfinite(x[r]).all()):
+            raise ValueError(f"mixkv: policy {where!r}: importance of layer {layer} is NaN or "
+                             "infinite at a real candidate")
+        x = torch.where(r, x, float("-inf"))
+        if floor:   # a head's best `floor` real candidates go first: +inf
+            order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+            first = torch.zeros_like(r).scatter_(
+                -1, order, torch.arange(x.shape[-1], device=x.device).expand_as(x) < floor)
+            x = torch.where(first & r, float("inf"), x)
+        flat.append(x.reshape(B, -1))
+        sizes.append(x.shape[1] * x.shape[2])
+    scores = torch.cat([f.to(flat[0].device) for f in flat], dim=1)          # [B, total]
+    real_count = (scores > float("-inf")).sum(1)                              # [B]
+    k = torch.clamp(real_count, max=capacity * Hkv * len(importances))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.arange(scores.shape[1], device=scores.device).expand(B, -1)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, rank < k[:, None])
+    out = []
+    for part, x in zip(chosen.split(sizes, dim=1), importances):
+        out.append(part.reshape(x.shape).sum(-1).to(torch.int32).to(x.device))
+    return out
+
+
+@register_policy("global")
+class Global(BudgetPolicy):
+    """One top-k over every compressed layer's and KV head's candidates (KVzip's "pair" level,
+    kvpress's KVzipPress with ``layerwise=False``): the whole cache keeps budget x Hkv x layers
+    tokens, the window of every head included, and each head's share follows its candidates'
+    importance, raw (no normalisation: attention probabilities, as KVzip's and SnapKV's
+    importance are, share one scale across layers). ``floor`` (0, as kvpress and the official
+    code): candidates each head keeps before the global top-k (its best ones); every head keeps
+    its window anyway. Needs every layer's scores, so the shim compresses after the whole
+    prefill. On one layer alone (``capacities``) it is the layer's own top-k over its heads."""
+
+    spans_layers = True
+
+    def __init__(self, scorer: Optional[Scorer] = None, floor: int = 0):
+        super().__init__(scorer)
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise ValueError(f"mixkv: policy 'global': floor must be an int >= 0, got "
+                             f"{floor!r}")
+        self.floor = floor
+
+    def capacities(self, importance: Tensor, capacity: int, prefill: Prefill) -> Tensor:
+        return self.layer_capacities({prefill.layer: importance}, capacity,
+                                     {prefill.layer: prefill})[prefill.layer]
+
+    def layer_capacities(self, importances: Dict[int, Tensor], capacity: int,
+                         prefills: Dict[int, Prefill]) -> Dict[int, Tensor]:
+        layers = sorted(importances)
+        counts = global_capacities([importances[i] for i in layers],
+                                   [prefills[i].real_candidates() for i in layers], capacity,
+                                   self.label, self.floor)
+        return dict(zip(layers, counts))
 
 
 # The names papers use for SnapKV's scorer under each policy.
