@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
                         "consecutive, as many as fit up to this)")
     p.add_argument("--methods", type=_list(str), default=list(runner.DEFAULT_METHODS),
                    help="methods, by registered name (mixkv.methods): NAME, NAME+BASE (a "
-                        "base's budgets: snapkv, pyramidkv, adakv, explicit) or "
+                        "base's budgets: snapkv, pyramidkv, adakv, explicit, global) or "
                         "MIXER(NAME)+BASE, e.g. snapkv,mixkv+adakv,tova,mixkv(tova)+adakv")
     p.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS,
                    metavar="MODULE_OR_FILE",

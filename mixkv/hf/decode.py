@@ -53,6 +53,7 @@ class DecodeCompression:
         self._since = {}           # layer -> tokens decoded since the prefill / last compression
         self._decoding = {}        # layer -> the current call is a decode call
         self._key_mask = {}        # layer -> [B, N] real keys of a plain layer's decode call
+        self._pending = {}         # layer -> (module, cache) awaiting a global split
 
     @classmethod
     def resolve(cls, method, decode_budget, interval, options: dict):
@@ -142,11 +143,22 @@ class DecodeCompression:
         if idx in self.handle.sliding_layers or getattr(layer, "is_sliding", False):
             return True
         with torch.no_grad():
-            if isinstance(layer, HeadwiseLayer):
+            if self.method.spans_layers:   # one budget over every layer: after the last one
+                if isinstance(layer, (HeadwiseLayer, DynamicLayer)):
+                    self._pending[idx] = (module, cache)
+                if idx == self._last_layer():
+                    pending, self._pending = self._pending, {}
+                    self._compress_global(pending)
+            elif isinstance(layer, HeadwiseLayer):
                 self._compress_headwise(module, cache, idx, layer)
             elif type(layer) in (DynamicLayer, CompressedLayer):
                 self._compress_dense(module, cache, idx, layer)
         return True
+
+    def _last_layer(self) -> int:
+        """The last layer the shim compresses (a global policy splits after it)."""
+        return max(m.layer_idx for m in self.handle.modules
+                   if m.layer_idx not in self.handle.sliding_layers)
 
     def _prefill(self, module, idx, queries, keys, values, key_mask) -> Prefill:
         scaling = getattr(module, "scaling", None)
@@ -181,28 +193,46 @@ class DecodeCompression:
         cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv, headroom=self.interval)
         self.compressions += 1
 
-    def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
-        B, Hkv = layer.batch, layer.kv_heads
-        lengths = layer.lengths
-        W, budget = self.window, self.decode_budget
-        queries = self._window_queries(idx, layer.device)
-        longest = int(lengths.max())
-        if longest <= budget or queries is None:
-            return
-        S, D = B * Hkv, layer.key_buffer.shape[-1]
-        # Segment s laid out left-padded in [S, longest]: token t of s at slot longest - L_s + t
-        # (its buffer row starts[s] + t).
-        segment = torch.repeat_interleave(torch.arange(S, device=layer.device), lengths)
-        local = torch.arange(int(lengths.sum()), device=layer.device) - torch.repeat_interleave(
-            lengths.cumsum(0) - lengths, lengths)
-        rows = layer.starts[segment] + local
-        slot = longest - lengths[segment] + local
-        keys = layer.key_buffer.new_zeros(S, longest, D)
-        values = layer.value_buffer.new_zeros(S, longest, D)
-        mask = torch.zeros(S, longest, dtype=torch.bool, device=layer.device)
-        keys[segment, slot] = layer.key_buffer[rows]
-        values[segment, slot] = layer.value_buffer[rows]
-        mask[segment, slot] = layer.valid[rows]
+    def _segments(self, idx, layer):
+        """Each (row, KV head) of a layer as a left-padded row of its own: keys, values
+        [S, longest, D], real-token mask [S, longest], current lengths [S] (S = B * Hkv)."""
+        if isinstance(layer, HeadwiseLayer):
+            B, Hkv = layer.batch, layer.kv_heads
+            lengths = layer.lengths
+            longest = int(lengths.max())
+            S, D = B * Hkv, layer.key_buffer.shape[-1]
+            # Segment s laid out left-padded in [S, longest]: token t of s at slot
+            # longest - L_s + t (its buffer row starts[s] + t).
+            segment = torch.repeat_interleave(torch.arange(S, device=layer.device), lengths)
+            local = torch.arange(int(lengths.sum()), device=layer.device) - \
+                torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+            rows = layer.starts[segment] + local
+            slot = longest - lengths[segment] + local
+            keys = layer.key_buffer.new_zeros(S, longest, D)
+            values = layer.value_buffer.new_zeros(S, longest, D)
+            mask = torch.zeros(S, longest, dtype=torch.bool, device=layer.device)
+            keys[segment, slot] = layer.key_buffer[rows]
+            values[segment, slot] = layer.value_buffer[rows]
+            mask[segment, slot] = layer.valid[rows]
+            return keys, values, mask, lengths, B, Hkv
+        B, Hkv, N, D = layer.keys.shape     # a dense layer (left whole at prefill)
+        if isinstance(layer, CompressedLayer):
+            real = layer.kept_real
+            if real is not None:
+                real = torch.cat([real, real.new_ones(B, N - real.shape[1])], 1)
+        else:
+            real = self._key_mask.get(idx)
+        real = torch.ones(B, N, dtype=torch.bool, device=layer.keys.device) if real is None \
+            else real.to(layer.keys.device).bool()
+        mask = real[:, None, :].expand(B, Hkv, N).reshape(B * Hkv, N)
+        lengths = torch.full((B * Hkv,), N, dtype=torch.long, device=layer.keys.device)
+        return (layer.keys.reshape(B * Hkv, N, D), layer.values.reshape(B * Hkv, N, D), mask,
+                lengths, B, Hkv)
+
+    def _score_segments(self, module, idx, keys, values, mask, queries, B, Hkv):
+        """(importance, scores) [B, Hkv, C] of the segments, importance 0 at padding."""
+        S, longest = mask.shape
+        W = self.window
         Hq, Dq = queries.shape[1], queries.shape[-1]
         per_segment = queries.reshape(B, Hkv, Hq // Hkv, W, Dq).reshape(S, Hq // Hkv, W, Dq)
         # Every segment is a row with one KV head: its own key mask.
@@ -212,29 +242,81 @@ class DecodeCompression:
         importance, scores = (m._checked(x, segments)
                               for x in m.scorer.score_with_importance(segments))
         C = longest - W
-        real = mask[:, :C]
-        importance = torch.where(real[:, None, :], importance, 0.0).view(B, Hkv, C)
-        # Head-wise layers exist only under head-wise policies. The policy sees each row's
-        # heads together; a slot is real there when it is real in some head, and each head is
-        # then capped at its own real candidates.
-        row_mask = mask.view(B, Hkv, longest).any(1)
-        whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
-                              values.view(B, Hkv, longest, D), row_mask)
-        capacities = m.policy.capacities(importance.contiguous(), budget - W, whole)
-        capacities = torch.minimum(capacities.to(layer.device).long(),
-                                   real.sum(-1).view(B, Hkv))
+        importance = torch.where(mask[:, None, :C], importance, 0.0).view(B, Hkv, C)
+        return importance.contiguous(), scores.contiguous()
+
+    def _install(self, cache, idx, keys, values, mask, lengths, scores, capacities, B,
+                 Hkv) -> None:
+        """select_kv_ragged with per-segment ``capacities`` [B, Hkv]; a new HeadwiseLayer
+        unless nothing is removed."""
+        S = B * Hkv
         kept_keys, kept_values, positions, offsets = torch.ops.mixkv.select_kv_ragged(
-            scores.contiguous(), keys[:, None], values[:, None],
-            capacities.view(S, 1).to(torch.int32), W, mask)
+            scores, keys[:, None], values[:, None], capacities.reshape(S, 1).to(torch.int32),
+            self.window, mask)
         kept_lengths = offsets.diff().long()
-        if torch.equal(kept_lengths, lengths):
+        if torch.equal(kept_lengths, lengths.to(kept_lengths.device)):
             return  # nothing removed (a policy may keep more than decode_budget in a head)
-        kept_segment = torch.repeat_interleave(torch.arange(S, device=layer.device),
+        kept_segment = torch.repeat_interleave(torch.arange(S, device=keys.device),
                                                kept_lengths)
         valid = mask[kept_segment, positions.long()]
         cache.layers[idx] = HeadwiseLayer(kept_keys, kept_values, offsets, valid, B, Hkv,
                                           headroom=self.interval)
         self.compressions += 1
+
+    def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
+        W, budget = self.window, self.decode_budget
+        queries = self._window_queries(idx, layer.device)
+        if int(layer.lengths.max()) <= budget or queries is None:
+            return
+        keys, values, mask, lengths, B, Hkv = self._segments(idx, layer)
+        longest = mask.shape[1]
+        importance, scores = self._score_segments(module, idx, keys, values, mask, queries,
+                                                  B, Hkv)
+        real = mask[:, :longest - W]
+        # Head-wise layers exist only under head-wise policies. The policy sees each row's
+        # heads together; a slot is real there when it is real in some head, and each head is
+        # then capped at its own real candidates.
+        D = keys.shape[-1]
+        row_mask = mask.view(B, Hkv, longest).any(1)
+        whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
+                              values.view(B, Hkv, longest, D), row_mask)
+        capacities = self.method.policy.capacities(importance, budget - W, whole)
+        capacities = torch.minimum(capacities.to(layer.device).long(),
+                                   real.sum(-1).view(B, Hkv))
+        self._install(cache, idx, keys, values, mask, lengths, scores, capacities, B, Hkv)
+
+    def _compress_global(self, pending: dict) -> None:
+        """A policy over every layer (global): each pending layer's segments scored, one split
+        of decode_budget x Hkv x layers over all of them, then each layer's selection. Left
+        alone when every segment of every layer holds at most decode_budget tokens."""
+        W, budget = self.window, self.decode_budget
+        layers = {}
+        for idx, (module, cache) in sorted(pending.items()):
+            layer = self.handle._layer(cache, idx)
+            device = layer.device if isinstance(layer, HeadwiseLayer) else layer.keys.device
+            queries = self._window_queries(idx, device)
+            if queries is None:
+                return   # fewer queries than the window so far somewhere: wait for more
+            layers[idx] = (module, cache, layer, queries)
+        longest = [int(l.lengths.max()) if isinstance(l, HeadwiseLayer) else l.keys.shape[-2]
+                   for _, _, l, _ in layers.values()]
+        if not layers or max(longest) <= budget:
+            return
+        scored = {}
+        for idx, (module, cache, layer, queries) in layers.items():
+            keys, values, mask, lengths, B, Hkv = self._segments(idx, layer)
+            if mask.shape[1] <= W:
+                continue      # nothing but the window: kept as it is
+            importance, scores = self._score_segments(module, idx, keys, values, mask,
+                                                      queries, B, Hkv)
+            real = mask[:, :mask.shape[1] - W].view(B, Hkv, -1)
+            scored[idx] = (cache, keys, values, mask, lengths, scores, importance, real, B, Hkv)
+        order = sorted(scored)
+        capacities = self.method.policy.split([scored[i][6] for i in order],
+                                              [scored[i][7] for i in order], budget - W)
+        for idx, capacity in zip(order, capacities):
+            cache, keys, values, mask, lengths, scores, _, _, B, Hkv = scored[idx]
+            self._install(cache, idx, keys, values, mask, lengths, scores, capacity, B, Hkv)
 
 
 def check_options(decode_budget, interval, window: int):
@@ -272,6 +354,10 @@ def check_method(method: Method) -> None:
         raise NotImplementedError(
             f"mixkv: decode_budget does not support method {method.label!r}: its scorer reads "
             "the layers' hidden states, which decoding does not keep")
+    if method.spans_layers and not hasattr(method.policy, "split"):
+        raise NotImplementedError(
+            f"mixkv: decode_budget does not support policy {method.policy.label!r}: a policy "
+            "over every layer needs a split(importances, reals, capacity) for the segments")
     if method.headwise and method.redundancy is not None:
         raise NotImplementedError(
             "mixkv: decode_budget with head-wise budgets does not support an offline "

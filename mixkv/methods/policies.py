@@ -150,10 +150,15 @@ class Global(BudgetPolicy):
     def layer_capacities(self, importances: Dict[int, Tensor], capacity: int,
                          prefills: Dict[int, Prefill]) -> Dict[int, Tensor]:
         layers = sorted(importances)
-        counts = global_capacities([importances[i] for i in layers],
-                                   [prefills[i].real_candidates() for i in layers], capacity,
-                                   self.label, self.floor)
+        counts = self.split([importances[i] for i in layers],
+                            [prefills[i].real_candidates() for i in layers], capacity)
         return dict(zip(layers, counts))
+
+    def split(self, importances: Sequence[Tensor], real: Sequence[Tensor],
+              capacity: int) -> List[Tensor]:
+        """:func:`global_capacities` with this policy's floor (``real`` per layer [B, C] or
+        per head [B, Hkv, C]; decoding splits per-head segments with it)."""
+        return global_capacities(importances, real, capacity, self.label, self.floor)
 
 
 # The names papers use for SnapKV's scorer under each policy.
