@@ -95,7 +95,8 @@ def global_capacities(importances: Sequence[Tensor], real: Sequence[Tensor], cap
             raise ValueError(f"mixkv: policy {where!r}: importance of layer {layer} has shape "
                              f"{tuple(x.shape)}, expected [{B}, {Hkv}, candidates]")
         r = r.to(device=x.device, dtype=torch.bool)
-        r = r[:, None, :].expand_as(x) if r.dim() == 2 else r
+        if r.dim() == 2 and tuple(r.shape) == (B, x.shape[-1]):
+            r = r[:, None, :].expand_as(x)
         if tuple(r.shape) != tuple(x.shape):
             raise ValueError(f"mixkv: policy {where!r}: real-candidate mask of layer {layer} "
                              f"has shape {tuple(r.shape)}, expected {tuple(x.shape)}")
