@@ -151,3 +151,36 @@ def differ_only_in_ties(kept, expected, scores: torch.Tensor, rel: float = 0.0,
                     f"{where}: scores {swapped.tolist()} differ by {spread:.3g}, beyond a near "
                     f"tie ({rel} of the {'largest' if relative_to == 'value' else 'range'})")
     return differing
+
+
+def global_top(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """[L, H, N] bool: the ``kept`` best of ``scores`` [L, H, N] over every layer, head and
+    position at once, higher score first and, among equal scores, the lower (layer, head,
+    position) (mixkv's global policy's rule; torch.topk leaves the order of ties open)."""
+    flat = scores.reshape(-1).float()
+    order = torch.sort(flat, descending=True, stable=True).indices[:kept]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, order, True).view(scores.shape)
+
+
+def global_differ_only_in_ties(kept: torch.Tensor, expected: torch.Tensor,
+                               scores: torch.Tensor, rel: float = 0.0) -> int:
+    """Two kept sets [L, H, N] bool of one global top-k (as many kept) differ only by tokens
+    whose ``scores`` tie: exactly (``rel`` 0: both are a valid top-k of the scores) or within
+    ``rel`` of the largest of them (another implementation's rounding). Returns how many
+    tokens each keeps that the other does not."""
+    only_a, only_b = kept & ~expected, expected & ~kept
+    count = int(only_a.sum())
+    assert count == int(only_b.sum()), "the two keep different numbers of tokens"
+    if count == 0:
+        return 0
+    swapped = torch.cat([scores[only_a], scores[only_b]]).double()
+    where = [tuple(i) for i in only_a.nonzero().tolist()][:5]
+    assert bool(torch.isfinite(swapped).all()), f"non-finite swapped scores at {where}"
+    spread = float(swapped.max() - swapped.min())
+    if rel == 0:
+        assert spread == 0, f"kept sets differ beyond exact ties (at {where}: {swapped.tolist()})"
+    else:
+        assert spread <= rel * float(swapped.abs().max()), (
+            f"kept sets differ beyond a near tie at {where}: scores {swapped.tolist()} differ by "
+            f"{spread:.3g} (> {rel} of the largest)")
+    return count
