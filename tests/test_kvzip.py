@@ -17,6 +17,7 @@ from transformers import DynamicCache  # noqa: E402
 import mixkv  # noqa: E402
 from mixkv import methods as M  # noqa: E402
 from mixkv.hf import reconstruct  # noqa: E402
+from mixkv.hf.layers import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
 from conftest import assert_same_selection, exactly  # noqa: E402
@@ -421,3 +422,169 @@ def test_evaluation_runs_kvzip_plain_and_mixed_with_one_pass_per_sample(tmp_path
     assert len(calls) == 2          # one pass per sample, shared by budgets and the mix
     assert {(r["method"], r["base"]) for r in summary["paired"]} == \
         {("mixkv(kvzip)+adakv", "kvzip+adakv")}
+
+
+# -- KVzip as its authors run it (the scorer's defaults) ------------------------------------------
+
+class ChatCharTokenizer(hf_models.CharTokenizer):
+    """CharTokenizer with a chat template: "SYS:" + the user's message + "|A:"."""
+
+    chat_template = "SYS:{{ message }}|A:"
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False, **kw):
+        assert add_generation_prompt and not tokenize and messages[0]["role"] == "user"
+        return "SYS:" + messages[0]["content"] + "|A:"
+
+
+def _official_reference(eager, ids, tokenizer, chunk, prefix):
+    """Independent: the eager model's attention weights on [context, lead, chunk] for each chunk
+    of the context after the ``prefix`` tokens, the lead being the official code's ("Repeat the
+    previous context exactly." + header, then "... starting with " + the previous chunk's last
+    8 tokens + header); each fed query's weights renormalised over the prefix, the chunk's own
+    span and the fed tokens (the official softmax), max over queries and each KV head's query
+    heads, over the chunks -> {layer: [Hkv, N]} (the prefix columns left out: kept)."""
+    encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    n, header = len(ids), encode("|A:")
+    context = ids[prefix:]
+    chunks = [context[s:s + chunk] for s in range(0, len(context), chunk)]
+    Hkv = eager.config.num_key_value_heads
+    best = {}
+    for c, part in enumerate(chunks):
+        lead = encode(M.kvzip.REPEAT_PROMPT) + header if c == 0 else \
+            encode(M.kvzip.CHUNK_PROMPT) + chunks[c - 1][-8:] + header
+        seq = ids + lead + part
+        allowed = torch.zeros(len(seq), dtype=torch.bool)
+        allowed[:prefix] = True                                          # the kept prefix
+        start = prefix + c * chunk
+        allowed[start:start + len(part)] = True                          # the chunk's span
+        allowed[n:] = True                                               # the fed tokens
+        with torch.no_grad():
+            out = eager(input_ids=torch.tensor([seq]), output_attentions=True)
+        for layer in _full_layers(eager):
+            att = out.attentions[layer][0, :, n:, :].double()            # [Hq, fed, all]
+            att = att * allowed / (att * allowed).sum(-1, keepdim=True)
+            att[..., :start] = 0
+            att[..., start + len(part):] = 0
+            got = att[..., :n].reshape(Hkv, -1, n).amax(1).float()
+            best[layer] = torch.maximum(best.get(layer, got), got)
+    return best
+
+
+@pytest.mark.parametrize("chunk", [10, 100])
+def test_official_setup_scores_equal_the_eager_models_renormalised_attention(chunk):
+    """The defaults re-read the context after the chat prefix with the official leads and
+    softmax; the prefix is kept (+inf) and nothing else is."""
+    model, eager = _sharpened(hf_models.llama), _sharpened(hf_models.llama, attn="eager")
+    tokenizer = ChatCharTokenizer()
+    prefix = tokenizer("SYS:")["input_ids"]
+    ids = prefix + _ids(N - len(prefix))
+    plan = M.KVzip(tokenizer=tokenizer, chunk_size=chunk).reconstruction_plan()
+    assert plan["prefix_ids"] == prefix and plan["header_ids"] == tokenizer("|A:")["input_ids"]
+    got = reconstruct.reconstruction_scores(model, _prefill(model, torch.tensor([ids])),
+                                            input_ids=torch.tensor([ids]),
+                                            layers=_full_layers(model), **plan)
+    want = _official_reference(eager, ids, tokenizer, chunk, len(prefix))
+    for layer in want:
+        scores = got[layer][0]
+        assert bool(torch.isposinf(scores[:, :len(prefix)]).all())
+        assert bool(torch.isfinite(scores[:, len(prefix):]).all())
+        torch.testing.assert_close(scores[:, len(prefix):], want[layer][:, len(prefix):], **TOL)
+        assert float(want[layer].max()) > 0.3
+    # the former setup (the model's own softmax over all keys, no header) scores differently
+    former = M.KVzip(tokenizer=tokenizer, **dict(M.kvzip.FORMER, chunk_size=chunk))
+    other = reconstruct.reconstruction_scores(model, _prefill(model, torch.tensor([ids])),
+                                              input_ids=torch.tensor([ids]),
+                                              layers=_full_layers(model),
+                                              **former.reconstruction_plan())
+    assert all(bool(torch.isfinite(other[layer]).all()) for layer in other)
+    assert any((other[layer][0, :, 4:] - got[layer][0, :, 4:]).abs().max() > 1e-3
+               for layer in want)
+
+
+def test_the_pass_feeds_the_official_leads_and_rereads_after_the_prefix():
+    model, _ = hf_models.llama()
+    tokenizer = ChatCharTokenizer()
+    encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    prefix = encode("SYS:")
+    ids = prefix + _ids(30)
+    cache = _prefill(model, torch.tensor([ids]))
+    fed = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"][0].tolist()),
+        with_kwargs=True)
+    try:
+        reconstruct.reconstruction_scores(
+            model, cache, input_ids=torch.tensor([ids]),
+            **M.KVzip(tokenizer=tokenizer, chunk_size=12).reconstruction_plan())
+    finally:
+        hook.remove()
+    context, header = ids[4:], encode("|A:")
+    assert fed == [encode(M.kvzip.REPEAT_PROMPT) + header + context[:12],
+                   encode(M.kvzip.CHUNK_PROMPT) + context[4:12] + header + context[12:24],
+                   encode(M.kvzip.CHUNK_PROMPT) + context[16:24] + header + context[24:]]
+
+
+def test_kept_tokens_follow_sinks_and_a_context_without_the_prefix_keeps_none():
+    model, _ = hf_models.llama()
+    tokenizer = ChatCharTokenizer()
+    prefix = tokenizer("SYS:")["input_ids"]
+    rows = [prefix + _ids(N - 4), _ids(N - 10, seed=8)]        # row 1: no chat prefix, padded
+    ids = torch.zeros(2, N, dtype=torch.long)
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, N - len(row):] = torch.tensor(row)
+        mask[b, N - len(row):] = True
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for sinks, kept in (("prefix", [range(0, 4), range(0)]), (3, [range(0, 3), range(10, 13)]),
+                        (0, [range(0), range(0)])):
+        plan = M.KVzip(tokenizer=tokenizer, chunk_size=16, sinks=sinks).reconstruction_plan()
+        got = reconstruct.reconstruction_scores(
+            model, _prefill(model, ids, mask.long(), positions), input_ids=ids, key_mask=mask,
+            positions=positions, layers=[0], **plan)[0]
+        for b in range(2):
+            infinite = torch.isposinf(got[b]).all(0).nonzero().flatten().tolist()
+            assert infinite == list(kept[b]), (sinks, b)
+            assert bool(torch.isfinite(got[b][:, ~torch.isposinf(got[b]).all(0)]).all())
+    # compressed: every head keeps the kept tokens, whatever the budget, under every policy
+    for name in ("kvzip", "kvzip+adakv", "mixkv(kvzip)+global"):
+        with mixkv.patch(model, name, budget=8, window=W, tokenizer=tokenizer,
+                         chunk_size=16) as handle:
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                      use_cache=True, **{hf_models.cache_kwarg(): cache})
+        full = _prefill(model, ids, mask.long(), positions)
+        layer = cache.layers[0]
+        for h in range(2):
+            if isinstance(layer, HeadwiseLayer):
+                start, length = int(layer.starts[h]), int(layer.lengths[h])
+                kept_keys = layer.key_buffer[start:start + length]
+            else:
+                kept_keys = layer.keys[0, h]
+            for j in range(4):          # row 0's chat prefix
+                assert bool((kept_keys == full.layers[0].keys[0, h, j]).all(-1).any()), \
+                    (name, h, j)
+
+
+def test_kvzip_options_are_checked():
+    for kwargs, message in (
+            (dict(reread="prefix"), "mixkv: kvzip reread must be 'context' or 'all', got "
+                                    "'prefix'"),
+            (dict(softmax="chunk"), "mixkv: kvzip softmax must be 'span' or 'all', got 'chunk'"),
+            (dict(sinks=-1), "mixkv: kvzip sinks must be 'prefix' or an int >= 0, got -1"),
+            (dict(sinks=True), "mixkv: kvzip sinks must be 'prefix' or an int >= 0, got True"),
+            (dict(overlap=-2), "mixkv: kvzip overlap must be an int >= 0, got -2")):
+        with pytest.raises(ValueError, match=exactly(message)):
+            M.KVzip(**kwargs)
+    with pytest.raises(TypeError, match="kvzip chunk_prompt must be text"):
+        M.KVzip(chunk_prompt=3.5)
+    with pytest.raises(ValueError, match=exactly(
+            "mixkv: kvzip's chunk_prompt is text but no tokenizer is at hand: pass "
+            "tokenizer=..., chunk_prompt=[token ids] or chunk_prompt=None")):
+        M.KVzip(repeat_prompt=PROMPT).reconstruction_plan()
+    model, _ = hf_models.llama()
+    cache = _prefill(model, torch.tensor([_ids(N)]))
+    with pytest.raises(ValueError, match=exactly(
+            "mixkv: the reconstruction pass's softmax must be 'all' or 'span', got 'x'")):
+        reconstruct.reconstruction_scores(model, cache, input_ids=torch.tensor([_ids(N)]),
+                                          softmax="x")

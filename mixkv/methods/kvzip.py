@@ -32,9 +32,14 @@ Prompt = Union[str, Sequence[int], None]
 
 
 def _check_prompt(name: str, prompt) -> None:
-    if not (prompt is None or isinstance(prompt, str) or
-            all(isinstance(t, int) or (isinstance(t, Tensor) and t.numel() == 1)
-                for t in prompt)):
+    if prompt is None or isinstance(prompt, str):
+        return
+    try:
+        ids = list(prompt)
+    except TypeError:
+        ids = None
+    if ids is None or not all(isinstance(t, int) or (isinstance(t, Tensor) and t.numel() == 1)
+                              for t in ids):
         raise TypeError(f"mixkv: kvzip {name} must be text, a sequence of token ids or None, "
                         f"got {prompt!r}")
 
