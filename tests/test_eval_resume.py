@@ -238,3 +238,26 @@ def test_the_message_names_what_differs_and_only_that():
     assert 'redundancy "p0" / null (this run: "p1")' in message
     assert "window 4 (this run: 8)" in message and message.startswith(
         "mixkv.eval: 2 row(s) of results.jsonl")
+
+
+def test_a_changed_reconstruction_setup_reruns_only_its_methods(em, tmp_path, engine_runs,
+                                                                 capsys, monkeypatch):
+    """kvzip's rows carry its scorer's setup (prompts, chunks, kept prefix, softmax): a changed
+    default (here the overlap of later chunks' prompts) reruns kvzip, never snapkv."""
+    from mixkv.methods import KVzip
+
+    out = tmp_path / "out"
+    methods = ["snapkv", "kvzip"]
+    run(config(out, methods=methods), em=em)
+    rows = load_records(out / "results.jsonl")
+    setups = {r["method"]: r["settings"].get("reconstruction") for r in rows}
+    assert setups["snapkv"] is None and "overlap=8" in setups["kvzip"]
+    engine_runs.clear()
+    defaults = list(KVzip.__init__.__defaults__)
+    defaults[5] = 4                                        # overlap
+    monkeypatch.setattr(KVzip.__init__, "__defaults__", tuple(defaults))
+    capsys.readouterr()
+    run(config(out, methods=methods), em=em)
+    assert engine_runs == ["kvzip"] * SAMPLES
+    assert reported(out) == SAMPLES * COMBOS
+    assert "reconstruction" in capsys.readouterr().err

@@ -121,7 +121,23 @@ def settings_of(run: Dict, sample: Sample, combo: Dict) -> Dict:
                     method=combo["method"], budget=combo["budget"], ratio=combo["ratio"])
     if not uses_redundancy(combo["method"]):
         settings["redundancy"] = None
+    setup = reconstruction_setup(combo["method"])
+    if setup is not None:   # only these rows carry it: other methods' rows stay reusable
+        settings["reconstruction"] = setup
     return settings
+
+
+def reconstruction_setup(method: str) -> Optional[str]:
+    """How a method's reconstruction pass re-reads the context (its scorer with its options,
+    e.g. KVzip's prompts, chunks, kept prefix, softmax), for methods that have one: a change of
+    a default is then a change of settings, never a reused row."""
+    try:
+        scorer, _ = registry.parse(method)
+    except (ValueError, TypeError):
+        return None
+    part = next((p for p in (scorer.parts() if scorer is not None else [])
+                 if p.needs_reconstruction), None)
+    return None if part is None else repr(part)
 
 
 def record_key(record: Dict) -> Optional[str]:
@@ -138,9 +154,12 @@ def describe_other_rows(records: List[Dict], run: Dict, wanted: Dict[str, Dict])
         return None
     legacy = sum(1 for r in others if not r.get("settings"))
     prompts = {s["sample_id"]: s["prompt"] for s in wanted.values()}
-    differing, changed_prompts = {}, set()
+    differing, changed_prompts, setups = {}, set(), set()
     for record in others:
         settings = record.get("settings") or {}
+        if "method" in settings and settings.get("reconstruction") != \
+                reconstruction_setup(settings["method"]):
+            setups.add(settings["method"])
         for name, value in settings.items():
             if name in run and value != run[name] and \
                     not (name == "redundancy" and not uses_redundancy(settings["method"])):
@@ -149,6 +168,9 @@ def describe_other_rows(records: List[Dict], run: Dict, wanted: Dict[str, Dict])
             changed_prompts.add(settings["sample_id"])
     parts = [f"{name} {' / '.join(sorted(values))} (this run: {json.dumps(run[name])})"
              for name, values in sorted(differing.items())]
+    if setups:
+        parts.append(f"the reconstruction setup of {', '.join(sorted(setups))} (its scorer's "
+                     "options or defaults changed)")
     if changed_prompts:
         parts.append(f"the prompt of {len(changed_prompts)} sample(s) (samples count, length, "
                      "haystack, data file or prompt builder changed)")
