@@ -154,6 +154,7 @@ def end_to_end(model, encode, n: int, repeats: int, warmup: int, methods) -> Dic
         options = {}
         if M.needs_reconstruction(name):
             options["repeat_prompt"] = M.KVzip().prompt_ids(encode)
+            options["chunk_prompt"] = list(encode(M.kvzip.CHUNK_PROMPT))
 
         def run(name=name, options=options):
             with mixkv.patch(model, name, budget=n // 2, window=WINDOW, **options):
