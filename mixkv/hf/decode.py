@@ -173,18 +173,24 @@ class DecodeCompression:
             return None  # fewer queries than the window so far: wait for more
         return queries.to(device)
 
+    def _real_tokens(self, idx, layer):
+        """A dense layer's real-token mask [B, N], None when every token is real: a compressed
+        layer's kept mask extended by the tokens appended since, else the prefill's padding."""
+        if not isinstance(layer, CompressedLayer):
+            return self._key_mask.get(idx)
+        real = layer.kept_real
+        if real is None:
+            return None
+        B, N = layer.keys.shape[0], layer.keys.shape[-2]
+        return torch.cat([real, real.new_ones(B, N - real.shape[1])], 1)
+
     def _compress_dense(self, module, cache, idx, layer) -> None:
         keys, values = layer.keys, layer.values
         B, Hkv, N, D = keys.shape
         queries = self._window_queries(idx, keys.device)
         if N <= self.decode_budget or queries is None:
             return
-        if isinstance(layer, CompressedLayer):
-            key_mask = layer.kept_real
-            if key_mask is not None:
-                key_mask = torch.cat([key_mask, key_mask.new_ones(B, N - key_mask.shape[1])], 1)
-        else:
-            key_mask = self._key_mask.get(idx)
+        key_mask = self._real_tokens(idx, layer)
         if key_mask is not None:
             key_mask = key_mask.to(keys.device)
         kept = self.method.compress(self._prefill(module, idx, queries, keys, values, key_mask),
@@ -216,12 +222,7 @@ class DecodeCompression:
             mask[segment, slot] = layer.valid[rows]
             return keys, values, mask, lengths, B, Hkv
         B, Hkv, N, D = layer.keys.shape     # a dense layer (left whole at prefill)
-        if isinstance(layer, CompressedLayer):
-            real = layer.kept_real
-            if real is not None:
-                real = torch.cat([real, real.new_ones(B, N - real.shape[1])], 1)
-        else:
-            real = self._key_mask.get(idx)
+        real = self._real_tokens(idx, layer)
         real = torch.ones(B, N, dtype=torch.bool, device=layer.keys.device) if real is None \
             else real.to(layer.keys.device).bool()
         mask = real[:, None, :].expand(B, Hkv, N).reshape(B * Hkv, N)

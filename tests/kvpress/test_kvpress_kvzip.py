@@ -54,11 +54,8 @@ class WindowKeptKVzip(KVzipPress):
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+def _threads(two_threads):
+    """Both cores, whatever the session set (conftest.two_threads)."""
 
 
 def _kvpress_kept(em, ids, budget, chunk):

@@ -105,11 +105,8 @@ def _shim_kept(em, prefilled, **options):
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+def _threads(two_threads):
+    """Both cores, whatever the session set (conftest.two_threads)."""
 
 
 @pytest.mark.parametrize("task, mode", PROMPTS)
