@@ -1,5 +1,6 @@
 """Shared helpers for the op tests: random inputs, padding masks and tie-aware comparisons."""
 
+import contextlib
 import importlib.metadata
 import itertools
 import re
@@ -129,13 +130,29 @@ def seeded():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    """Both cores (the kvpress SmolLM2 comparisons' prefills), whatever the session set."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture

@@ -20,17 +20,6 @@ def smollm2():
     return load_model()
 
 
-@pytest.fixture
-def two_threads():
-    """torch on two threads for the test (the SmolLM2 comparisons' prefills), then as before."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pytest_configure(config):
     # The peer tests run the shim's uniform-budget path under kvpress's transformers (< 5.3),
     # below the shim's supported range; that path is what they check, so its warning is noise.
