@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # scheduler + worker in-process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")            # GiB; the pool is overridden
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+import mixkv.vllm
+
+mixkv.vllm.offline_environment()        # before vLLM loads; the pool is overridden below
 
 import argparse  # noqa: E402
 import gc  # noqa: E402

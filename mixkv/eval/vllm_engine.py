@@ -22,7 +22,6 @@ plus ``engine="vllm"``; ``seconds`` is the batch's wall time shared equally by i
 from __future__ import annotations
 
 import gc
-import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -30,10 +29,6 @@ from . import metrics
 from .engine import Prepared, prepare
 from .models import EvalModel, serving_folder
 
-# Read when vLLM loads: one process (the engine core and its worker in this one), a small CPU
-# pool by default (GiB), no hub access.
-_ENVIRONMENT = dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="2",
-                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING")
 BLOCK_SIZE = 32                  # the CPU attention backend takes multiples of 32
 
 
@@ -56,20 +51,15 @@ class VLLMEngine:
     def __init__(self, em: EvalModel, *, window: int = 32, mode: str = "aware",
                  dtype: str = "float32", block_size: int = BLOCK_SIZE):
         check(mode, None, None)
-        for name, value in _ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
-        if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-            # vLLM's sampler compiles a helper whose C++ does not build under this setting
-            # (docs/vllm-plugin.md section 13).
-            os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+        import mixkv.vllm
+
+        mixkv.vllm.offline_environment(kv_cache_gib=2)   # read when vLLM loads
         try:
             import vllm  # noqa: F401
         except ImportError as error:
             raise ImportError("mixkv.eval: --engine vllm needs vLLM 0.32 (the CPU build: "
                               "scripts/setup.sh --vllm makes .venv-vllm; run mixkv.eval "
                               "there)") from error
-        import mixkv.vllm
-
         mixkv.vllm.register()   # inert for engines without the setting (method "full")
         self.em, self.window, self.mode = em, window, mode
         self.dtype, self.block_size = dtype, block_size

@@ -21,7 +21,24 @@ Importing this package imports neither vLLM nor anything mixkv itself does not i
 
 from __future__ import annotations
 
-__all__ = ["register"]
+import os
+
+__all__ = ["register", "offline_environment"]
+
+
+def offline_environment(kv_cache_gib: int = 1) -> None:
+    """Defaults, set before vLLM is imported, for one offline process on the CPU: the engine
+    core and its worker in this process, a KV pool of ``kv_cache_gib`` GiB (an engine may still
+    override it), no hub access, quiet logs. Under ``ATEN_CPU_CAPABILITY=default`` also
+    ``TORCH_COMPILE_DISABLE=1``: asking for logprobs makes vLLM's sampler torch.compile a helper
+    (v1/sample/ops/logprobs.py) whose inductor C++ does not build there ("'at::vec' has not been
+    declared"). Variables already set are left alone."""
+    defaults = dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
+                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING")
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        defaults["TORCH_COMPILE_DISABLE"] = "1"
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
 
 
 def register() -> None:

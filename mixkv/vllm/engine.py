@@ -255,6 +255,7 @@ class _CompressAfterAttention:
                                "supported by the vLLM plugin")
         bs = kv_cache.shape[2]          # [blocks, kv heads, block size, 2 x head size]
         qsl = meta.query_start_loc.tolist()
+        index_of_layer = extract_layer_index(layer.layer_name)
         for r, row in enumerate(state.rows):
             if row.computed != 0:        # decoding, or not a whole prefill: nothing to select
                 continue
@@ -265,7 +266,7 @@ class _CompressAfterAttention:
             q0, q1, n = qsl[r], qsl[r + 1], row.num_prompt
             kept_k, kept_v, _ = compress.select(
                 state.config.method, query[q0:q0 + n], key[q0:q0 + n], value[q0:q0 + n], kept,
-                layer=extract_layer_index(layer.layer_name), num_layers=state.num_layers,
+                layer=index_of_layer, num_layers=state.num_layers,
                 scale=self.scale)
             # Kept rank j of every head is written as one "token" at cache index s*bs + j, and
             # any recomputed generated token right after: N - g = s*bs + kept.
@@ -275,7 +276,7 @@ class _CompressAfterAttention:
             rows_v = torch.cat([kept_v, value[q0 + n:q1]]) if q1 - q0 > n else kept_v
             self._write(layer, kv_cache, rows_k, rows_v, slots)
             state.layouts[row.req_id] = (layout[0], layout[1], n - kept)
-            if q1 - q0 > n and extract_layer_index(layer.layer_name) == 0:
+            if q1 - q0 > n and index_of_layer == 0:
                 state.resumed.append((row.req_id, q1 - q0 - n))
 
 
@@ -317,18 +318,21 @@ def shifted_metadata(state: Optional[WorkerState], spec, cm):
     return dataclasses.replace(cm, seq_lens=seq_lens, block_table_tensor=table) if shifted else cm
 
 
-class MixKVCPUBuilder(CPUAttentionMetadataBuilder):
+class _ShiftedBuild:
+    """A backend's metadata builder, fed the shifted common metadata of this step."""
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         return super().build(common_prefix_len,
                              shifted_metadata(_STEP, self.kv_cache_spec, common_attn_metadata),
                              fast_build)
 
 
-class MixKVFlashBuilder(FlashAttentionMetadataBuilder):
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        return super().build(common_prefix_len,
-                             shifted_metadata(_STEP, self.kv_cache_spec, common_attn_metadata),
-                             fast_build)
+class MixKVCPUBuilder(_ShiftedBuild, CPUAttentionMetadataBuilder):
+    pass
+
+
+class MixKVFlashBuilder(_ShiftedBuild, FlashAttentionMetadataBuilder):
+    pass
 
 
 class MixKVCPUBackend(CPUAttentionBackend):

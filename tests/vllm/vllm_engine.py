@@ -8,18 +8,9 @@ of 32-token blocks, float32, eager. The plugin is registered by the ``plugin`` f
 the vanilla reference run (``vanilla``): vLLM's backend override is process-wide.
 """
 
-import os
+import mixkv.vllm
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # engine core + worker in-process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")            # GiB; the pool is overridden
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-    # Asking for logprobs makes vLLM's sampler torch.compile a helper
-    # (v1/sample/ops/logprobs.py), whose inductor C++ does not build under
-    # ATEN_CPU_CAPABILITY=default ("'at::vec' has not been declared"): run it eagerly.
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+mixkv.vllm.offline_environment()        # before vLLM loads; the tests' pools are overridden
 
 import functools  # noqa: E402
 import gc  # noqa: E402
