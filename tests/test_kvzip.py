@@ -171,9 +171,10 @@ def test_cache_is_back_to_the_context_after_every_chunk_and_intact_after(monkeyp
     before = [(layer.keys.clone(), layer.values.clone(), layer.get_seq_length())
               for layer in cache.layers]
     seen_keys, after_chunk = [], []
-    original = reconstruct.max_attention
-    monkeypatch.setattr(reconstruct, "max_attention",
-                        lambda q, k, *a: seen_keys.append(k.shape[2]) or original(q, k, *a))
+    for name in ("max_attention", "attend_and_score"):   # the pass scores through either
+        original = getattr(reconstruct, name)
+        monkeypatch.setattr(reconstruct, name, lambda q, k, *a, _f=original:
+                            seen_keys.append(k.shape[2]) or _f(q, k, *a))
     reconstruct.reconstruction_scores(
         model, cache, input_ids=ids, prompt_ids=PROMPT, chunk_size=10, crop_chunks=True,
         layers=_full_layers(model),

@@ -28,7 +28,7 @@ compresses every layer with ``Prefill.reconstruction`` set.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from . import capture
 
 LOGITS_PER_BLOCK = 1 << 24   # float32 logits (64 MiB) held at once by one layer call's scoring
+SCORE_LOGITS_PER_HEAD = 1 << 18   # the fused pass's scoring block per KV head (1 MiB)
 
 
 def _cache_keyword(decoder: nn.Module) -> str:
@@ -44,26 +45,34 @@ def _cache_keyword(decoder: nn.Module) -> str:
         else "past_key_values"
 
 
-def _flash_lse(query: Tensor, keys: Tensor, mask: Tensor) -> Optional[Tensor]:
-    """Log-sum-exp of each query's logits [B, Hq, t] from PyTorch's fused CPU attention (it
-    returns them; nothing [t, K] is written), or None where that kernel is not available.
-    ``query`` is already scaled; ``keys`` [B, Hkv, K, D], each KV head broadcast (not copied)
-    to its query heads; ``mask`` additive [B|1, 1, t, K]."""
+def _flash(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor],
+           causal: bool = False, scale: float = 1.0) -> Optional[Tuple[Tensor, Tensor]]:
+    """(output [B, Hq, t, D], log-sum-exp [B, Hq, t]) of attention from PyTorch's fused CPU
+    kernel (nothing [t, K] is written), or None where that kernel is not available.
+    ``keys``/``values`` [B, Hkv, K, D], each KV head broadcast (not copied) to its query heads;
+    ``mask`` additive [B|1, 1, t, K] or None; ``causal``: query i sees key j <= i (top-left).
+    A query that sees no key gets output 0 and log-sum-exp 0 from the kernel: callers that
+    can have such rows must mark them themselves."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or query.device.type != "cpu":
         return None
-    B, Hq = query.shape[:2]
+    B, Hq, t = query.shape[:3]
     Hkv, K, D = keys.shape[1:]
     G = Hq // Hkv
     try:
-        parts = []
-        for h in range(Hkv):
-            group = keys[:, h:h + 1].expand(B, G, K, D)
-            parts.append(op(query[:, h * G:(h + 1) * G], group, group, 0.0, False,
-                            attn_mask=mask, scale=1.0)[1])
-        return torch.cat(parts, dim=1)
+        parts = [op(query[:, h * G:(h + 1) * G], keys[:, h:h + 1].expand(B, G, K, D),
+                    values[:, h:h + 1].expand(B, G, K, values.shape[-1]), 0.0, causal,
+                    attn_mask=mask, scale=scale) for h in range(Hkv)]
     except (RuntimeError, TypeError):
         return None
+    return torch.cat([o for o, _ in parts], dim=1), torch.cat([l for _, l in parts], dim=1)
+
+
+def _flash_lse(query: Tensor, keys: Tensor, mask: Tensor) -> Optional[Tensor]:
+    """Log-sum-exp of each query's logits [B, Hq, t] from the fused CPU kernel (``query``
+    already scaled; ``mask`` additive [B|1, 1, t, K]), or None without that kernel."""
+    result = _flash(query, keys, keys, mask)
+    return None if result is None else result[1]
 
 
 def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
@@ -126,6 +135,109 @@ def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
     torch.maximum(out, best.exp_(), out=out)
 
 
+def _columns(selected: Tensor) -> Tuple[Tensor, Tensor]:
+    """Each row's selected columns of ``selected`` [B, P] in order, padded to the longest row:
+    (indices [B, L], valid [B, L])."""
+    count = selected.sum(1)
+    width = int(count.max()) if selected.numel() else 0
+    index = _real_order(selected)[:, :width]
+    return index, torch.arange(width, device=selected.device)[None, :] < count[:, None]
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, P, D] at each row's token indices [B, L] -> [B, H, L, D]."""
+    B, H, _, D = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
+
+
+def _blocked(valid: Tensor, queries: int) -> Optional[Tensor]:
+    """Additive mask [B, 1, queries, L] hiding each row's invalid columns; None if none."""
+    if bool(valid.all()):
+        return None
+    mask = torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))
+    return mask[:, None, None, :].expand(-1, 1, queries, -1)
+
+
+def attend_and_score(query: Tensor, key: Tensor, value: Tensor, context: int,
+                     model_real: Tensor, score_real: Tensor, query_real: Tensor,
+                     scaling: Optional[float], out: Tensor) -> Optional[Tensor]:
+    """The re-read's attention call and its scores in one computation: returns the layer's
+    attention output [B, T, Hq, Dv] (what the model's own attention would return, up to
+    rounding) and sets ``out`` = max(out, the scores :func:`max_attention` gives); None where
+    the fused CPU kernel is not available (then nothing is written).
+
+    The T queries are the last T positions of ``key``/``value`` [B, Hkv, K, D]; the model
+    attends the keys ``model_real`` [B, K] (causal among the fed ones), the scores' softmax
+    the keys ``score_real`` [B, K] (a subset: the kept tokens and the chunk's span under
+    ``softmax="span"``). The keys are split into three sets, each one fused attention call
+    returning its output and log-sum-exp: A, the scored past keys; F, the fed keys (causal);
+    O, the past keys only the model attends. The model's output is their log-sum-exp-weighted
+    merge; the scores' normaliser is logaddexp(lse_A, lse_F), so the only work added to the
+    model's own attention is the logits of A's context columns and their max."""
+    B, Hq, T, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G, past = Hq // Hkv, K - T
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    q = query.float()
+    keys, values = key.float(), value.float()
+    fed_real = model_real[:, past:]
+    index_a, valid_a = _columns(score_real[:, :past])
+    index_o, valid_o = _columns(model_real[:, :past] & ~score_real[:, :past])
+    keys_a = _gather_tokens(keys[:, :, :past], index_a)
+    part_a = _flash(q, keys_a, _gather_tokens(values[:, :, :past], index_a),
+                    _blocked(valid_a, T), scale=scale)
+    if part_a is None:
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=key.device).tril_()
+    sees_f = causal[None] & fed_real[:, None, :]                          # [B, T, T]
+    if bool(fed_real.all()):
+        part_f = _flash(q, keys[:, :, past:], values[:, :, past:], None, causal=True,
+                        scale=scale)
+    else:
+        mask = torch.zeros(sees_f.shape, device=key.device).masked_fill_(~sees_f,
+                                                                          float("-inf"))
+        part_f = _flash(q, keys[:, :, past:], values[:, :, past:], mask[:, None],
+                        scale=scale)
+    parts = [(part_a, valid_a.any(1)[:, None]), (part_f, sees_f.any(2))]
+    if index_o.shape[1]:
+        part_o = _flash(q, _gather_tokens(keys[:, :, :past], index_o),
+                        _gather_tokens(values[:, :, :past], index_o),
+                        _blocked(valid_o, T), scale=scale)
+        parts.append((part_o, valid_o.any(1)[:, None]))
+    # the kernel gives a query that sees nothing lse 0: mark it -inf
+    lses = [torch.where(sees[:, None, :], lse, float("-inf")) for (_, lse), sees in parts]
+    top = torch.stack(lses).amax(0)
+    top = torch.where(torch.isinf(top), 0.0, top)                         # [B, Hq, T]
+    weights = [torch.exp(lse - top) for lse in lses]
+    total = sum(weights)
+    merged = sum(w[..., None] * o for ((o, _), _), w in zip(parts, weights))
+    output = merged / torch.where(total > 0, total, 1.0)[..., None]
+
+    # the scores: A's context columns, normalised over A and F
+    norm = torch.logaddexp(lses[0], lses[1]).view(B, Hkv, G, T, 1)
+    width = keys_a.shape[2]
+    best = torch.full((B, Hkv, width), float("-inf"), device=key.device)
+    keys_t = keys_a.transpose(-1, -2)                                     # [B, Hkv, D, L]
+    scaled = q * scale
+    # blocks of queries whose logits stay in cache (~1 MiB per KV head): about 3x faster on a
+    # CPU than blocks of LOGITS_PER_BLOCK, whose logits are written to memory and read back
+    rows = max(1, SCORE_LOGITS_PER_HEAD // max(1, B * G * width))
+    for begin in range(0, T, rows):
+        end = min(T, begin + rows)
+        logits = torch.matmul(scaled[:, :, begin:end].reshape(B, Hkv, G * (end - begin), D),
+                              keys_t).view(B, Hkv, G, end - begin, width)
+        logits.sub_(norm[:, :, :, begin:end])
+        if not bool(query_real[:, begin:end].all()):
+            logits.masked_fill_(~query_real[:, None, None, begin:end, None], float("-inf"))
+        torch.maximum(best, logits.amax(dim=(2, 3)), out=best)
+    scored = valid_a & (index_a < context)
+    target = torch.where(scored, index_a, context)[:, None, :].expand(B, Hkv, width)
+    full = torch.full((B, Hkv, context + 1), float("-inf"), device=key.device)
+    full.scatter_reduce_(2, target, best, "amax")
+    torch.maximum(out, full[..., :context].exp_(), out=out)
+    return output.transpose(1, 2).contiguous().to(query.dtype)
+
+
 def _real_order(real: Tensor) -> Tensor:
     """[B, N] indices of each row's real tokens first (in order), then its padding."""
     return torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
@@ -153,6 +265,18 @@ def _shift_rows(order: Tensor, skip: Tensor) -> Tensor:
     return order.gather(1, index)
 
 
+class _Scored(Exception):
+    """Raised after the last scored layer's attention call: ends the re-read's forward."""
+
+
+def _fusable(layer, kwargs) -> bool:
+    """Whether :func:`attend_and_score` can stand in for this attention call: a plain cache
+    layer, no soft-capping, no sliding window, no dropout, no attention sinks."""
+    return (type(layer) is DynamicLayer and not kwargs.get("softcap")
+            and kwargs.get("sliding_window") is None and not kwargs.get("dropout")
+            and kwargs.get("s_aux") is None and kwargs.get("sinks") is None)
+
+
 def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] = (),
                           chunk_size: int = 2048, crop_chunks: bool = True,
                           input_ids: Optional[Tensor] = None,
@@ -164,7 +288,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
                           chunk_prompt_ids: Optional[Iterable[int]] = None, overlap: int = 0,
                           header_ids: Iterable[int] = (), prefix_ids: Iterable[int] = (),
                           reread: str = "all", sinks: Union[str, int] = 0,
-                          softmax: str = "all") -> Dict[int, Tensor]:
+                          softmax: str = "all", fused: bool = True) -> Dict[int, Tensor]:
     """Run the reconstruction pass over a full prefill ``cache`` of `model`'s context and return
     ``{layer: [B, Hkv, N] float32}`` (0 at padding, +inf at the tokens the plan keeps). The
     cache is left as it was.
@@ -184,7 +308,14 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
     marks the prefix as kept, an int n the first n real tokens (+inf scores). ``softmax``
     "all": each fed query's softmax is the model's own over every key; "span": over the kept
     tokens, the chunk's own span of the context and the fed tokens only (the official code's
-    and kvpress's), so a chunk scores only its own span."""
+    and kvpress's), so a chunk scores only its own span.
+
+    ``fused`` (True): on the CPU, a scored layer's attention call is computed by
+    :func:`attend_and_score` (its output and the scores from one set of fused attention calls,
+    instead of the model's attention plus a second one for the log-sum-exp), and the re-read's
+    forward stops after the last scored layer's attention. Soft-capped, sliding-window and
+    other devices' calls, and ``fused=False``, use the model's own attention and
+    :func:`max_attention`; the scores agree within float rounding."""
     from .patch import find_attention_modules
 
     if reread not in ("all", "context"):
@@ -242,15 +373,27 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
     if not scores:
         return scores
     snapshot = _Snapshot(cache)
-    state = dict(key_real=real, query_real=None)
+    state = dict(key_real=real, model_real=None, query_real=None)
+    last = max(scores)
 
     def score(next_fn, module, query, key, value, attention_mask, *args, **kwargs):
         idx = module.layer_idx
-        if idx in scores and not capture.is_prefill(query, key):
-            scaling = kwargs.get("scaling", getattr(module, "scaling", None))
-            max_attention(query, key, N, state["key_real"].to(key.device),
-                          state["query_real"].to(key.device), scaling, kwargs.get("softcap"),
-                          scores[idx])
+        if idx not in scores or capture.is_prefill(query, key):
+            return next_fn(module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+        score_real = state["key_real"].to(key.device)
+        query_real = state["query_real"].to(key.device)
+        output = None
+        if fused and _fusable(cache.layers[idx], kwargs):
+            output = attend_and_score(query, key, value, N, state["model_real"].to(key.device),
+                                      score_real, query_real, scaling, scores[idx])
+        if output is None:
+            max_attention(query, key, N, score_real, query_real, scaling,
+                          kwargs.get("softcap"), scores[idx])
+        if fused and idx == last:
+            raise _Scored   # nothing after the last scored layer's attention is needed
+        if output is not None:
+            return output, None
         return next_fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     chunks = max(1, -(-int(lengths.max()) // chunk_size))
@@ -286,6 +429,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
                     attended = torch.cat([key_real[:, :N] & (kept | span),
                                           key_real[:, N:]], dim=1)
                 state["key_real"] = torch.cat([attended, fed_real], dim=1)
+                state["model_real"] = torch.cat([key_real, fed_real], dim=1)
                 state["query_real"] = fed_real
                 fed_positions = next_position[:, None] + torch.arange(R + width, device=device)
                 if input_ids is not None:
@@ -296,8 +440,12 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
                         1, picked[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
                     lead_embeds = embed(lead).to(gathered.dtype)
                     feed = dict(inputs_embeds=torch.cat([lead_embeds, gathered], dim=1))
-                decoder(**feed, attention_mask=torch.cat([key_real, fed_real], dim=1).long(),
-                        position_ids=fed_positions, use_cache=True, **{cache_keyword: cache})
+                try:
+                    decoder(**feed, attention_mask=state["model_real"].long(),
+                            position_ids=fed_positions, use_cache=True,
+                            **{cache_keyword: cache})
+                except _Scored:
+                    pass
                 if crop_chunks:
                     snapshot.restore(cache)
                 else:
