@@ -205,7 +205,8 @@ class TOVA(Scorer):
         return attention.mean(1, keepdim=True).expand_as(attention).contiguous()
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Tensor) -> Tensor:
+    """RoPE's half rotation, (x1, x2) -> (-x2, x1) over the last dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -326,7 +327,7 @@ class ExpectedAttention(Scorer):
         cos, sin = cos.float().mean(1), sin.float().mean(1)              # [B, D]
         # The averaged rotation as a matrix: R x = cos * x + sin * rotate_half(x).
         eye = torch.eye(D, device=hidden.device)
-        rotation = torch.diag_embed(cos) + sin[:, :, None] * _rotate_half(eye).T  # [B, D, D]
+        rotation = torch.diag_embed(cos) + sin[:, :, None] * rotate_half(eye).T  # [B, D, D]
         rotation = rotation[:, None]                                     # [B, 1, D, D]
         mean_rotated = (rotation @ mean[..., None]).squeeze(-1)
         covariance = None
