@@ -138,3 +138,45 @@ def test_longbench_jsonl(tmp_path):
     bad.write_text(json.dumps(dict(input="x")) + "\n")
     with pytest.raises(ValueError, match="lacks field"):
         load_jsonl(str(bad))
+
+
+def test_each_task_object_owns_its_metric_and_answer_length(monkeypatch):
+    from mixkv.eval import tasks
+
+    for name, task in TASKS.items():
+        assert isinstance(task, tasks.Task) and task.name == name
+        for sample in task.samples(2, length=300, seed=1):
+            assert (sample.metric, sample.max_new_tokens) == (task.metric, task.max_new_tokens)
+            # every answer fits the answer length (a token per character is the worst case
+            # of these tasks' words and digits, plus one separator each)
+            assert sum(len(a) // 3 + 2 for a in sample.answers) <= task.max_new_tokens, name
+    # a task added to the registry is a task like the others
+    mine = tasks.Task("mine", "contains_any", 7, spec=tasks.TASKS["niah_single"].spec)
+    monkeypatch.setitem(tasks.TASKS, "mine", mine)
+    sample = make_samples("mine", 1, length=300)[0]
+    assert (sample.task, sample.metric, sample.max_new_tokens) == ("mine", "contains_any", 7)
+    with pytest.raises(ValueError, match="unknown task 'nope'; choose from passkey"):
+        make_samples("nope", 1, length=300)
+
+
+@pytest.mark.parametrize("old, new", [("TASK_BUILDERS", "TASKS[name]"),
+                                      ("LONGBENCH_METRICS", "LONGBENCH[name].metric")])
+def test_replaced_names_say_what_replaced_them(old, new):
+    from mixkv.eval import tasks
+
+    with pytest.raises(AttributeError, match=re.escape(f"tasks.{old} was replaced by {new}")):
+        getattr(tasks, old)
+
+
+def test_longbench_tasks_give_their_prompt_metric_and_length(tmp_path):
+    from mixkv.eval.tasks import GENERIC_LONGBENCH, LONGBENCH
+
+    row = json.dumps(dict(context="word " * 40, input="Who?", answers=["Ann"]))
+    for name in ("hotpotqa", "gov_report", "elsewhere"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(row + "\n")
+        sample = load_jsonl(str(path))[0]
+        task = LONGBENCH.get(name, GENERIC_LONGBENCH)
+        assert (sample.metric, sample.max_new_tokens) == (task.metric, task.max_new_tokens)
+        assert sample.context.startswith(task.prompt.split("{context}")[0])
+    assert LONGBENCH["gov_report"].metric == "rouge_l" and GENERIC_LONGBENCH.metric == "qa_f1"

@@ -12,6 +12,9 @@ Synthetic tasks (Hsieh et al., "RULER", 2024; same needles, questions and answer
 ``cwe``         common-word extraction: the 10 words that appear most often in a long list
 =============  ==========================================================================
 
+Each task is a :class:`Task` in ``TASKS`` (name -> how its samples are built, its metric and
+answer length); each LongBench dataset a :class:`LongBenchTask` in ``LONGBENCH``.
+
 Each :class:`Sample` holds a context (the document), a question, an answer prefix (the start of
 the assistant's reply, as RULER does), the expected answers, the metric and the gold
 continuation used for the fidelity metrics. Lengths are in tokens of the evaluated model's
@@ -43,7 +46,9 @@ import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+NIAH_VALUES = 4    # niah_multivalue's numbers for the key
+VT_HOPS = 4        # vt's assignments after the first
+CWE_WORDS = 10     # cwe's common words
 
 # ---------------------------------------------------------------------------------------------
 # Word lists (digit-free, lower case) for keys, the essay generator and common-word extraction.
@@ -196,7 +201,8 @@ def _variable(rng: random.Random, taken=()) -> str:
 
 
 # Each builder returns the fixed parts of a sample: (instruction, needles, question,
-# answer_prefix, answers, target, metric, max_new_tokens, haystack kind, meta).
+# answer_prefix, answers, target, haystack kind, meta); its Task (TASKS) the metric and the
+# answer length.
 def _passkey(rng):
     key = _number(rng, 5)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
@@ -205,7 +211,7 @@ def _passkey(rng):
                             "information there.",
                 needles=[needle], question="What is the pass key?",
                 answer_prefix="The pass key is", answers=[key], target=f" {key}.",
-                max_new_tokens=10, haystack="noise")
+                haystack="noise")
 
 
 _NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure "
@@ -220,7 +226,7 @@ def _niah_single(rng):
                          "text?",
                 answer_prefix=f"The special magic number for {key} mentioned in the provided "
                               "text is",
-                answers=[value], target=f" {value}.", max_new_tokens=12, haystack="essay",
+                answers=[value], target=f" {value}.", haystack="essay",
                 meta=dict(key=key))
 
 
@@ -235,12 +241,12 @@ def _niah_multikey(rng, distractors: int = 3):
                          "provided text?",
                 answer_prefix=f"The special magic number for {keys[0]} mentioned in the "
                               "provided text is",
-                answers=[values[0]], target=f" {values[0]}.", max_new_tokens=12,
+                answers=[values[0]], target=f" {values[0]}.",
                 haystack="essay", meta=dict(key=keys[0], distractors=keys[1:]),
                 forbidden=values[1:])
 
 
-def _niah_multivalue(rng, values: int = 4):
+def _niah_multivalue(rng, values: int = NIAH_VALUES):
     key = _key(rng)
     numbers = []
     while len(numbers) < values:
@@ -254,10 +260,10 @@ def _niah_multivalue(rng, values: int = 4):
                 answer_prefix=f"The special magic numbers for {key} mentioned in the provided "
                               "text are",
                 answers=numbers, target=" " + ", ".join(numbers) + ".",
-                max_new_tokens=12 * values + 10, haystack="essay", meta=dict(key=key))
+                haystack="essay", meta=dict(key=key))
 
 
-def _vt(rng, hops: int = 4):
+def _vt(rng, hops: int = VT_HOPS):
     value = _number(rng, 5)
     names = []
     for _ in range(hops + 1):
@@ -272,13 +278,8 @@ def _vt(rng, hops: int = 4):
                 answer_prefix=f"Answer: According to the chain(s) of variable assignment in the "
                               f"text above, {hops + 1} variables are assigned the value {value}, "
                               "they are:",
-                answers=names, target=" " + " ".join(names), max_new_tokens=6 * (hops + 1) + 4,
+                answers=names, target=" " + " ".join(names),
                 haystack="noise", ordered_needles=True)
-
-
-TASK_BUILDERS = {"passkey": _passkey, "niah_single": _niah_single,
-                 "niah_multikey": _niah_multikey, "niah_multivalue": _niah_multivalue,
-                 "vt": _vt}
 
 
 def _fit(build: Callable[[int], str], count_tokens: Callable[[str], int], length: int,
@@ -296,11 +297,11 @@ def _fit(build: Callable[[int], str], count_tokens: Callable[[str], int], length
     return lo
 
 
-def _make_needle_sample(task: str, index: int, seed: int, length: int,
+def _make_needle_sample(task: "Task", index: int, seed: int, length: int,
                         count_tokens: Callable[[str], int], haystack: Optional[Haystack],
                         depth: Optional[float]) -> Sample:
-    rng = random.Random(_seed(task, length, seed, index))
-    spec = TASK_BUILDERS[task](rng)
+    rng = random.Random(_seed(task.name, length, seed, index))
+    spec = task.spec(rng)
     hay = haystack if haystack is not None else Haystack(spec["haystack"])
     # Generous pool of filler sentences, then the largest prefix of it that fits.
     pool = hay.sentences(rng, max(64, length // 3))
@@ -327,11 +328,11 @@ def _make_needle_sample(task: str, index: int, seed: int, length: int,
         return head + question + " " + spec["answer_prefix"]
 
     def _sample(n: int) -> Sample:
-        return Sample(id=f"{task}-{length}-{seed}-{index}", task=task, context=build(n),
-                      question=spec["question"], answers=list(spec["answers"]),
-                      metric=spec.get("metric", "contains_all"),
+        return Sample(id=f"{task.name}-{length}-{seed}-{index}", task=task.name,
+                      context=build(n), question=spec["question"],
+                      answers=list(spec["answers"]), metric=task.metric,
                       instruction=spec["instruction"], answer_prefix=spec["answer_prefix"],
-                      target=spec["target"], max_new_tokens=spec["max_new_tokens"],
+                      target=spec["target"], max_new_tokens=task.max_new_tokens,
                       meta=dict(spec.get("meta", {}), depth=round(depth, 4), length=length,
                                 seed=seed, index=index, haystack=hay.kind,
                                 forbidden=spec.get("forbidden", [])))
@@ -344,8 +345,9 @@ def _make_needle_sample(task: str, index: int, seed: int, length: int,
     return sample
 
 
-def _make_cwe_sample(index: int, seed: int, length: int, count_tokens: Callable[[str], int],
-                     common: int = 10, freq_common: int = 30, freq_rare: int = 3) -> Sample:
+def _make_cwe_sample(task: "Task", index: int, seed: int, length: int,
+                     count_tokens: Callable[[str], int], common: int = CWE_WORDS,
+                     freq_common: int = 30, freq_rare: int = 3) -> Sample:
     rng = random.Random(_seed("cwe", length, seed, index))
     words = rng.sample(sorted(set(_NOUNS) | set(_ADJECTIVES)), len(set(_NOUNS) | set(_ADJECTIVES)))
     common_words, rare_pool = words[:common], words[common:]
@@ -370,13 +372,53 @@ def _make_cwe_sample(index: int, seed: int, length: int, count_tokens: Callable[
         freq -= 1
     n_rare = _fit(lambda n: prompt(build(n, freq)), count_tokens, length, len(rare_pool))
     context = build(n_rare, freq)
-    return Sample(id=f"cwe-{length}-{seed}-{index}", task="cwe", context=context,
-                  question=question, answers=common_words, metric="contains_all",
+    return Sample(id=f"{task.name}-{length}-{seed}-{index}", task=task.name, context=context,
+                  question=question, answers=common_words, metric=task.metric,
                   instruction=instruction, answer_prefix=prefix,
                   target=" " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(common_words)),
-                  max_new_tokens=4 * common + 6,
+                  max_new_tokens=task.max_new_tokens,
                   meta=dict(length=length, seed=seed, index=index, freq_common=freq,
                             freq_rare=freq_rare, rare_words=n_rare))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One synthetic task: how its samples are built, scored and how long an answer may be.
+
+    ``spec(rng)`` gives a needle task's fixed parts (instruction, needles, question, answer
+    prefix, answers, target, haystack kind, meta), placed in a haystack by depth; ``make``
+    (cwe) builds a whole sample instead."""
+
+    name: str
+    metric: str
+    max_new_tokens: int
+    spec: Optional[Callable[[random.Random], Dict]] = None
+    make: Optional[Callable[..., Sample]] = None
+
+    def samples(self, n: int, *, length: int, seed: int = 0,
+                count_tokens: Optional[Callable[[str], int]] = None,
+                haystack: Optional[Haystack] = None) -> List[Sample]:
+        """``n`` samples whose prompts count at most ``length`` tokens (``make_samples``)."""
+        count = count_tokens or (lambda text: len(text.split()))
+        if self.make is not None:
+            return [self.make(self, i, seed, length, count) for i in range(n)]
+        samples = []
+        for i in range(n):
+            jitter = random.Random(_seed("depth", self.name, seed, i)).random()
+            samples.append(_make_needle_sample(self, i, seed, length, count, haystack,
+                                               (i + jitter) / n))
+        return samples
+
+
+# The answer lengths leave room for every answer and its separators (cwe: "1. word" each).
+TASKS: Dict[str, Task] = {t.name: t for t in (
+    Task("passkey", "contains_all", 10, spec=_passkey),
+    Task("niah_single", "contains_all", 12, spec=_niah_single),
+    Task("niah_multikey", "contains_all", 12, spec=_niah_multikey),
+    Task("niah_multivalue", "contains_all", 12 * NIAH_VALUES + 10, spec=_niah_multivalue),
+    Task("vt", "contains_all", 6 * (VT_HOPS + 1) + 4, spec=_vt),
+    Task("cwe", "contains_all", 4 * CWE_WORDS + 6, make=_make_cwe_sample),
+)}
 
 
 def make_samples(task: str, n: int, *, length: int, seed: int = 0,
@@ -389,21 +431,13 @@ def make_samples(task: str, n: int, *, length: int, seed: int = 0,
     over [0, 1] across the ``n`` samples (jittered by the seed)."""
     if task not in TASKS:
         raise ValueError(f"mixkv.eval: unknown task {task!r}; choose from {', '.join(TASKS)}")
-    count = count_tokens or (lambda text: len(text.split()))
-    samples = []
-    for i in range(n):
-        if task == "cwe":
-            samples.append(_make_cwe_sample(i, seed, length, count))
-        else:
-            jitter = random.Random(_seed("depth", task, seed, i)).random()
-            depth = (i + jitter) / n
-            samples.append(_make_needle_sample(task, i, seed, length, count, haystack, depth))
-    return samples
+    return TASKS[task].samples(n, length=length, seed=seed, count_tokens=count_tokens,
+                               haystack=haystack)
 
 
 # ---------------------------------------------------------------------------------------------
 # LongBench (Bai et al., 2023): prompts and metrics of the official repository for its datasets.
-LONGBENCH_PROMPTS = {
+_LONGBENCH_PROMPTS = {
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a "
                    "question. Answer the question asconcisely as you can, using a single phrase "
                    "if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, "
@@ -448,26 +482,49 @@ LONGBENCH_PROMPTS = {
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
 }
 for _name in ("2wikimqa", "musique"):
-    LONGBENCH_PROMPTS[_name] = LONGBENCH_PROMPTS["hotpotqa"]
+    _LONGBENCH_PROMPTS[_name] = _LONGBENCH_PROMPTS["hotpotqa"]
 for _name in ("qmsum", "multi_news", "samsum", "triviaqa"):
-    LONGBENCH_PROMPTS.setdefault(_name, "{context}\n\n{input}")
-LONGBENCH_PROMPTS["repobench-p"] = "Please complete the code given below. \n{context}{input}" \
-                                   "Next line of code:\n"
-LONGBENCH_METRICS = {
-    **{d: "qa_f1" for d in ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa",
-                            "musique", "triviaqa")},
-    **{d: "rouge_l" for d in ("gov_report", "qmsum", "multi_news", "samsum")},
-    "trec": "classification", "passage_retrieval_en": "retrieval", "passage_count": "count",
-    "lcc": "code_sim", "repobench-p": "code_sim",
-}
-LONGBENCH_MAX_NEW = {"narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32,
-                     "2wikimqa": 32, "musique": 32, "gov_report": 512, "qmsum": 512,
-                     "multi_news": 512, "trec": 64, "triviaqa": 32, "samsum": 128,
-                     "passage_count": 32, "passage_retrieval_en": 32, "lcc": 64,
-                     "repobench-p": 64}
+    _LONGBENCH_PROMPTS.setdefault(_name, "{context}\n\n{input}")
+_LONGBENCH_PROMPTS["repobench-p"] = "Please complete the code given below. \n{context}{input}" \
+                                    "Next line of code:\n"
 _GENERIC_PROMPT = ("Read the following text and answer briefly.\n\n{context}\n\nNow, answer the "
                    "following question based on the above text, only give me the answer and do "
                    "not output any other words.\n\nQuestion: {input}\nAnswer:")
+
+
+@dataclasses.dataclass(frozen=True)
+class LongBenchTask:
+    """A LongBench dataset: its official prompt template (``{context}``, ``{input}``), metric
+    and answer length."""
+
+    name: str
+    prompt: str
+    metric: str
+    max_new_tokens: int
+
+
+# (dataset, metric, answer tokens), as the official repository's config
+LONGBENCH: Dict[str, LongBenchTask] = {
+    name: LongBenchTask(name, _LONGBENCH_PROMPTS[name], metric, answer)
+    for name, metric, answer in (
+    ("narrativeqa", "qa_f1", 128), ("qasper", "qa_f1", 128), ("multifieldqa_en", "qa_f1", 64),
+    ("hotpotqa", "qa_f1", 32), ("2wikimqa", "qa_f1", 32), ("musique", "qa_f1", 32),
+    ("triviaqa", "qa_f1", 32), ("gov_report", "rouge_l", 512), ("qmsum", "rouge_l", 512),
+    ("multi_news", "rouge_l", 512), ("samsum", "rouge_l", 128), ("trec", "classification", 64),
+    ("passage_retrieval_en", "retrieval", 32), ("passage_count", "count", 32),
+    ("lcc", "code_sim", 64), ("repobench-p", "code_sim", 64))}
+GENERIC_LONGBENCH = LongBenchTask("generic", _GENERIC_PROMPT, "qa_f1", 32)  # other datasets
+
+_REPLACED = {"TASK_BUILDERS": "TASKS[name] (Task objects: spec, metric, max_new_tokens)",
+             "LONGBENCH_PROMPTS": "LONGBENCH[name].prompt",
+             "LONGBENCH_METRICS": "LONGBENCH[name].metric",
+             "LONGBENCH_MAX_NEW": "LONGBENCH[name].max_new_tokens"}
+
+
+def __getattr__(name: str):
+    if name in _REPLACED:
+        raise AttributeError(f"mixkv.eval.tasks.{name} was replaced by {_REPLACED[name]}")
+    raise AttributeError(f"module 'mixkv.eval.tasks' has no attribute {name!r}")
 
 
 def _truncate_middle(text: str, limit: int, count_tokens: Callable[[str], int]) -> str:
@@ -504,7 +561,8 @@ def load_jsonl(path: str, *, limit: Optional[int] = None, length: Optional[int] 
                 raise ValueError(f"mixkv.eval: {path}:{i + 1} lacks field(s) {missing} "
                                  "(LongBench format: context, input, answers)")
             name = dataset or row.get("dataset") or Path(path).stem.replace("_e", "")
-            template = LONGBENCH_PROMPTS.get(name, _GENERIC_PROMPT)
+            task = LONGBENCH.get(name, GENERIC_LONGBENCH)
+            template = task.prompt
             answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
             answers = [str(a) for a in answers]
             context = row["context"]
@@ -517,9 +575,9 @@ def load_jsonl(path: str, *, limit: Optional[int] = None, length: Optional[int] 
             samples.append(Sample(
                 id=str(row.get("_id", f"{Path(path).stem}-{i}")), task=name,
                 context=before + context, question=after.format(input=row.get("input", "")),
-                answers=answers, metric=metric or LONGBENCH_METRICS.get(name, "qa_f1"),
+                answers=answers, metric=metric or task.metric,
                 instruction="", answer_prefix="", target=" " + answers[0] if answers else "",
-                max_new_tokens=max_new_tokens or LONGBENCH_MAX_NEW.get(name, 32), separator="",
+                max_new_tokens=max_new_tokens or task.max_new_tokens, separator="",
                 meta=dict(dataset=name, all_classes=row.get("all_classes"), line=i + 1)))
     return samples
 
