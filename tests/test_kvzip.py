@@ -34,19 +34,8 @@ TOL = dict(rtol=1e-3, atol=1e-6)
 
 
 def _sharpened(build, attn="sdpa"):
-    """A tiny model whose attention is peaked (random init gives near-uniform attention, which
-    would make every comparison weak): larger query/key projections, or q/k norm weights."""
-    model, _ = build(attn=attn)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attention = layer.self_attn
-            if getattr(attention, "q_norm", None) is not None:
-                attention.q_norm.weight.fill_(3.0)
-                attention.k_norm.weight.fill_(3.0)
-            else:
-                attention.q_proj.weight.mul_(8.0)
-                attention.k_proj.weight.mul_(8.0)
-    return model
+    """A tiny model whose attention is peaked (hf_models.sharpen_attention)."""
+    return hf_models.sharpen_attention(build(attn=attn)[0])
 
 
 def _ids(length, seed=3):

@@ -139,16 +139,7 @@ def test_whole_pass_fused_equals_unfused(build, setup, monkeypatch):
     key, continuous re-reading), padded rows: fused and unfused scores agree, the fused path
     ran on every full-attention layer without soft-capping, and the forward stopped after the
     last scored layer."""
-    model, _ = build()
-    with torch.no_grad():    # peaked attention (random init gives near-uniform attention)
-        for layer in model.model.layers:
-            attention = layer.self_attn
-            if getattr(attention, "q_norm", None) is not None:
-                attention.q_norm.weight.fill_(3.0)
-                attention.k_norm.weight.fill_(3.0)
-            else:
-                attention.q_proj.weight.mul_(8.0)
-                attention.k_proj.weight.mul_(8.0)
+    model = hf_models.sharpen_attention(build()[0])
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, hf_models.TEXT_VOCAB, (2, 40), generator=g)
     mask = torch.ones_like(ids)

@@ -9,12 +9,23 @@ fails the test."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
 
 from kvpress.utils import compute_n_kept
 
 WINDOW = 32
+TINY = ("llama", "qwen2")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str):
+    """A tiny random Llama or Qwen2 (tests/hf_models.py, seed 0, sdpa), built once."""
+    import hf_models
+
+    return getattr(hf_models, name)(attn="sdpa", seed=0)[0]
 
 
 def ratio_for(length: int, budget: int) -> float:

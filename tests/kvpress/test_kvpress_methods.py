@@ -17,9 +17,9 @@ from transformers import DynamicCache
 import hf_models
 from mixkv import methods as M
 from mixkv.kvpress import MethodPress, MixKVPress
-from peers import WINDOW, all_kept, differ_only_in_ties, prefill, ratio_for, record_scores
+from peers import (TINY, WINDOW, all_kept, differ_only_in_ties, prefill, ratio_for,
+                   record_scores, tiny_model)
 
-BUILDERS = {"llama": hf_models.llama, "qwen2": hf_models.qwen2}
 LENGTH = 300
 BUDGET = 100
 
@@ -46,14 +46,9 @@ def _threads(one_thread):
 
 
 @functools.lru_cache(maxsize=None)
-def _model(name):
-    return BUILDERS[name](attn="sdpa", seed=0)[0]
-
-
-@functools.lru_cache(maxsize=None)
 def _full(name, seed):
     ids = hf_models._text_prompt(LENGTH, seed)
-    return ids, prefill(_model(name), ids)[0]
+    return ids, prefill(tiny_model(name), ids)[0]
 
 
 def test_the_registry_is_covered():
@@ -62,16 +57,16 @@ def test_the_registry_is_covered():
     assert "kvzip" not in METHODS
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("method", METHODS)
 def test_press_keeps_what_the_shim_keeps(method, name):
     ids, keys = _full(name, 1)
     press = MethodPress(compression_ratio=ratio_for(LENGTH, BUDGET), method=method)
     scores = record_scores(press)
-    kept = all_kept(keys, prefill(_model(name), ids, press=press)[0])
-    shim = all_kept(keys, prefill(_model(name), ids,
+    kept = all_kept(keys, prefill(tiny_model(name), ids, press=press)[0])
+    shim = all_kept(keys, prefill(tiny_model(name), ids,
                                   patch=dict(method=method, budget=BUDGET, window=WINDOW))[0])
-    assert len(kept) == len(shim) == _model(name).config.num_hidden_layers
+    assert len(kept) == len(shim) == tiny_model(name).config.num_hidden_layers
     for layer in range(len(kept)):
         assert all(len(head) == BUDGET for head in kept[layer][0])
         assert all(head[-WINDOW:] == list(range(LENGTH - WINDOW, LENGTH))
@@ -86,10 +81,10 @@ def test_options_reach_the_method():
     for key, options in {"4": dict(sinks=4), "20": dict(sinks=20)}.items():
         press = MethodPress(compression_ratio=ratio_for(LENGTH, BUDGET), method="streamingllm",
                             options=options)
-        kept[key] = all_kept(keys, prefill(_model("llama"), ids, press=press)[0])
+        kept[key] = all_kept(keys, prefill(tiny_model("llama"), ids, press=press)[0])
     assert kept["4"][0][0][0][:20] == list(range(4)) + kept["4"][0][0][0][4:20]
     assert kept["20"][0][0][0][:20] == list(range(20))
-    seeds = [all_kept(keys, prefill(_model("llama"), ids, press=MethodPress(
+    seeds = [all_kept(keys, prefill(tiny_model("llama"), ids, press=MethodPress(
         compression_ratio=ratio_for(LENGTH, BUDGET), method="random", options=dict(seed=s)))[0])
         for s in (0, 1)]
     assert seeds[0] != seeds[1]
@@ -98,10 +93,10 @@ def test_options_reach_the_method():
 def test_objects_and_names_are_one_method():
     ids, keys = _full("qwen2", 2)
     ratio = ratio_for(LENGTH, BUDGET)
-    by_name = prefill(_model("qwen2"), ids, press=MethodPress(ratio, method="mixkv(tova)"))[0]
-    by_object = prefill(_model("qwen2"), ids,
+    by_name = prefill(tiny_model("qwen2"), ids, press=MethodPress(ratio, method="mixkv(tova)"))[0]
+    by_object = prefill(tiny_model("qwen2"), ids,
                         press=MethodPress(ratio, method=M.MixKV(M.SnapKV())))[0]
-    snap = prefill(_model("qwen2"), ids, press=MethodPress(ratio, method="mixkv"))[0]
+    snap = prefill(tiny_model("qwen2"), ids, press=MethodPress(ratio, method="mixkv"))[0]
     assert all(torch.equal(a, b) for a, b in zip(by_object, snap))
     assert not all(torch.equal(a, b) for a, b in zip(by_name, snap))
 
@@ -115,7 +110,7 @@ def test_adakv_press_splits_any_method(method):
     press = AdaKVPress(inner, alpha_safeguard=0.2)
     scores = record_scores(inner)
     ids, _ = _full("llama", 1)
-    model = _model("llama")
+    model = tiny_model("llama")
     masked = {}
 
     def grab(module, args, kwargs, output):
@@ -151,8 +146,8 @@ def test_decoding_press_runs_a_query_scorer():
     press = DecodingPress(base_press=MethodPress(method="tova"), compression_interval=40,
                           target_size=120, hidden_states_buffer_size=64)
     cache = DynamicCache()
-    with torch.no_grad(), press(_model("llama")):
-        _model("llama").generate(ids, past_key_values=cache, max_new_tokens=45,
+    with torch.no_grad(), press(tiny_model("llama")):
+        tiny_model("llama").generate(ids, past_key_values=cache, max_new_tokens=45,
                                  do_sample=False)
     assert [cache.get_seq_length(i) for i in range(len(cache))] == [124, 124]
 
@@ -164,8 +159,8 @@ def test_hidden_state_scorers_refuse_buffered_hidden_states():
                           hidden_states_buffer_size=64)
     with pytest.raises(ValueError, match=r"MethodPress: method 'expected_attention' reads the "
                                          r"hidden states of every cached token"):
-        with torch.no_grad(), press(_model("llama")):
-            _model("llama").generate(ids, past_key_values=DynamicCache(), max_new_tokens=12,
+        with torch.no_grad(), press(tiny_model("llama")):
+            tiny_model("llama").generate(ids, past_key_values=DynamicCache(), max_new_tokens=12,
                                      do_sample=False)
 
 

@@ -23,10 +23,9 @@ import mixkv
 from mixkv.eval.engine import capture_window_queries
 from mixkv.kvpress import (MixKVKeyDiffPress, MixKVMix3Press, MixKVPress, MixKVSnapKVPress,
                            MixKVValueNormPress, window_queries, window_scores)
-from peers import (WINDOW, all_kept, describe_difference, differ_only_in_ties, op_kept,
-                   prefill, ratio_for, record_scores)
+from peers import (TINY, WINDOW, all_kept, describe_difference, differ_only_in_ties, op_kept,
+                   prefill, ratio_for, record_scores, tiny_model)
 
-BUILDERS = {"llama": hf_models.llama, "qwen2": hf_models.qwen2}
 LENGTH = 300
 PRESSES = {"mixkv": MixKVPress, "attn": MixKVSnapKVPress, "vnorm": MixKVValueNormPress,
            "keydiff": MixKVKeyDiffPress, "mix3": MixKVMix3Press}
@@ -40,15 +39,10 @@ def _threads(one_thread):
 
 
 @functools.lru_cache(maxsize=None)
-def _model(name):
-    return BUILDERS[name](attn="sdpa", seed=0)[0]
-
-
-@functools.lru_cache(maxsize=None)
 def _prefill(name, seed):
     """Full keys/values of each layer, the model's own window queries, and each layer's
     hidden states and (cos, sin) at its attention input."""
-    model = _model(name)
+    model = tiny_model(name)
     ids = hf_models._text_prompt(LENGTH, seed)
     inputs = {}
 
@@ -69,12 +63,12 @@ def _prefill(name, seed):
 def _run_press(name, seed, press):
     ids, keys, _, _, _ = _prefill(name, seed)
     scores = record_scores(press)
-    return all_kept(keys, prefill(_model(name), ids, press=press)[0]), scores
+    return all_kept(keys, prefill(tiny_model(name), ids, press=press)[0]), scores
 
 
 def _check_against_op(name, seed, kept, scores, budgets, mode="mixkv", redundancy=None):
     _, keys, values, queries, _ = _prefill(name, seed)
-    model = _model(name)
+    model = tiny_model(name)
     for layer, budget in enumerate(budgets):
         module = model.model.layers[layer].self_attn
         r = None if redundancy is None else redundancy[layer].expand(1, keys[layer].shape[1])
@@ -86,7 +80,7 @@ def _check_against_op(name, seed, kept, scores, budgets, mode="mixkv", redundanc
 
 @pytest.mark.parametrize("budget", [48, 200])
 @pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("mode", list(PRESSES))
 def test_press_keeps_what_the_op_selects(mode, name, seed, budget):
     press = PRESSES[mode](compression_ratio=ratio_for(LENGTH, budget), window_size=WINDOW)
@@ -97,24 +91,24 @@ def test_press_keeps_what_the_op_selects(mode, name, seed, budget):
         assert all(head[-WINDOW:] == list(range(LENGTH - WINDOW, LENGTH)) for head in layer[0])
 
 
-@pytest.mark.parametrize("name", BUILDERS)
-def test_press_equals_the_shim_on_the_same_model(name):
+@pytest.mark.parametrize("name", TINY)
+def test_press_equals_the_shim_on_the_sametiny_model(name):
     """Through the mixkv shim too (the uniform path runs on kvpress's transformers)."""
     ids, keys, _, _, _ = _prefill(name, 1)
     for mode in PRESSES:
         press = PRESSES[mode](compression_ratio=ratio_for(LENGTH, 100), window_size=WINDOW)
         kept, scores = _run_press(name, 1, press)
-        shim = all_kept(keys, prefill(_model(name), ids,
+        shim = all_kept(keys, prefill(tiny_model(name), ids,
                                       patch=dict(method=SHIM_METHOD[mode], budget=100,
                                                  window=WINDOW))[0])
         for layer in range(len(kept)):
             differ_only_in_ties(kept[layer], shim[layer], scores[layer])
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", TINY)
 def test_recomputed_window_queries_match_the_models(name):
     _, _, _, queries, inputs = _prefill(name, 1)
-    model = _model(name)
+    model = tiny_model(name)
     for layer, (hidden, rope) in inputs.items():
         q = window_queries(model.model.layers[layer].self_attn, hidden, WINDOW, rope)
         torch.testing.assert_close(q, queries[layer], rtol=1e-5, atol=1e-6)
@@ -135,12 +129,12 @@ def test_per_layer_compression_press():
                                      compression_ratios=[ratio_for(LENGTH, b) for b in budgets])
     scores = record_scores(press.press)
     ids, keys, _, _, _ = _prefill("qwen2", 2)
-    kept = all_kept(keys, prefill(_model("qwen2"), ids, press=press)[0])
+    kept = all_kept(keys, prefill(tiny_model("qwen2"), ids, press=press)[0])
     _check_against_op("qwen2", 2, kept, scores, budgets)
     assert press.press.compression_ratio == 0.0  # restored after each layer
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", TINY)
 def test_adakv_press_keeps_the_window_and_the_total(name):
     """AdaKVPress(MixKVPress): head-wise budgets by masking (kvpress's AdaKV saves no memory).
     Per layer exactly Hkv * n_kept tokens stay visible, never a window token is masked, every
@@ -151,7 +145,7 @@ def test_adakv_press_keeps_the_window_and_the_total(name):
     press = AdaKVPress(inner, alpha_safeguard=alpha)
     scores = record_scores(inner)
     ids, _, _, _, _ = _prefill(name, 1)
-    model = _model(name)
+    model = tiny_model(name)
     modules = [layer.self_attn for layer in model.model.layers]
     masked = {}
 
@@ -225,14 +219,14 @@ def test_redundancy_profile_of_the_wrong_shape_is_refused_at_the_layer():
     press = MixKVPress(compression_ratio=0.5, redundancy=torch.zeros(3, 2))
     with pytest.raises(ValueError, match=r"MixKVPress: redundancy profile has shape \(3, 2\), "
                                          r"the model needs \[2, 2\]"):
-        prefill(_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
+        prefill(tiny_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
 
 
 def test_prompt_not_longer_than_the_window_is_refused():
     press = MixKVPress(compression_ratio=0.5, window_size=64)
     with pytest.raises(ValueError, match=r"MixKVPress: the prompt \(40 tokens\) must be longer "
                                          r"than window_size \(64\)"):
-        prefill(_model("llama"), hf_models._text_prompt(40, 1), press=press)
+        prefill(tiny_model("llama"), hf_models._text_prompt(40, 1), press=press)
 
 
 def test_slicing_wrappers_are_refused():
@@ -243,16 +237,16 @@ def test_slicing_wrappers_are_refused():
     press = ChunkPress(MixKVPress(compression_ratio=0.5), chunk_length=128)
     with pytest.raises(ValueError, match=r"MixKVPress: this call has 128 hidden states but "
                                          r"rotary embeddings for 300 positions"):
-        prefill(_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
+        prefill(tiny_model("llama"), hf_models._text_prompt(LENGTH, 1), press=press)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", TINY)
 def test_buffered_hidden_states_score_like_the_prefill(name):
     """DecodingPress hands the press a buffer of hidden states with the rotary embeddings of
     the current step only; the press then takes the positions from cache_position. Scoring the
     prefill that way gives the prefill's scores."""
     ids, keys, values, _, inputs = _prefill(name, 1)
-    model = _model(name)
+    model = tiny_model(name)
     press = MixKVPress(compression_ratio=0.5)
     for layer, (hidden, (cos, sin)) in inputs.items():
         module = model.model.layers[layer].self_attn
@@ -272,7 +266,7 @@ def test_decoding_press_compresses_while_generating():
     from kvpress import DecodingPress
 
     ids = hf_models._text_prompt(LENGTH, 1)
-    model = _model("llama")
+    model = tiny_model("llama")
     press = DecodingPress(base_press=MixKVPress(), compression_interval=40, target_size=120,
                           hidden_states_buffer_size=64)
     cache = DynamicCache()
@@ -286,6 +280,6 @@ def test_decoding_press_compresses_while_generating():
 
 def test_no_compression_at_ratio_zero():
     ids, keys, _, _, _ = _prefill("llama", 1)
-    kept = prefill(_model("llama"), ids, press=MixKVPress())[0]
+    kept = prefill(tiny_model("llama"), ids, press=MixKVPress())[0]
     assert all(torch.equal(a, b) for a, b in zip(kept, keys))
     assert mixkv.LIBRARY_PATH.exists()
