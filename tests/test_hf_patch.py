@@ -584,8 +584,18 @@ def test_headwise_attention_takes_the_calls_scaling_else_the_modules():
 def test_the_layers_cache_is_found_under_either_spelling():
     """transformers >= 5.2x passes a layer its cache as ``cache=``, earlier 5.x as
     ``past_key_values=`` (the transformers 5.3 venv runs that end to end)."""
-    from mixkv.hf.patch import _cache_of
+    from mixkv.hf.model import cache_keyword, cache_of
 
     new, old = DynamicCache(), DynamicCache()
-    assert _cache_of(dict(cache=new)) is new and _cache_of(dict(past_key_values=old)) is old
-    assert _cache_of(dict(cache=new, past_key_values=old)) is new and _cache_of({}) is None
+    assert cache_of(dict(cache=new)) is new and cache_of(dict(past_key_values=old)) is old
+    assert cache_of(dict(cache=new, past_key_values=old)) is new and cache_of({}) is None
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            pass
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            pass
+
+    assert (cache_keyword(New()), cache_keyword(Old())) == ("cache", "past_key_values")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import time
 from typing import Dict, List, Optional
 
@@ -68,10 +67,10 @@ def capture_window_queries(model, window: int):
 
 
 def layers_left_alone(model) -> Dict:
-    """The decoder layers the shim does not compress, by reason (``hf.patch.sliding_layers``,
+    """The decoder layers the shim does not compress, by reason (``hf.model.sliding_layers``,
     the shim's own decision), and the layer count:
     ``dict(layers=18, compressed=[5, 11, 17], sliding_window=[0, 1, ...])``."""
-    from ..hf.patch import find_attention_modules, sliding_layers
+    from ..hf.model import find_attention_modules, sliding_layers
 
     decoder, modules = find_attention_modules(model)
     count = len(modules)
@@ -135,8 +134,9 @@ class Engine:
         self.em, self.model, self.window, self.mode = em, em.model, window, mode
         self.shortcut = shortcut
         self.hidden_states = hidden_states   # capture them at prefill (methods that read them)
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        from ..hf.model import cache_keyword
+
+        self._cache_kw = cache_keyword(self.model)
 
     # -- model calls -----------------------------------------------------------------------------
     def _forward(self, ids: List[int], cache, start: int, *, last_only: bool = False):

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .model import find_attention_modules
+
 _INTERCEPTORS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 _WRAPPED: dict = {}
 
@@ -120,8 +122,6 @@ class Captured:
 def capture_prefill(model: nn.Module, window: int, *, hidden_states: bool = False):
     """Record each decoder layer's last `window` prefill queries (and, if asked, the attention
     module's input hidden states) during the ``with`` block; yields a :class:`Captured`."""
-    from .patch import find_attention_modules
-
     _, modules = find_attention_modules(model)
     captured = Captured({}, {})
     hooks = []

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from ..methods import Method, Prefill, resolve
 from . import capture, reconstruct
 from .layers import CompressedLayer, HeadwiseLayer, layer_from_kept
+from .model import cache_of, find_attention_modules, sliding_layers  # noqa: F401 (re-exported)
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
 # newest runs in the main suite). README "Supported versions".
@@ -80,35 +81,6 @@ def _warn_from_caller(message: str) -> None:
                            module=frame.f_globals.get("__name__"),
                            registry=frame.f_globals.setdefault("__warningregistry__", {}),
                            module_globals=frame.f_globals)
-
-
-def _cache_of(kwargs):
-    # transformers >= 5.2x passes the cache as `cache`, earlier 5.x as `past_key_values`.
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def find_attention_modules(model: nn.Module):
-    """The decoder's self-attention modules, in layer order (clear error if there are none)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    modules = [getattr(layer, "self_attn", None) for layer in (layers or [])]
-    if not modules or any(m is None or not hasattr(m, "layer_idx") for m in modules):
-        raise NotImplementedError(
-            f"mixkv: {type(model).__name__} is not a supported architecture: mixkv needs a "
-            "decoder (model.get_decoder()) whose layers have a `self_attn` module with a "
-            "`layer_idx` (Llama, Mistral, Qwen2/3, Gemma, Qwen2-VL, LLaVA language models)")
-    return decoder, modules
-
-
-def sliding_layers(config, num_layers: int) -> List[int]:
-    """The layers that use sliding-window attention, which the shim leaves uncompressed: those
-    a ``layer_types`` entry names sliding, or every layer when the config has a
-    ``sliding_window`` and no ``layer_types`` (Mistral)."""
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) and not layer_types:
-        return list(range(num_layers))
-    return sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
 
 
 class MixKVPatch:
@@ -177,7 +149,7 @@ class MixKVPatch:
     # -- hooks -------------------------------------------------------------------------------
     def _before_attention(self, module, args, kwargs):
         state = self._states[module]
-        state.cache = _cache_of(kwargs)
+        state.cache = cache_of(kwargs)
         state.q_window = state.key_mask = None
         if self.method.needs_hidden_states:
             state.hidden = capture.hidden_states_of(args, kwargs)

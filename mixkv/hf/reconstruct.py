@@ -35,14 +35,10 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from . import capture
+from .model import cache_keyword, find_attention_modules
 
 LOGITS_PER_BLOCK = 1 << 24   # float32 logits (64 MiB) held at once by one layer call's scoring
 SCORE_LOGITS_PER_HEAD = 1 << 18   # the fused pass's scoring block per KV head (1 MiB)
-
-
-def _cache_keyword(decoder: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters \
-        else "past_key_values"
 
 
 def _flash(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor],
@@ -316,8 +312,6 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
     forward stops after the last scored layer's attention. Soft-capped, sliding-window and
     other devices' calls, and ``fused=False``, use the model's own attention and
     :func:`max_attention`; the scores agree within float rounding."""
-    from .patch import find_attention_modules
-
     if reread not in ("all", "context"):
         raise ValueError(f"mixkv: the reconstruction pass's reread must be 'all' or "
                          f"'context', got {reread!r}")
@@ -364,7 +358,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
     kept = real & (rank < kept_count[:, None])                     # [B, N] always kept
     next_position = torch.where(real, positions, positions.new_full((), -1)).amax(1) + 1
     embed = decoder.get_input_embeddings() if inputs_embeds is not None else None
-    cache_keyword = _cache_keyword(decoder)
+    keyword = cache_keyword(decoder)
 
     scores: Dict[int, Tensor] = {}
     for i in sorted(wanted):
@@ -443,7 +437,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
                 try:
                     decoder(**feed, attention_mask=state["model_real"].long(),
                             position_ids=fed_positions, use_cache=True,
-                            **{cache_keyword: cache})
+                            **{keyword: cache})
                 except _Scored:
                     pass
                 if crop_chunks:

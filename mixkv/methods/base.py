@@ -57,7 +57,7 @@ def register_policy(name: str, cls=None):
     return _register(POLICIES, "policy", BudgetPolicy, name, cls)
 
 
-def _overrides(obj, base: type, *names: str) -> bool:
+def overrides(obj, base: type, *names: str) -> bool:
     """Whether `obj`'s class redefines any of `base`'s methods `names` (then it is not native)."""
     return any(getattr(type(obj), n) is not getattr(base, n) for n in names)
 
@@ -219,7 +219,7 @@ class BudgetPolicy:
         return {i: self.capacities(importances[i], capacity, prefills[i]) for i in importances}
 
     def native(self) -> bool:
-        return self.op_policy is not None and not _overrides(self, BudgetPolicy, "capacities")
+        return self.op_policy is not None and not overrides(self, BudgetPolicy, "capacities")
 
     @property
     def label(self) -> str:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .base import (BudgetPolicy, Prefill, Scorer, _overrides, load_profile, profile_row,
+from .base import (BudgetPolicy, Prefill, Scorer, load_profile, overrides, profile_row,
                    register_scorer)
 
 
@@ -36,7 +36,7 @@ class SnapKV(Scorer):
                                                  self.pooling, self.gqa_reduce, p.scaling)
 
     def fused_options(self, p: Prefill) -> Optional[dict]:
-        if _overrides(self, SnapKV, "score", "score_with_importance"):
+        if overrides(self, SnapKV, "score", "score_with_importance"):
             return None
         return dict(mode="attn", pool_kernel=self.pool_kernel, pooling=self.pooling,
                     gqa_reduce=self.gqa_reduce, redundancy=None)
@@ -137,7 +137,7 @@ class Mixer(Scorer):
     def fused_options(self, p: Prefill) -> Optional[dict]:
         inner = self.inner.fused_options(p)
         if inner is None or inner["mode"] != "attn" or \
-                _overrides(self, Mixer, "score", "score_with_importance"):
+                overrides(self, Mixer, "score", "score_with_importance"):
             return None
         return dict(inner, mode=self.mode, redundancy=self.redundancy_row(p))
 
