@@ -7,6 +7,8 @@ an unbacked size here (as torch.nonzero does). The fixed-shape ops have C++ Meta
 
 import torch
 
+from .constants import DEFAULT_WINDOW
+
 
 def _ragged(keys, values, scores_like_batch_heads):
     B, Hkv = scores_like_batch_heads
@@ -23,5 +25,5 @@ def _select_kv_ragged_fake(scores, keys, values, capacity, window, key_mask=None
 
 
 @torch.library.register_fake("mixkv::compress_ragged")
-def _compress_ragged_fake(q_window, keys, values, key_mask, budget, window=32, *args, **kwargs):
+def _compress_ragged_fake(q_window, keys, values, key_mask, budget, window=DEFAULT_WINDOW, *args, **kwargs):
     return _ragged(keys, values, keys.shape[:2])

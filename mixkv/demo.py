@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import ops
+from .constants import DEFAULT_WINDOW
 
 # SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads, head dim 64.
 HQ, HKV, HEAD_DIM = 9, 3, 64
@@ -35,7 +36,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

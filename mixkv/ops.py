@@ -17,6 +17,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .constants import DEFAULT_WINDOW
+
 _ops = torch.ops.mixkv
 
 
@@ -101,7 +103,7 @@ def select_kv(scores: Tensor, keys: Tensor, values: Tensor, capacity: Union[int,
 
 
 def compress(q_window: Tensor, keys: Tensor, values: Tensor, key_mask: Optional[Tensor] = None,
-             *, budget: int, window: int = 32, mode: str = "mixkv",
+             *, budget: int, window: int = DEFAULT_WINDOW, mode: str = "mixkv",
              redundancy: Optional[Tensor] = None, pool_kernel: int = 5, pooling: str = "avg",
              gqa_reduce: str = "mean", scaling: Optional[float] = None,
              policy: str = "uniform", floor_alpha: float = 0.2, normalize: bool = True,

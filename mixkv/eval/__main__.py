@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..constants import DEFAULT_WINDOW
 from . import runner
 from .tasks import TASKS
 
@@ -51,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens kept per KV head, window included")
     p.add_argument("--ratios", type=_list(float), default=[],
                    help="fractions of the prompt removed (instead of, or with, --budgets)")
-    p.add_argument("--window", type=int, default=32, help="observation window W")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="observation window W")
     p.add_argument("--mode", choices=("agnostic", "aware", "both"), default="agnostic",
                    help="agnostic: compress the context before the question is appended; "
                         "aware: the question is part of the compressed prompt; both: each "

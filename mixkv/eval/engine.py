@@ -48,6 +48,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..constants import DEFAULT_WINDOW, FULL
 from . import metrics
 from .models import EvalModel
 from .tasks import Sample
@@ -127,7 +128,7 @@ class Engine:
     """Evaluate samples on one model: ``prefill(sample)`` once, then ``run(prefilled, ...)``
     per method and budget (``method="full"`` first: the fidelity reference)."""
 
-    def __init__(self, em: EvalModel, *, window: int = 32, mode: str = "agnostic",
+    def __init__(self, em: EvalModel, *, window: int = DEFAULT_WINDOW, mode: str = "agnostic",
                  shortcut: bool = True, hidden_states: bool = False):
         if mode not in ("agnostic", "aware"):
             raise ValueError(f"mixkv.eval: mode must be 'agnostic' or 'aware', got {mode!r}")
@@ -180,18 +181,18 @@ class Engine:
         return Prefilled(prepared, cache, captured.queries, captured.hidden_states, logits[-1],
                          time.perf_counter() - start)
 
-    def run(self, prefilled: Prefilled, method: str = "full", budget: Optional[int] = None,
+    def run(self, prefilled: Prefilled, method: str = FULL, budget: Optional[int] = None,
             ratio: Optional[float] = None, **options) -> Dict:
         """Evaluate one method at one budget on a prefilled sample; returns a result record."""
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
         start = time.perf_counter()
         name = method
-        if name != "full" and prefilled.full_tf_logits is None and prepared.target_ids:
-            self.run(prefilled, "full")  # the fidelity reference comes first
+        if name != FULL and prefilled.full_tf_logits is None and prepared.target_ids:
+            self.run(prefilled, FULL)  # the fidelity reference comes first
             start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             handle = None
-            if name != "full":
+            if name != FULL:
                 import mixkv
 
                 handle = mixkv.patch(self.model, name, budget=budget, ratio=ratio,
@@ -220,7 +221,7 @@ class Engine:
                               decode_compressions=decoding.compressions)
         record.update(
             sample_id=sample.id, task=sample.task, method=method,
-            budget=budget if name != "full" else None, ratio=ratio if name != "full" else None,
+            budget=budget if name != FULL else None, ratio=ratio if name != FULL else None,
             mode=self.mode, window=self.window, prompt_tokens=len(prepared.prefill_ids) +
             len(prepared.question_ids), context_tokens=len(prepared.prefill_ids),
             kv_ratio=stats.get("ratio", 1.0), compress_seconds=compress_seconds,

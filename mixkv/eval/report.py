@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ..constants import FULL
 from ..methods import base_of, is_mix, order_key
 from .metrics import bootstrap_ci
 
@@ -24,15 +25,15 @@ DPI = 110
 
 
 def budget_key(record: Dict) -> str:
-    if record.get("method") == "full":
-        return "full"
+    if record.get("method") == FULL:
+        return FULL
     if record.get("budget") is not None:
         return str(record["budget"])
     return f"ratio={record['ratio']}"
 
 
 def _budget_order(key: str):
-    if key == "full":
+    if key == FULL:
         return (2, 0.0)
     if key.startswith("ratio="):
         return (1, -float(key[6:]))
@@ -80,7 +81,7 @@ def paired(records: Sequence[Dict], *, seed: int = 0) -> List[Dict]:
     by_key = {(r["sample_id"], r["method"], budget_key(r)): r for r in records}
     out = []
     methods = sorted({r["method"] for r in records})
-    budgets = sorted({budget_key(r) for r in records if r["method"] != "full"},
+    budgets = sorted({budget_key(r) for r in records if r["method"] != FULL},
                      key=_budget_order)
     for method in methods:
         base = base_of(method)
@@ -117,7 +118,7 @@ def markdown(summary: Dict, *, task: str = "all", title: Optional[str] = None) -
     rows = [r for r in summary["rows"] if r["task"] == task]
     if not rows:  # a run with nothing recorded yet still says what it is
         return f"{title}\n\n(no results)\n" if title else ""
-    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != FULL}, key=_budget_order)
     methods = sorted({r["method"] for r in rows}, key=_method_order)
     cell = {(r["method"], r["budget"]): r for r in rows}
     lines = []
@@ -126,8 +127,8 @@ def markdown(summary: Dict, *, task: str = "all", title: Optional[str] = None) -
     lines.append("| method | " + " | ".join(f"budget {b}" for b in budgets) + " | n |")
     lines.append("|---|" + "---|" * (len(budgets) + 1))
     for method in methods:
-        if method == "full":
-            r = cell.get(("full", "full"))
+        if method == FULL:
+            r = cell.get((FULL, FULL))
             if r is None:
                 continue
             text = _fmt(r["score"], r["low"], r["high"])
@@ -152,7 +153,7 @@ def side_by_side_markdown(summaries: Dict[str, Dict], *, task: str = "all",
     cells, budgets, methods = {}, {}, set()
     for mode, summary in summaries.items():
         rows = [r for r in summary["rows"] if r["task"] == task]
-        budgets[mode] = sorted({r["budget"] for r in rows if r["budget"] != "full"},
+        budgets[mode] = sorted({r["budget"] for r in rows if r["budget"] != FULL},
                                key=_budget_order)
         for r in rows:
             cells[(mode, r["method"], r["budget"])] = r
@@ -166,11 +167,11 @@ def side_by_side_markdown(summaries: Dict[str, Dict], *, task: str = "all",
     for method in sorted(methods, key=_method_order):
         texts, ns = [], set()
         for mode, b in columns:
-            r = cells.get((mode, method, "full" if method == "full" else b))
+            r = cells.get((mode, method, FULL if method == FULL else b))
             texts.append(_fmt(r["score"], r["low"], r["high"]) if r else "–")
             if r:
                 ns.add(r["n"])
-        label = "full cache" if method == "full" else method
+        label = "full cache" if method == FULL else method
         lines.append(f"| {label} | " + " | ".join(texts) + " | " +
                      "/".join(str(n) for n in sorted(ns)) + " |")
     return "\n".join(lines) + "\n"
@@ -178,7 +179,7 @@ def side_by_side_markdown(summaries: Dict[str, Dict], *, task: str = "all",
 
 def _compressed_grid(summary: Dict, task: str):
     """(budgets, methods, {(method, budget): row}) of the compressed methods' rows of `task`."""
-    rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != "full"]
+    rows = [r for r in summary["rows"] if r["task"] == task and r["method"] != FULL]
     budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
     methods = sorted({r["method"] for r in rows}, key=_method_order)
     return budgets, methods, {(r["method"], r["budget"]): r for r in rows}
@@ -272,9 +273,9 @@ def _score_panel(ax, rows: List[Dict], *, key: str = "score", band: bool = True)
     share a colour; mixes solid, bases dashed), the full cache dotted."""
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=_budget_order)
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != FULL}, key=_budget_order)
     positions = {b: i for i, b in enumerate(budgets)}
-    methods = sorted({r["method"] for r in rows if r["method"] != "full"}, key=_method_order)
+    methods = sorted({r["method"] for r in rows if r["method"] != FULL}, key=_method_order)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     families = []
     for method in methods:
@@ -292,7 +293,7 @@ def _score_panel(ax, rows: List[Dict], *, key: str = "score", band: bool = True)
             ax.fill_between(x, [r[key + "_low" if key != "score" else "low"] for r in mine],
                             [r[key + "_high" if key != "score" else "high"] for r in mine],
                             color=color, alpha=0.08)
-    full = [r for r in rows if r["method"] == "full"]
+    full = [r for r in rows if r["method"] == FULL]
     if full and key == "score":
         ax.axhline(full[0]["score"], color="black", linestyle=":", label="full cache")
     ax.set_xticks(range(len(budgets)))
@@ -384,7 +385,7 @@ def depth_grid(records: Sequence[Dict], *, bins: int = 5) -> Dict:
     rows = [r for r in records if r.get("depth") is not None and r.get("score") is not None
             and not (isinstance(r["score"], float) and math.isnan(r["score"]))]
     methods = sorted({r["method"] for r in rows}, key=_method_order)
-    budgets = sorted({budget_key(r) for r in rows if r["method"] != "full"}, key=_budget_order)
+    budgets = sorted({budget_key(r) for r in rows if r["method"] != FULL}, key=_budget_order)
     edges = [i / bins for i in range(bins + 1)]
     sums: Dict = defaultdict(lambda: [0.0, 0])
     for r in rows:
@@ -394,7 +395,7 @@ def depth_grid(records: Sequence[Dict], *, bins: int = 5) -> Dict:
         cell[1] += 1
     cells = {}
     for method in methods:
-        columns = ["full"] if method == "full" else budgets
+        columns = [FULL] if method == FULL else budgets
         cells[method] = [[(sums[(method, d, b)][0] / sums[(method, d, b)][1],
                            sums[(method, d, b)][1]) if sums.get((method, d, b)) else None
                           for b in columns] for d in range(bins)]
@@ -421,7 +422,7 @@ def heatmap(records: Sequence[Dict], path: str, *, title: str = "", bins: int = 
                              squeeze=False, constrained_layout=True)
     image = None
     for ax, method in zip(axes.flat, methods):
-        labels = ["full"] if method == "full" else budgets
+        labels = [FULL] if method == FULL else budgets
         cells = grid["cells"][method]
         values = np.array([[c[0] if c else np.nan for c in row] for row in cells])
         image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=1, cmap="RdYlGn",
@@ -438,7 +439,7 @@ def heatmap(records: Sequence[Dict], path: str, *, title: str = "", bins: int = 
         first = ax.get_subplotspec().is_first_col()
         ax.set_yticklabels([f"{edges[i]:.0%}-{edges[i + 1]:.0%}" for i in range(len(cells))]
                            if first else [], fontsize=7)
-        ax.set_xlabel("budget (tokens per head)" if method != "full" else "", fontsize=8)
+        ax.set_xlabel("budget (tokens per head)" if method != FULL else "", fontsize=8)
         if first:
             ax.set_ylabel("needle depth in the context", fontsize=8)
     for ax in list(axes.flat)[len(methods):]:

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import methods as registry
+from ..constants import DEFAULT_WINDOW, FULL
 from . import report
 from .tasks import (CORPUS_TASK, DEFAULT_CONTINUATION, TASKS, Haystack, Sample,
                     corpus_samples, load_jsonl, make_samples)
@@ -44,7 +45,7 @@ class RunConfig:
     methods: Sequence[str] = DEFAULT_METHODS
     budgets: Sequence[int] = DEFAULT_BUDGETS
     ratios: Sequence[float] = ()
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     mode: str = "agnostic"
     seed: int = 0
     haystack: str = "task"            # "task" (each task's own), "essay" or "noise"
@@ -229,9 +230,9 @@ def build_samples(config: RunConfig, em) -> List[Sample]:
 
 def plan(config: RunConfig) -> List[Dict]:
     """(method, budget, ratio) combinations, ``full`` first."""
-    combos = [dict(method="full", budget=None, ratio=None)]
+    combos = [dict(method=FULL, budget=None, ratio=None)]
     for method in config.methods:
-        if method == "full":
+        if method == FULL:
             continue
         combos += [dict(method=method, budget=b, ratio=None) for b in config.budgets]
         combos += [dict(method=method, budget=None, ratio=r) for r in config.ratios]
@@ -275,7 +276,7 @@ def run(config: RunConfig, *, em=None) -> Dict:
         from ..hf.decode import DecodeCompression  # so does one decoding cannot run
 
         for method in config.methods:
-            if method != "full":
+            if method != FULL:
                 DecodeCompression.resolve(method, config.decode_budget, config.interval,
                                           dict(window=config.window))
     if config.mode == "both":
@@ -339,7 +340,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
     def extra(method: str) -> Dict:
         """The method's options beyond its name: the redundancy profile, decode-time budget."""
         chosen = dict(options if uses_redundancy(method) else {})
-        if method != "full":
+        if method != FULL:
             chosen.update(decoding)
         return chosen
 
@@ -355,7 +356,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                 continue
             prefilled = engine.prefill(engine.prepare(sample))
             for j, combo in enumerate(combos):
-                if j in pending or combo["method"] == "full":
+                if j in pending or combo["method"] == FULL:
                     yield i, j, engine.run(prefilled, combo["method"], combo["budget"],
                                            combo["ratio"], **extra(combo["method"])), \
                         prefilled.seconds

@@ -25,6 +25,7 @@ import gc
 import time
 from typing import Dict, List, Optional, Sequence
 
+from ..constants import DEFAULT_WINDOW, FULL
 from . import metrics
 from .engine import Prepared, prepare
 from .models import EvalModel, serving_folder
@@ -48,7 +49,7 @@ class VLLMEngine:
     """Evaluate prepared samples through vLLM: ``run(prepared, method, budget, ratio)`` returns
     one record per sample, in order."""
 
-    def __init__(self, em: EvalModel, *, window: int = 32, mode: str = "aware",
+    def __init__(self, em: EvalModel, *, window: int = DEFAULT_WINDOW, mode: str = "aware",
                  dtype: str = "float32", block_size: int = BLOCK_SIZE):
         check(mode, None, None)
         import mixkv.vllm
@@ -78,7 +79,7 @@ class VLLMEngine:
                    max_num_batched_tokens=longest, enable_prefix_caching=False,
                    enable_chunked_prefill=False, seed=0, disable_log_stats=True, **extra)
 
-    def run(self, prepared: Sequence[Prepared], method: str = "full",
+    def run(self, prepared: Sequence[Prepared], method: str = FULL,
             budget: Optional[int] = None, ratio: Optional[float] = None,
             **options) -> List[Dict]:
         from vllm import SamplingParams
@@ -87,7 +88,7 @@ class VLLMEngine:
         from ..vllm.config import kept_tokens
 
         setting = None
-        if method != "full":
+        if method != FULL:
             setting = dict(method=method, window=self.window, **options)
             setting.update({"budget": budget} if budget is not None else {"ratio": ratio})
         start = time.perf_counter()

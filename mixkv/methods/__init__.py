@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Set, Tuple
 
+from ..constants import DEFAULT_WINDOW, FULL
 from . import policies, scorers  # noqa: F401  (registers the built-in parts)
 from . import kvzip  # noqa: F401  (after them: the registry's order is the tables' order)
 from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
@@ -37,7 +38,6 @@ __all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
            "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
            "Adaptive", "Explicit", "Global", "PyramidKV", "AdaKV", "KVzip", "load_profile"]
 
-FULL = "full"
 DEFAULT_BASE = "snapkv"
 
 
@@ -143,9 +143,6 @@ def _check_unused(options: Dict, used: Set[str], label: str) -> None:
             continue
         raise ValueError(f"mixkv: option {key}={value!r} is not used by method {label!r}; it "
                          f"applies to {', '.join(takers)}")
-
-
-DEFAULT_WINDOW = 32
 
 
 def _window(scorer: Optional[Scorer], window: Optional[int], label: str) -> int:

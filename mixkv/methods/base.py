@@ -23,6 +23,8 @@ from typing import ClassVar, Dict, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
+from ..constants import DEFAULT_WINDOW
+
 SCORERS: Dict[str, Type["Scorer"]] = {}
 POLICIES: Dict[str, Type["BudgetPolicy"]] = {}
 
@@ -250,7 +252,7 @@ class Method:
     policy: BudgetPolicy
     budget: Optional[int] = None       # tokens kept per head, window included
     ratio: Optional[float] = None      # or: fraction of the prompt removed (kvpress convention)
-    window: int = 32
+    window: int = DEFAULT_WINDOW
     label: str = ""
 
     @property
