@@ -131,7 +131,8 @@ def test_method_objects_and_a_gemma3_with_sliding_layers():
 def test_every_scorer_plain_and_mixed_under_every_base():
     """Every registered scorer but the hidden-states one and those scored by a reconstruction
     pass (refused, tests/test_kvzip.py), plain and inside MixKV, on the dense and the head-wise
-    caches: a generation 4x the decode budget stays bounded."""
+    caches: a generation 4x the decode budget stays bounded. (kvzap reads hidden states once
+    per token: it runs, with a surrogate for this model.)"""
     from mixkv.methods import SCORERS
 
     model = tiny_llama()
@@ -140,9 +141,11 @@ def test_every_scorer_plain_and_mixed_under_every_base():
              and not SCORERS[n].needs_reconstruction]
     runs = [(n, "snapkv") for n in names] + [(f"mixkv({n})", "adakv") for n in names] + \
         [("tova", "adakv"), ("random", "pyramidkv"), ("mixkv(knorm)", "pyramidkv")]
+    assert ("kvzap", "snapkv") in runs
+    options = dict(weights=hf_models.kvzap_weights(model))
     for name, base in runs:
         with mixkv.patch(model, name, base=base, budget=20, window=W, decode_budget=24,
-                         interval=6) as handle:
+                         interval=6, **(options if "kvzap" in name else {})) as handle:
             seq, _, cache = generate(model, ids, 90)
             assert seq.shape == (1, 130) and handle.decoding.compressions > 0, (name, base)
         held = torch.stack([held_per_head(layer) for layer in cache.layers]).float()

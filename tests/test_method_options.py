@@ -33,8 +33,9 @@ def _profile(seed):
     return torch.rand(LAYERS, HKV, generator=torch.Generator().manual_seed(seed)) + 0.1
 
 
-# Options with no usable default: every build of a part that takes them gets this value.
-REQUIRED = {"profile": _profile(1)}
+# Options with no usable default: every build of a part that takes them gets this value
+# (kvzap's default, the surrogate shipped for the model, has none for the tiny Llama).
+REQUIRED = {"profile": _profile(1), "weights": hf_models.kvzap_weights(hf_models.llama()[0])}
 
 
 def _tokenizer(text, add_special_tokens=True):
@@ -57,6 +58,7 @@ ALTERNATIVES = {
     "future_positions": 3, "skip_first": 0, "epsilon": 0.5, "use_covariance": False,
     "chunk_size": 16, "repeat_prompt": [5, 6, 7], "tokenizer": _tokenizer, "crop_chunks": False,
     "chunk_prompt": [8, 9], "reread": "all", "softmax": "all", "floor": 1000,  # every head its whole capacity: uniform
+    "weights": hf_models.kvzap_weights(hf_models.llama()[0], seed=1),
 }
 
 # Options that act outside Method.compress, so the ops cannot see them on a captured prefill.
@@ -190,6 +192,8 @@ def _same(a, b):
             a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -217,7 +221,7 @@ def test_every_registered_part_with_options_is_covered():
     assert {("snapkv", "pool_kernel"), ("mixkv", "redundancy"), ("streamingllm", "sinks"),
             ("adakv", "floor_alpha"), ("expected_attention", "use_covariance"),
             ("expected_attention", "sinks"), ("expected_attention", "use_vnorm"),
-            ("kvzip", "chunk_size")} <= covered
+            ("kvzip", "chunk_size"), ("kvzap", "weights"), ("kvzap", "sinks")} <= covered
 
 
 @pytest.mark.parametrize("kind,name,option,path", _cases())

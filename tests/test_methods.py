@@ -192,6 +192,7 @@ def test_registry_pairs_mixes_with_their_base():
     assert M.uses_option("mixkv(tova)+adakv", "redundancy")
     assert not M.uses_option("tova+adakv", "redundancy")
     assert M.needs_hidden_states("mixkv(expected_attention)+pyramidkv")
+    assert M.needs_hidden_states("kvzap+global") and M.uses_option("kvzap", "weights")
     assert not M.needs_hidden_states("mixkv+adakv")
     order = ["mixkv+adakv", "adakv", "mixkv", "full", "snapkv", "mixkv+pyramidkv",
              "pyramidkv"]
@@ -246,13 +247,14 @@ def _segments(layer):
             for h in range(layer.keys.shape[1])]
 
 
-@pytest.mark.parametrize("scorer", ["test_recency", "tova", "expected_attention"])
+@pytest.mark.parametrize("scorer", ["test_recency", "tova", "expected_attention", "kvzap"])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("mix", [False, True])
 def test_new_scorers_run_plain_under_every_policy_and_mixed(scorer, base, mix):
     model, _ = hf_models.llama()
     label = f"mixkv({scorer})+{base}" if mix else f"{scorer}+{base}"
-    cache, handle, out = _patched_prefill(model, label, budget=BUDGET,
+    options = dict(weights=hf_models.kvzap_weights(model)) if scorer == "kvzap" else {}
+    cache, handle, out = _patched_prefill(model, label, budget=BUDGET, **options,
                                           **_options(base) if base != "explicit" else
                                           dict(profile=torch.ones(2, 2) + torch.eye(2)))
     assert out.shape == (2, 67) and handle.method.label == label.replace("+snapkv", "")

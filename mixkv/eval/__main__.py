@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
                         "busy with other work)")
     p.add_argument("--redundancy", default=None,
                    help="offline redundancy profile (torch.save file) for the mixkv methods")
+    p.add_argument("--kvzap-weights", default=None,
+                   help="the kvzap methods' surrogate (a file written by mixkv-calibrate "
+                        "--kvzap; default: the one shipped for the model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--engine", default="hf", choices=runner.ENGINES,
                    help="hf: transformers + mixkv.patch (default); vllm: vLLM 0.32 + the "

@@ -17,6 +17,9 @@ layer x KV-head heatmap (PNG).
 
 Everything is a function of the model, the texts and the seed: the same command gives the same
 profile.
+
+``mixkv-calibrate --kvzap`` instead fits the KVzap surrogate of KVzip (``kvzap_train.py``): a
+linear map per layer from hidden states to KVzip's log-scores, for the ``kvzap`` scorer.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from .kvzap_train import DEFAULT_LAMBDA
 
 DEFAULT_SAMPLES = 4
 DEFAULT_LENGTH = 1024
@@ -268,6 +273,20 @@ def parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's, all cores)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    kvzap = p.add_argument_group(
+        "kvzap", "--kvzap fits the kvzap scorer's surrogate of KVzip instead of a redundancy "
+        "profile: the texts are --text-dir's .txt files (default: the packaged corpus), cut "
+        "into passages of --length tokens; --samples, --seed, --haystack and --plot do not "
+        "apply")
+    kvzap.add_argument("--kvzap", action="store_true",
+                       help="train the kvzap surrogate (mixkv.patch(model, 'kvzap', "
+                            "weights=FILE, ...)); default --out: "
+                            "results/calibration/<model>.kvzap.pt")
+    kvzap.add_argument("--kvzap-lambda", type=float, default=DEFAULT_LAMBDA,
+                       help="ridge penalty, relative to each feature's variance")
+    kvzap.add_argument("--kvzap-holdout", default=None,
+                       help="the document held out for the Spearman check (default: the "
+                            "last one)")
     p.add_argument("--quiet", action="store_true", help="print only the output paths")
     return p
 
@@ -277,6 +296,10 @@ def run(args: argparse.Namespace, *, em=None) -> Dict:
     from .runner import threads_for
 
     torch.set_num_threads(threads_for(args.threads))
+    if getattr(args, "kvzap", False):
+        from . import kvzap_train
+
+        return kvzap_train.run(args, em=em)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if em is None:
         from .models import load_model

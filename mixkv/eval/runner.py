@@ -60,6 +60,7 @@ class RunConfig:
     shortcut: bool = True
     threads: Optional[int] = None
     redundancy: Optional[str] = None  # offline profile file for mixkv methods
+    kvzap_weights: Optional[str] = None  # the kvzap methods' surrogate (None: the shipped one)
     dtype: str = "float32"
     engine: str = "hf"                # "hf" (transformers + the shim) or "vllm" (+ mixkv.vllm)
     progress: bool = True
@@ -84,7 +85,26 @@ def run_settings(config: RunConfig, em) -> Dict:
         settings.update(decode_budget=config.decode_budget, interval=config.interval)
     if config.engine != "hf":             # likewise
         settings.update(engine=config.engine)
+    if any(uses_kvzap(m) for m in config.methods):  # likewise; kept by kvzap's rows only
+        settings.update(kvzap=kvzap_digest(config.kvzap_weights, em))
     return settings
+
+
+def uses_kvzap(method: str) -> bool:
+    """Whether a part of `method` takes a kvzap surrogate (``weights``)."""
+    return registry.uses_option(method, "weights")
+
+
+def kvzap_digest(weights: Optional[str], em) -> Optional[str]:
+    """The content digest of the surrogate the kvzap methods use: ``weights``, else the file
+    shipped for the model (None when there is none: the scorer then says how to train one)."""
+    if weights is None:
+        from ..hf.patch import find_attention_modules
+        from ..methods import kvzap
+
+        decoder, _ = find_attention_modules(em.model)
+        weights = kvzap.shipped().get(kvzap.fingerprint(decoder.config))
+    return None if weights is None else _digest(Path(weights).read_bytes())
 
 
 def import_plugins(paths: Sequence[str]) -> None:
@@ -122,6 +142,8 @@ def settings_of(run: Dict, sample: Sample, combo: Dict) -> Dict:
                     method=combo["method"], budget=combo["budget"], ratio=combo["ratio"])
     if not uses_redundancy(combo["method"]):
         settings["redundancy"] = None
+    if not uses_kvzap(combo["method"]):
+        settings.pop("kvzap", None)
     setup = reconstruction_setup(combo["method"])
     if setup is not None:   # only these rows carry it: other methods' rows stay reusable
         settings["reconstruction"] = setup
@@ -338,8 +360,11 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         decoding = dict(decode_budget=config.decode_budget, interval=config.interval)
 
     def extra(method: str) -> Dict:
-        """The method's options beyond its name: the redundancy profile, decode-time budget."""
+        """The method's options beyond its name: the redundancy profile, the kvzap surrogate,
+        decode-time budget."""
         chosen = dict(options if uses_redundancy(method) else {})
+        if config.kvzap_weights and uses_kvzap(method):
+            chosen["weights"] = config.kvzap_weights
         if method != FULL:
             chosen.update(decoding)
         return chosen

@@ -21,6 +21,13 @@ of its own), scored by the method's scorer, the policy splits each row's capacit
 segments' importance (padding: importance 0; each head capped at its real candidates), and
 ``select_kv_ragged`` picks the tokens; the result is a new :class:`HeadwiseLayer` with
 ``interval`` tokens of headroom, so decoding until the next compression appends in place.
+
+Scorers whose scores are per token and static (``Scorer.static_scores``: KVzap) score each
+token once, when its K/V enters the cache (the prefill, then every decode call, from the
+attention module's input), and those scores are kept beside each layer in the layout
+``_segments`` gives (``[B * Hkv, tokens]``; left-padded segments for a head-wise layer),
+gathered with the kept positions at every compression (``_kept_scores``): a compression ranks
+old and new tokens by their stored scores, and no hidden state is kept.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class DecodeCompression:
         self._decoding = {}        # layer -> the current call is a decode call
         self._key_mask = {}        # layer -> [B, N] real keys of a plain layer's decode call
         self._pending = {}         # layer -> (module, cache) awaiting a global split
+        self._scores = {}          # layer -> [B*Hkv, tokens] static per-token scores (KVzap)
 
     @classmethod
     def resolve(cls, method, decode_budget, interval, options: dict):
@@ -86,11 +94,11 @@ class DecodeCompression:
         gold target): the per-layer query buffers and counters that the real cache's decoding
         continues from are put back afterwards; compressions done on the copy still count."""
         saved = [dict(state) for state in (self._queries, self._since, self._decoding,
-                                           self._key_mask)]
+                                           self._key_mask, self._scores)]
         try:
             yield
         finally:
-            self._queries, self._since, self._decoding, self._key_mask = saved
+            self._queries, self._since, self._decoding, self._key_mask, self._scores = saved
 
     @staticmethod
     def check_generate(model, kwargs) -> None:
@@ -118,6 +126,7 @@ class DecodeCompression:
             self._since[idx] = 0
             self._decoding[idx] = False
             self._key_mask.pop(idx, None)
+            self._scores.pop(idx, None)   # the prefill's compression keeps them anew
             return
         held = self._queries.get(idx)
         if held is not None and held.shape[:2] != query.shape[:2]:
@@ -131,11 +140,16 @@ class DecodeCompression:
                                                     key.shape[-2])
 
     # -- after the attention call (from the shim's forward hook) ---------------------------
-    def after_attention(self, module, cache, idx: int) -> bool:
+    def after_attention(self, module, cache, idx: int, hidden=None) -> bool:
         """Compress layer `idx` when `interval` tokens were decoded since the last time; True
-        when this call was a decode call (nothing left for the prefill path)."""
+        when this call was a decode call (nothing left for the prefill path). ``hidden``: the
+        call's attention input [B, q, hidden], which static per-token scores are computed from."""
         if not self._decoding.pop(idx, False):
             return False
+        if self.method.static_scorer is not None and idx in self._scores:
+            new = self._token_scores(hidden, idx)
+            self._scores[idx] = torch.cat([self._scores[idx], new.to(self._scores[idx].device)
+                                           .flatten(0, 1)], dim=-1)
         if self._since.get(idx, 0) < self.interval:
             return True
         self._since[idx] = 0
@@ -162,10 +176,44 @@ class DecodeCompression:
 
     def _prefill(self, module, idx, queries, keys, values, key_mask) -> Prefill:
         scaling = getattr(module, "scaling", None)
+        B, Hkv, N = keys.shape[:3]
+        stored = self._stored_scores(idx, B * Hkv, N)
         return Prefill(queries=queries, keys=keys, values=values, key_mask=key_mask,
                        window=self.window, layer=idx, num_layers=self.handle.num_layers,
                        scaling=None if scaling is None else float(scaling), module=module,
-                       decoder=self.handle.decoder)
+                       decoder=self.handle.decoder,
+                       token_scores=None if stored is None else stored.view(B, Hkv, N))
+
+    # -- static per-token scores (Scorer.static_scores) --------------------------------------
+    def _token_scores(self, hidden, idx) -> torch.Tensor:
+        """[B, Hkv, n] scores of the n tokens whose attention input is ``hidden``."""
+        if hidden is None:
+            raise ValueError(f"mixkv: method {self.method.label!r} scores each token from its "
+                             "hidden states, which this call did not capture")
+        return self.method.static_scorer.token_scores(hidden, idx, self.handle.decoder)
+
+    def prefilled(self, idx: int, token_scores, kept=None) -> None:
+        """Keep the prefill's per-token scores [B, Hkv, N] of layer `idx` (static scorers),
+        gathered with the prefill compression's ``kept`` selection when there was one."""
+        if self.method.static_scorer is None or token_scores is None:
+            return
+        scores = token_scores.flatten(0, 1)
+        self._scores[idx] = scores if kept is None else \
+            _kept_scores(scores, kept.positions, kept.offsets)
+
+    def _stored_scores(self, idx, segments: int, tokens: int):
+        """The layer's kept per-token scores [segments, tokens] (static scorers; else None),
+        checked against the layout they must follow."""
+        if self.method.static_scorer is None:
+            return None
+        scores = self._scores.get(idx)
+        if scores is None or tuple(scores.shape) != (segments, tokens):
+            got = "none" if scores is None else list(scores.shape)
+            raise RuntimeError(
+                f"mixkv: method {self.method.label!r} keeps a score per cached token, but layer "
+                f"{idx} has {got} for its [{segments}, {tokens}] tokens (a cache this patch did "
+                "not prefill?)")
+        return scores
 
     def _window_queries(self, idx, device) -> Optional[torch.Tensor]:
         queries = self._queries.get(idx)
@@ -197,6 +245,8 @@ class DecodeCompression:
                                     self.decode_budget)
         # Head-wise budgets on a layer the prefill left whole give a HeadwiseLayer.
         cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv, headroom=self.interval)
+        if idx in self._scores:
+            self._scores[idx] = _kept_scores(self._scores[idx], kept.positions, kept.offsets)
         self.compressions += 1
 
     def _segments(self, idx, layer):
@@ -205,15 +255,9 @@ class DecodeCompression:
         if isinstance(layer, HeadwiseLayer):
             B, Hkv = layer.batch, layer.kv_heads
             lengths = layer.lengths
-            longest = int(lengths.max())
             S, D = B * Hkv, layer.key_buffer.shape[-1]
-            # Segment s laid out left-padded in [S, longest]: token t of s at slot
-            # longest - L_s + t (its buffer row starts[s] + t).
-            segment = torch.repeat_interleave(torch.arange(S, device=layer.device), lengths)
-            local = torch.arange(int(lengths.sum()), device=layer.device) - \
-                torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-            rows = layer.starts[segment] + local
-            slot = longest - lengths[segment] + local
+            segment, local, slot, longest = _layout(lengths)
+            rows = layer.starts[segment] + local    # token t of segment s: buffer starts[s] + t
             keys = layer.key_buffer.new_zeros(S, longest, D)
             values = layer.value_buffer.new_zeros(S, longest, D)
             mask = torch.zeros(S, longest, dtype=torch.bool, device=layer.device)
@@ -238,7 +282,7 @@ class DecodeCompression:
         per_segment = queries.reshape(B, Hkv, Hq // Hkv, W, Dq).reshape(S, Hq // Hkv, W, Dq)
         # Every segment is a row with one KV head: its own key mask.
         segments = self._prefill(module, idx, per_segment.contiguous(), keys[:, None],
-                                 values[:, None], mask)
+                                 values[:, None], mask)   # token_scores [S, 1, longest]
         m = self.method
         importance, scores = (m._checked(x, segments)
                               for x in m.scorer.score_with_importance(segments))
@@ -262,6 +306,8 @@ class DecodeCompression:
         valid = mask[kept_segment, positions.long()]
         cache.layers[idx] = HeadwiseLayer(kept_keys, kept_values, offsets, valid, B, Hkv,
                                           headroom=self.interval)
+        if idx in self._scores:
+            self._scores[idx] = _kept_scores(self._scores[idx], positions, offsets)
         self.compressions += 1
 
     def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
@@ -320,6 +366,32 @@ class DecodeCompression:
             self._install(cache, idx, keys, values, mask, lengths, scores, capacity, B, Hkv)
 
 
+def _layout(lengths: torch.Tensor):
+    """Segments of these ``lengths`` [S] laid out left-padded in [S, longest]: for every token,
+    in segment order, its segment, its index in the segment and its slot
+    (longest - length + index); and longest."""
+    longest = int(lengths.max())
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    local = torch.arange(int(lengths.sum()), device=lengths.device) - \
+        torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return segment, local, longest - lengths[segment] + local, longest
+
+
+def _kept_scores(scores: torch.Tensor, positions: torch.Tensor, offsets) -> torch.Tensor:
+    """Per-token scores [S, N] (S = B * Hkv rows of the compressed layout) of the tokens a
+    selection kept: dense ``positions`` [B, Hkv, k] give [S, k]; ragged ones (flat, with
+    ``offsets`` [S + 1]) the left-padded [S, longest] layout of the head-wise layer they
+    become (``_segments``'s), 0 at padding."""
+    if offsets is None:
+        return scores.view(*positions.shape[:2], -1).gather(
+            -1, positions.long().to(scores.device)).flatten(0, 1)
+    lengths = offsets.diff().long().to(scores.device)
+    segment, _, slot, longest = _layout(lengths)
+    out = scores.new_zeros(len(lengths), longest)
+    out[segment, slot] = scores[segment, positions.long().to(scores.device)]
+    return out
+
+
 def check_options(decode_budget, interval, window: int):
     """Validated (decode_budget, interval) for a method with this window; errors name the
     argument. (None, None) when neither is given."""
@@ -351,7 +423,7 @@ def check_method(method: Method) -> None:
             f"mixkv: decode_budget does not support {method.label!r}: its scores come "
             "from a pass that re-reads the whole context (kvzip), not from the latest "
             "queries; use another scorer for compression during generation")
-    if method.needs_hidden_states:
+    if any(p.needs_hidden_states and not p.static_scores for p in method.scorer.parts()):
         raise NotImplementedError(
             f"mixkv: decode_budget does not support method {method.label!r}: its scorer reads "
             "the layers' hidden states, which decoding does not keep")

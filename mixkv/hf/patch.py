@@ -169,7 +169,7 @@ class MixKVPatch:
         if cache is None or self.method.scorer is None:
             return
         if self.decoding is not None and self.decoding.after_attention(module, cache,
-                                                                       state.layer_idx):
+                                                                       state.layer_idx, hidden):
             return
         layer = self._layer(cache, state.layer_idx)
         if not self.compressible(cache, state.layer_idx):
@@ -217,15 +217,23 @@ class MixKVPatch:
         q_window, key_mask, hidden, reconstruction). Under a policy that spans layers (global)
         they share one budget; otherwise each is compressed on its own."""
         m = self.method
+        static = m.static_scorer
         prefills, where = {}, {}
         for module, cache, idx, layer, q_window, key_mask, hidden, reconstruction in items:
             keys, values = layer.keys, layer.values
             B, Hkv, N, D = keys.shape
             budget = m.budget_for(N)
             before = keys.nbytes + values.nbytes
+            # Per-token static scores (KVzap): computed once, kept for decoding (decode.py).
+            tokens = None
+            if static is not None and hidden is not None and \
+                    (N > budget or self.decoding is not None):
+                tokens = static.token_scores(hidden, idx, self.decoder).to(keys.device)
             if N <= budget:  # nothing to remove: the cache stays as it is, bit for bit
                 self._stats[idx] = dict(kept=torch.full((B, Hkv), N), bytes_before=before,
                                         bytes_after=before, prompt=N)
+                if self.decoding is not None:
+                    self.decoding.prefilled(idx, tokens)
                 continue
             if key_mask is not None:
                 key_mask = key_mask.to(keys.device)
@@ -238,7 +246,7 @@ class MixKVPatch:
                                     num_layers=self.num_layers,
                                     scaling=None if scaling is None else float(scaling),
                                     module=module, decoder=self.decoder, hidden_states=hidden,
-                                    reconstruction=reconstruction)
+                                    reconstruction=reconstruction, token_scores=tokens)
             where[idx] = (cache, budget, before)
         if not prefills:
             return
@@ -256,6 +264,8 @@ class MixKVPatch:
             p = prefills[idx]
             B, Hkv = p.keys.shape[:2]
             cache.layers[idx] = layer_from_kept(kept, p.key_mask, B, Hkv)
+            if self.decoding is not None:
+                self.decoding.prefilled(idx, p.token_scores, kept)
             counts = torch.full((B, Hkv), kept.keys.shape[-2]) if kept.offsets is None else \
                 kept.offsets.diff().view(B, Hkv).cpu()
             self._stats[idx] = dict(kept=counts, bytes_before=before,

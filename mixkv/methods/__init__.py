@@ -5,7 +5,8 @@ KV head keeps), optionally inside a mixer such as :class:`MixKV`. Names, as ``mi
 ``mixkv-eval --methods`` take them, are parsed here and only here:
 
 - ``NAME``: a registered scorer (``snapkv``, ``knorm``, ``random``, ``streamingllm``, ``tova``,
-  ``expected_attention``, ``kvzip``, ...) under uniform budgets, or ``full`` (no compression);
+  ``expected_attention``, ``kvzip``, ``kvzap``, ...) under uniform budgets, or ``full`` (no
+  compression);
 - ``NAME+BASE``: the same under a registered policy (``snapkv`` uniform, ``pyramidkv``,
   ``adakv``, ``explicit``, ``global``); ``base=`` says the same; ``pyramidkv`` / ``adakv`` alone are
   SnapKV under that policy;
@@ -24,8 +25,10 @@ from typing import Dict, Optional, Set, Tuple
 from ..constants import DEFAULT_WINDOW, FULL
 from . import policies, scorers  # noqa: F401  (registers the built-in parts)
 from . import kvzip  # noqa: F401  (after them: the registry's order is the tables' order)
+from . import kvzap  # noqa: F401  (KVzip's learned surrogate, after it)
 from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
                    constructor_options, load_profile, register_policy, register_scorer)
+from .kvzap import KVzap
 from .kvzip import KVzip
 from .policies import AdaKV, Adaptive, Explicit, Global, Pyramid, PyramidKV, Uniform
 from .scorers import (KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random, SnapKV, StreamingLLM,
@@ -36,7 +39,8 @@ __all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
            "uses_option", "needs_hidden_states", "needs_reconstruction", "order_key",
            "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
            "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
-           "Adaptive", "Explicit", "Global", "PyramidKV", "AdaKV", "KVzip", "load_profile"]
+           "Adaptive", "Explicit", "Global", "PyramidKV", "AdaKV", "KVzip", "KVzap",
+           "load_profile"]
 
 DEFAULT_BASE = "snapkv"
 

@@ -112,6 +112,9 @@ class Prefill:
     reconstruction: Optional[Tensor] = None       # [B, Hkv, N] the most attention each key got
     #                                               while the model re-read the context, for
     #                                               scorers with needs_reconstruction
+    token_scores: Optional[Tensor] = None         # [B, Hkv, N] the scores a scorer with
+    #                                               static_scores gave each token when it
+    #                                               entered the cache (decoding keeps them)
 
     @property
     def candidates(self) -> int:
@@ -135,13 +138,26 @@ class Scorer:
     ``needs_reconstruction = True`` to receive ``prefill.reconstruction``: after the prefill the
     shim has the model re-read the context (``reconstruction_plan``) and records the most
     attention each cached key receives (``mixkv/hf/reconstruct.py``); compression then waits
-    for the whole prefill forward.
+    for the whole prefill forward. Set ``static_scores = True`` when a token's score depends on
+    that token alone and never changes (a function of its own hidden state, KVzap): implement
+    ``token_scores``; the shim then scores each token once, when it enters the cache, and keeps
+    the scores beside the cache, so such a scorer also runs during generation.
     Budget policies split capacities by ``importance``: the score unless a scorer's scores are
     not a non-negative importance (override ``score_with_importance`` then)."""
 
     name: ClassVar[str] = ""
     needs_hidden_states: ClassVar[bool] = False
     needs_reconstruction: ClassVar[bool] = False
+    static_scores: ClassVar[bool] = False
+
+    def token_scores(self, hidden_states: Tensor, layer: int, decoder: nn.Module) -> Tensor:
+        """For scorers with ``static_scores``: [B, Hkv, n] float32 scores of the n tokens whose
+        attention-module input is ``hidden_states`` [B, n, hidden] in decoder layer ``layer``
+        (``decoder``: the model's decoder stack, for its config). ``score`` reads them from
+        ``Prefill.token_scores`` when the shim kept them, else computes them from
+        ``Prefill.hidden_states``."""
+        raise NotImplementedError(f"mixkv: scorer {type(self).__name__} sets static_scores and "
+                                  "must implement token_scores()")
 
     def reconstruction_plan(self, encode=None) -> dict:
         """For scorers with ``needs_reconstruction``: how the context is re-read, a dict of
@@ -278,6 +294,13 @@ class Method:
     @property
     def needs_reconstruction(self) -> bool:
         return self.reconstruction_scorer is not None
+
+    @property
+    def static_scorer(self) -> Optional[Scorer]:
+        """The part whose scores are per token and static (``Scorer.static_scores``): the shim
+        computes its ``token_scores`` once per token and keeps them beside the cache."""
+        return next((s for s in (self.scorer.parts() if self.scorer is not None else [])
+                     if s.static_scores), None)
 
     @property
     def spans_layers(self) -> bool:
