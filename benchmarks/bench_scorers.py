@@ -4,15 +4,16 @@ Two parts, each side by side in one run on the same inputs, implementations inte
 round, medians over the repeats after one warm-up round (docs/design.md section 10):
 
 1. Per layer (one middle decoder layer of the model, captured from a real prefill of N tokens):
-   ``Method.compress`` of snapkv (the fused op), tova, knorm, streamingllm, expected_attention
-   and kvzip (its pass's scores given: random, the selection's cost does not depend on them),
-   each at budget N/2; plus "kvzip pass scoring", the attention scores the reconstruction pass
+   ``Method.compress`` of snapkv (the fused op), tova, knorm, streamingllm, expected_attention,
+   kvzip (its pass's scores given: random, the selection's cost does not depend on them) and
+   kvzap (its surrogate applied to the layer's hidden states: the shipped one, random with
+   --tiny), each at budget N/2; plus "kvzip pass scoring", the attention scores the reconstruction pass
    adds to that layer's calls (every chunk, prompt included; random queries and re-read keys:
    the cost does not depend on their values). The rest of the pass is the model's own forward
    over the prompt and the context, measured in part 2.
 2. End to end: a prefill of N tokens alone, and under ``mixkv.patch`` with each method at
    budget N/2 (the prefill, then for kvzip the reconstruction pass, then the compression of
-   every layer). The ratio to the prefill alone is the compression's share.
+   every layer; kvzap scores each layer from its hidden states, captured by the patch). The ratio to the prefill alone is the compression's share.
 
     python benchmarks/bench_scorers.py                          # default model, 1K and 4K
     python benchmarks/bench_scorers.py --lengths 1024 --repeats 5
@@ -45,7 +46,8 @@ from mixkv import methods as M  # noqa: E402
 from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.hf.capture import capture_prefill  # noqa: E402
 
-LAYER_SCORERS = ("snapkv", "tova", "knorm", "streamingllm", "expected_attention", "kvzip")
+LAYER_SCORERS = ("snapkv", "tova", "knorm", "streamingllm", "expected_attention", "kvzip",
+                 "kvzap")
 WINDOW = 32
 
 
@@ -64,6 +66,11 @@ def _load(args):
 
     em = load_model(args.model)
     return em.model, em.name, em.encode
+
+
+def _options(model, name: str, tiny: bool) -> dict:
+    """A method's options here: a random kvzap surrogate for the tiny model (none ships)."""
+    return dict(weights=M.kvzap.random_weights(model)) if tiny and "kvzap" in name else {}
 
 
 def _cache_kw(model) -> str:
@@ -101,7 +108,8 @@ def _interleaved(fns: Dict[str, Callable], repeats: int, warmup: int) -> Dict[st
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def per_layer(model, encode, n: int, repeats: int, warmup: int) -> Dict[str, float]:
+def per_layer(model, encode, n: int, repeats: int, warmup: int, tiny: bool = False
+              ) -> Dict[str, float]:
     """Milliseconds of each scorer's compression of one middle layer (budget n/2)."""
     decoder, modules = mixkv.hf.find_attention_modules(model)
     layer = len(modules) // 2
@@ -123,7 +131,7 @@ def per_layer(model, encode, n: int, repeats: int, warmup: int) -> Dict[str, flo
                                                   .manual_seed(1)))
     fns = {}
     for name in LAYER_SCORERS:
-        method = M.resolve(name, budget=budget, window=WINDOW)
+        method = M.resolve(name, budget=budget, window=WINDOW, **_options(model, name, tiny))
         fns[name] = lambda m=method: m.compress(prefill, budget)
     # what the reconstruction pass adds to this layer's attention calls: the softmax scores
     Hq = captured.queries[layer].shape[1]
@@ -146,12 +154,13 @@ def per_layer(model, encode, n: int, repeats: int, warmup: int) -> Dict[str, flo
     return _interleaved(fns, repeats, warmup)
 
 
-def end_to_end(model, encode, n: int, repeats: int, warmup: int, methods) -> Dict[str, float]:
+def end_to_end(model, encode, n: int, repeats: int, warmup: int, methods, tiny: bool = False
+               ) -> Dict[str, float]:
     """Milliseconds of a prefill alone and under the patch with each method (budget n/2)."""
     ids = _prompt(model, n)
     fns = {"prefill": lambda: _forward(model, ids, _new_cache(model))}
     for name in methods:
-        options = {}
+        options = _options(model, name, tiny)
         if M.needs_reconstruction(name):
             options["repeat_prompt"] = M.KVzip().prompt_ids(encode)
             options["chunk_prompt"] = list(encode(M.kvzip.CHUNK_PROMPT))
@@ -173,8 +182,8 @@ def main(argv=None):
     parser.add_argument("--long-repeats", type=int, default=1,
                         help="timed end-to-end rounds at lengths above 2048 (no warm-up "
                         "round there: the first length warmed everything up)")
-    parser.add_argument("--methods", default="snapkv,tova,expected_attention,kvzip")
-    parser.add_argument("--long-methods", default="snapkv,kvzip",
+    parser.add_argument("--methods", default="snapkv,tova,expected_attention,kvzip,kvzap")
+    parser.add_argument("--long-methods", default="snapkv,kvzip,kvzap",
                         help="end-to-end methods at lengths above 2048")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
@@ -185,11 +194,12 @@ def main(argv=None):
     started = time.perf_counter()
     rows = []
     for i, n in enumerate(int(x) for x in args.lengths.split(",")):
-        layer_ms = per_layer(model, encode, n, args.repeats, warmup=1)
+        layer_ms = per_layer(model, encode, n, args.repeats, warmup=1, tiny=args.tiny)
         long = n > 2048
         methods = (args.long_methods if long else args.methods).split(",")
         rounds = args.long_repeats if long else args.repeats
-        e2e_ms = end_to_end(model, encode, n, rounds, 0 if long and i else 1, methods)
+        e2e_ms = end_to_end(model, encode, n, rounds, 0 if long and i else 1, methods,
+                            tiny=args.tiny)
         rows.append(dict(N=n, per_layer_ms=layer_ms, end_to_end_ms=e2e_ms,
                          end_to_end_rounds=rounds, per_layer_rounds=args.repeats))
         print(f"N={n}: per layer {json.dumps({k: round(v, 2) for k, v in layer_ms.items()})}; "

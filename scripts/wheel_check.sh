@@ -5,7 +5,8 @@
 #    seconds with setup.py's one-line message, before any download of torch.
 # 2. `pip wheel --no-build-isolation --no-deps .` with $PYTHON (its torch and build tools, as
 #    scripts/setup.sh left them) builds the wheel; its name and metadata carry that torch, and it
-#    holds the op library, the build info, every subpackage and the evaluation's corpus.
+#    holds the op library, the build info, every subpackage, the evaluation's corpus and
+#    kvzap's weights.
 # 3. In that venv: the torch the wheel pins and transformers, then the wheel without any index
 #    (its dependency must already be satisfied: nothing is downloaded); then, from an empty
 #    folder outside the checkout with PATH = the venv's bin only (no compiler, cmake or nvcc):
@@ -88,6 +89,8 @@ assert root not in here.parents and mixkv.LIBRARY_PATH.parent == here, (here, mi
 assert _build_info.TORCH_VERSION == torch.__version__, (_build_info.TORCH_VERSION, torch.__version__)
 corpus = sorted(p.name for p in mixkv.eval.tasks.BUILTIN_CORPUS.glob("*.txt"))
 assert corpus, "no corpus"
+surrogates = sorted(mixkv.methods.kvzap.shipped())  # kvzap's shipped weights (package data)
+assert len(surrogates) == 2, surrogates
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, n, s, 16, generator=g) for n, s in ((4, 8), (2, 96), (2, 96)))
@@ -113,7 +116,7 @@ for script in ("mixkv-eval", "mixkv-calibrate"):
     assert run.returncode == 0 and run.stdout.startswith("usage: "), (script, run.stderr[-2000:])
 print(f"installed wheel: mixkv {mixkv.__file__}, torch {torch.__version__}, transformers "
       f"{transformers.__version__}; compress, patch (K/V {total['bytes_before']} -> {total['bytes_after']} "
-      f"bytes), mixkv-eval and mixkv-calibrate --help, corpus {len(corpus)} files; no compiler")
+      f"bytes), mixkv-eval and mixkv-calibrate --help, corpus {len(corpus)} files, kvzap weights {surrogates}; no compiler")
 PY
 cd "$ROOT"
 say "ok: $(basename "$WHEEL") $(stat -c %s "$WHEEL") bytes"

@@ -247,18 +247,8 @@ def sharpen_attention(model):
     return model
 
 
-def kvzap_weights(model, seed: int = 0, scale: float = 0.3) -> dict:
-    """A random KVzap surrogate (the dict ``mixkv-calibrate --kvzap`` saves) for ``model``'s
-    compressed (non-sliding) layers: log-scores of spread ~`scale` x |h| around -3."""
-    from mixkv.eval.kvzap_train import fitted_layers
-    from mixkv.hf.patch import find_attention_modules
+def kvzap_weights(model, seed: int = 0) -> dict:
+    """A random KVzap surrogate (the dict ``mixkv-calibrate --kvzap`` saves) for ``model``."""
     from mixkv.methods import kvzap
 
-    decoder, modules = find_attention_modules(model)
-    config = decoder.config
-    g = torch.Generator().manual_seed(seed)
-    shape = (len(modules), config.hidden_size, config.num_key_value_heads)
-    return dict(format=kvzap.FORMAT, fingerprint=kvzap.fingerprint(config),
-                weights=scale * torch.randn(shape, generator=g) / config.hidden_size ** 0.5,
-                bias=torch.full((len(modules), config.num_key_value_heads), -3.0),
-                layers=fitted_layers(model))
+    return kvzap.random_weights(model, seed)

@@ -108,7 +108,7 @@ def test_training_fits_the_teachers_log_scores_from_the_captured_hidden_states(t
     documents = [d for d, _ in passages]
     assert documents[0] == "caches.txt" and documents[-1] == "river_walk.txt"
     assert all(len(ids) <= 140 for _, ids in passages) and len(passages) >= 4
-    layers = kvzap_train.fitted_layers(model)
+    layers = kvzap.compressed_layers(model)[2]
     # collect(): the teacher's pass over the prefill, +inf (kept) tokens left out
     doc, ids = passages[0]
     data = kvzap_train.collect(model, ids, plan, layers)

@@ -32,3 +32,4 @@ def test_scorer_benchmark_quick_run():
     text = run("benchmarks/bench_scorers.py", "--tiny", "--lengths", "96", "--repeats", "1")
     assert "| 96 | kvzip pass scoring |" in text and "| 96 | expected_attention |" in text
     assert "| 96 | kvzip |" in text and "| 96 | prefill |" in text
+    assert "| 96 | kvzap |" in text

@@ -69,15 +69,6 @@ def teacher_plan(em) -> dict:
                                 getattr(em, "tokenizer", None))
 
 
-def fitted_layers(model) -> List[int]:
-    """The layers the shim compresses (not sliding-window): the ones that get a map."""
-    from ..hf.patch import find_attention_modules, sliding_layers
-
-    decoder, modules = find_attention_modules(model)
-    sliding = set(sliding_layers(decoder.config, len(modules)))
-    return [m.layer_idx for m in modules if m.layer_idx not in sliding]
-
-
 def collect(model, ids: Sequence[int], plan: dict, layers: Sequence[int]
             ) -> Dict[int, Tuple[Tensor, Tensor]]:
     """Prefill ``ids`` (one row), run the teacher's pass and return per layer (hidden states
@@ -164,8 +155,7 @@ def train(model, passages: Sequence[Tuple[str, Sequence[int]]], plan: dict, *,
     :func:`corpus_passages`) with the teacher pass ``plan``; ``holdout``: the document whose
     passages are only evaluated (default: the last document; None if there is only one).
     Returns the file's dict (``mixkv.methods.kvzap.load_weights`` reads it)."""
-    from ..hf.patch import find_attention_modules
-    from ..methods.kvzap import FORMAT, fingerprint
+    from ..methods.kvzap import FORMAT, compressed_layers, fingerprint
 
     if getattr(model, "_mixkv_patch", None) is not None:
         raise RuntimeError("mixkv-calibrate: the model is patched by mixkv (its cache would be "
@@ -179,9 +169,8 @@ def train(model, passages: Sequence[Tuple[str, Sequence[int]]], plan: dict, *,
     if not any(doc != holdout for doc, _ in passages):
         raise ValueError("mixkv-calibrate: --kvzap needs at least one passage outside the "
                          "held-out document")
-    decoder, modules = find_attention_modules(model)
+    decoder, modules, layers = compressed_layers(model)
     config = decoder.config
-    layers = fitted_layers(model)
     start = time.perf_counter()
     equations = {layer: NormalEquations() for layer in layers}
     held: Dict[int, List[Tuple[Tensor, Tensor]]] = {layer: [] for layer in layers}
