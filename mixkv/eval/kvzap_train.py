@@ -23,7 +23,6 @@ gives the same weights (torch's CPU kernels with a fixed thread count).
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,26 +36,30 @@ MIN_PASSAGE = 64          # a document's last passage shorter than this is dropp
 
 
 # -- data --------------------------------------------------------------------------------------
-def corpus_passages(em, *, length: int, text_dir: Optional[str] = None
+def corpus_passages(em, *, length: int, text_dir: Optional[str] = None, chat: bool = True
                     ) -> List[Tuple[str, List[int]]]:
     """(document name, token ids) of consecutive passages of each document, every passage a
-    query-agnostic prompt of at most ``length`` tokens (``calibrate.encode_texts``: the text as
-    the chat template's user turn), cut at word boundaries."""
-    from .calibrate import encode_texts
-    from .tasks import _largest, corpus_files
+    query-agnostic prompt of at most ``length`` tokens: the document's tokens cut into pieces
+    that fit beside the chat template's own tokens, each piece's text as the template's user
+    turn (``chat=False``: raw text), as the evaluation's prompts. A last piece shorter than
+    MIN_PASSAGE tokens is dropped."""
+    from .tasks import corpus_files
 
+    head = em.chat_parts("", "")[0] if chat else ""
+    step = length - len(em.encode(head, first=True)) if head else length
+    if step < MIN_PASSAGE:
+        raise ValueError(f"mixkv-calibrate: --length {length} leaves no room for a passage "
+                         f"beside the chat template's {length - step} tokens")
     out = []
     for path in corpus_files(text_dir):
-        pieces = re.findall(r"\s*\S+", path.read_text(encoding="utf-8", errors="replace").strip())
-        while pieces:
-            k = _largest(len(pieces), lambda n: em.count_tokens("".join(pieces[:n]).lstrip())
-                         <= length)
-            if k == 0:
-                break
-            ids = encode_texts(em, ["".join(pieces[:k]).lstrip()], length=length)[0]
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        tokens = em.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(tokens), step):
+            piece = em.decode(tokens[start:start + step]).strip()
+            prompt = em.chat_parts(piece, "")[0] if chat else piece
+            ids = em.encode(prompt, first=True)[:length]   # re-tokenized: cut to length
             if len(ids) >= MIN_PASSAGE:
                 out.append((path.name, ids))
-            pieces = pieces[k:]
     return out
 
 
@@ -231,12 +234,13 @@ def run(args, *, em=None) -> Dict:
 
         log(f"mixkv-calibrate: loading {args.model or 'the packaged default model'} ...")
         em = load_model(args.model, dtype=getattr(torch, args.dtype))
-    passages = corpus_passages(em, length=args.length, text_dir=args.text_dir)
+    passages = corpus_passages(em, length=args.length, text_dir=args.text_dir,
+                               chat=args.chat)
     log(f"mixkv-calibrate --kvzap: {len(passages)} passages of <= {args.length} tokens from "
         f"{len({d for d, _ in passages})} documents")
     result = train(em.model, passages, teacher_plan(em), holdout=args.kvzap_holdout,
                    lam=args.kvzap_lambda, progress=args.progress,
-                   meta=dict(model=em.name, length=args.length,
+                   meta=dict(model=em.name, length=args.length, chat=args.chat,
                              text=f"dir:{args.text_dir}" if args.text_dir else "corpus"))
     out = Path(args.out) if args.out else Path("results", "calibration", f"{em.name}.kvzap.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
