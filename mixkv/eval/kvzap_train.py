@@ -80,13 +80,13 @@ def collect(model, ids: Sequence[int], plan: dict, layers: Sequence[int]
     from transformers import DynamicCache
 
     from ..hf import capture, reconstruct
-    from .calibrate import _cache_kwarg
+    from ..hf.model import cache_keyword
 
     device = next(model.parameters()).device
     batch = torch.tensor([list(ids)], device=device)
     cache = DynamicCache(config=model.config)
     with capture.capture_prefill(model, 1, hidden_states=True) as captured, torch.no_grad():
-        model(input_ids=batch, use_cache=True, **{_cache_kwarg(model): cache})
+        model(input_ids=batch, use_cache=True, **{cache_keyword(model): cache})
     scores = reconstruct.reconstruction_scores(model, cache, input_ids=batch, layers=layers,
                                                **plan)
     out = {}

@@ -99,7 +99,7 @@ def kvzap_digest(weights: Optional[str], em) -> Optional[str]:
     """The content digest of the surrogate the kvzap methods use: ``weights``, else the file
     shipped for the model (None when there is none: the scorer then says how to train one)."""
     if weights is None:
-        from ..hf.patch import find_attention_modules
+        from ..hf.model import find_attention_modules
         from ..methods import kvzap
 
         decoder, _ = find_attention_modules(em.model)

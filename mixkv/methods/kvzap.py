@@ -55,7 +55,7 @@ def shipped() -> Dict[str, Path]:
 def compressed_layers(model: nn.Module):
     """(decoder, modules, the layers the shim compresses): the ones a surrogate maps
     (sliding-window layers stay whole)."""
-    from ..hf.patch import find_attention_modules, sliding_layers
+    from ..hf.model import find_attention_modules, sliding_layers
 
     decoder, modules = find_attention_modules(model)
     sliding = set(sliding_layers(decoder.config, len(modules)))
