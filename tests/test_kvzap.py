@@ -25,7 +25,7 @@ from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.methods import kvzap  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import exactly  # noqa: E402
+from conftest import exactly, torch_threads  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,12 +57,14 @@ def texts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(texts):
     """A surrogate of the tiny Llama trained by the command's function (2 documents, the
-    second held out), with its passages and the teacher's plan."""
+    second held out), with its passages and the teacher's plan; one thread, as the tests
+    that retrain it (a module fixture starts before the function's one_thread)."""
     model, _ = hf_models.llama()
     em = _tiny_em(model)
     passages = kvzap_train.corpus_passages(em, length=140, text_dir=texts)
     plan = kvzap_train.teacher_plan(em)
-    return model, passages, plan, kvzap_train.train(model, passages, plan, progress=False)
+    with torch_threads(1):
+        return model, passages, plan, kvzap_train.train(model, passages, plan, progress=False)
 
 
 # -- the fit -----------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def test_training_fits_the_teachers_log_scores_from_the_captured_hidden_states(t
             assert result["spearman"][layer, h] == pytest.approx(
                 kvzap_train.spearman(predicted[:, h], y[:, h].double()))
     assert -1 <= result["spearman_mean"] <= 1
-    # the same command gives the same weights
+    # the same command (and thread count) gives the same weights
     again = kvzap_train.train(model, passages, plan, progress=False)
     assert torch.equal(again["weights"], result["weights"])
     assert torch.equal(again["bias"], result["bias"])
