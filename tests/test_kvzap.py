@@ -396,6 +396,30 @@ def test_evaluation_runs_kvzap_with_its_weights_and_records_them(tmp_path):
         "kvzap_weights"] == str(path)
 
 
+@pytest.mark.usefixtures("no_plots")
+def test_evaluation_compresses_during_generation_with_kvzap(tmp_path):
+    """mixkv-eval --corpus --decode-budget: kvzap and its global mix compress the teacher-forced
+    continuation too (the engine prefills unpatched, compress_cache keeps the scores)."""
+    from mixkv.eval.runner import RunConfig, load_records, run
+    from test_eval_corpus import document
+    from test_eval_engine import tiny_eval_model
+
+    em = tiny_eval_model()
+    path = tmp_path / "tiny.kvzap.pt"
+    torch.save(hf_models.kvzap_weights(em.model), path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d.txt").write_text(document(150))
+    config = RunConfig(tasks=[], lengths=[200], samples=1, methods=["kvzap", "kvzap+global"],
+                       budgets=[32], corpus=str(docs), continuation=60, window=W,
+                       decode_budget=40, interval=10, out=str(tmp_path / "out"), progress=False,
+                       quiet=True, kvzap_weights=str(path))
+    run(config, em=em)
+    rows = [r for r in load_records(tmp_path / "out" / "results.jsonl") if r["method"] != "full"]
+    assert {r["method"] for r in rows} == {"kvzap", "kvzap+global"}
+    assert all(r["decode_compressions"] > 0 and r["kl"] >= 0 for r in rows)
+
+
 def test_calibrate_command_line_trains_and_saves(texts, tmp_path, capsys):
     model, _ = hf_models.llama()
     out = tmp_path / "w.pt"
