@@ -7,13 +7,14 @@ round, medians over the repeats after one warm-up round (docs/design.md section 
    ``Method.compress`` of snapkv (the fused op), tova, knorm, streamingllm, expected_attention,
    kvzip (its pass's scores given: random, the selection's cost does not depend on them) and
    kvzap (its surrogate applied to the layer's hidden states: the shipped one, random with
-   --tiny), each at budget N/2; plus "kvzip pass scoring", the attention scores the reconstruction pass
-   adds to that layer's calls (every chunk, prompt included; random queries and re-read keys:
-   the cost does not depend on their values). The rest of the pass is the model's own forward
+   --tiny), each at budget N/2; plus "kvzip pass scoring", the attention scores the
+   reconstruction pass adds to that layer's calls (every chunk, prompt included; random
+   queries and re-read keys: the cost does not depend on their values). The rest of the pass is the model's own forward
    over the prompt and the context, measured in part 2.
 2. End to end: a prefill of N tokens alone, and under ``mixkv.patch`` with each method at
    budget N/2 (the prefill, then for kvzip the reconstruction pass, then the compression of
-   every layer; kvzap scores each layer from its hidden states, captured by the patch). The ratio to the prefill alone is the compression's share.
+   every layer; kvzap scores each layer from its hidden states, captured by the patch). The
+   ratio to the prefill alone is the compression's share.
 
     python benchmarks/bench_scorers.py                          # default model, 1K and 4K
     python benchmarks/bench_scorers.py --lengths 1024 --repeats 5
