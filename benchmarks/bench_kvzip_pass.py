@@ -12,6 +12,7 @@ tokens at a quarter of the prompt.
     python benchmarks/bench_kvzip_pass.py                      # SmolLM2, 4,096 tokens, 3 rounds
     python benchmarks/bench_kvzip_pass.py --lengths 1024,4096 --repeats 5
     python benchmarks/bench_kvzip_pass.py --model gemma3-270m
+    python benchmarks/bench_kvzip_pass.py --tiny --lengths 96 --repeats 1   # smoke (tests)
 
 The script prints the CPU-seconds other processes used while it ran: the figures are only
 meaningful on a quiet machine.
@@ -36,7 +37,8 @@ from bench_ops import ForeignLoad, _cpu_model  # noqa: E402
 
 from mixkv.eval.calibrate import calibration_texts, encode_texts  # noqa: E402
 from mixkv.eval.models import load_model  # noqa: E402
-from mixkv.hf import find_attention_modules, reconstruct  # noqa: E402
+from mixkv.hf import reconstruct  # noqa: E402
+from mixkv.hf.model import cache_keyword  # noqa: E402
 from mixkv.methods.kvzip import KVzip  # noqa: E402
 
 
@@ -44,10 +46,32 @@ def _prefill(model, ids):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    keyword = reconstruct._cache_keyword(find_attention_modules(model)[0])
+    keyword = cache_keyword(model.model)
     with torch.no_grad():
         model.model(input_ids=ids, use_cache=True, **{keyword: cache})
     return cache
+
+
+def _load(args):
+    """(model, its name, N -> prompt ids [1, N], kvzip's default plan for it)."""
+    if args.tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+                             max_position_embeddings=4096)
+        model = LlamaForCausalLM(config).eval()
+        prompt = lambda n: torch.randint(3, 512, (1, n), generator=torch.Generator()  # noqa
+                                         .manual_seed(n))
+        plan = KVzip(chunk_size=40).reconstruction_plan(lambda text: [3 + ord(c) % 500
+                                                                      for c in text])
+        return model, "tiny random Llama (3 layers, 6/2 heads)", prompt, plan
+    em = load_model(args.model)
+    em.model.eval()
+    prompt = lambda n: torch.tensor(  # noqa: E731
+        [encode_texts(em, calibration_texts(1, length=n), length=n)[0]])
+    return em.model, em.name, prompt, KVzip().reconstruction_plan(tokenizer=em.tokenizer)
 
 
 def _timed(fn):
@@ -56,9 +80,8 @@ def _timed(fn):
     return (time.perf_counter() - start) * 1e3, result
 
 
-def run_length(em, n: int, repeats: int, plan: dict, layers) -> dict:
-    ids = torch.tensor([encode_texts(em, calibration_texts(1, length=n), length=n)[0]])
-    model = em.model
+def run_length(model, ids: torch.Tensor, repeats: int, plan: dict, layers) -> dict:
+    n = ids.shape[1]
     times = {"prefill": [], "pass fused": [], "pass unfused": []}
     scores = {}
     for _ in range(repeats):
@@ -93,20 +116,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama and random "
+                    "token ids (a smoke run of every code path; no packaged model needed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    em = load_model(args.model)
-    em.model.eval()
-    plan = KVzip().reconstruction_plan(tokenizer=em.tokenizer)
-    types = getattr(em.model.config, "layer_types", None) or []
-    layers = [i for i in range(em.model.config.num_hidden_layers)
+    model, name, prompt, plan = _load(args)
+    types = getattr(model.config, "layer_types", None) or []
+    layers = [i for i in range(model.config.num_hidden_layers)
               if i >= len(types) or "sliding" not in types[i]]
     load = ForeignLoad()
-    run_length(em, 256, 1, plan, layers)                                 # warm-up
-    results = [run_length(em, int(n), args.repeats, plan, layers)
+    run_length(model, prompt(min(256, min(int(n) for n in args.lengths.split(",")))), 1, plan,
+               layers)                                                   # warm-up
+    results = [run_length(model, prompt(int(n)), args.repeats, plan, layers)
                for n in args.lengths.split(",")]
     other = load.report()
-    print(f"# {em.name}; {_cpu_model()}; torch {torch.__version__}; {args.threads} thread(s); "
+    print(f"# {name}; {_cpu_model()}; torch {torch.__version__}; {args.threads} thread(s); "
           f"medians of {args.repeats} interleaved rounds; kvzip's default setup")
     if other is not None:
         print(f"# other processes used {other[0]:.1f} CPU-s over {other[1]:.0f} s "
@@ -123,7 +147,7 @@ def main(argv=None) -> int:
               f"{100 * r['same_kept_positions_at_quarter']:.2f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            model=em.name, machine=_cpu_model(), python=platform.python_version(),
+            model=name, machine=_cpu_model(), python=platform.python_version(),
             torch=torch.__version__, threads=args.threads, other_load=other,
             results=results), indent=1))
     return 0

@@ -33,3 +33,18 @@ def test_scorer_benchmark_quick_run():
     assert "| 96 | kvzip pass scoring |" in text and "| 96 | expected_attention |" in text
     assert "| 96 | kvzip |" in text and "| 96 | prefill |" in text
     assert "| 96 | kvzap |" in text
+
+
+def test_kvzip_pass_benchmark_quick_run(tmp_path):
+    """Fused and unfused passes side by side; both give the same scores and keep the same
+    tokens (the tiny prompt is re-read in 3 chunks)."""
+    out = tmp_path / "pass.json"
+    text = run("benchmarks/bench_kvzip_pass.py", "--tiny", "--lengths", "96", "--repeats", "1",
+               "--json", str(out))
+    assert "| N | prefill ms | pass fused ms | pass unfused ms |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 96 |"))
+    assert row.rstrip().endswith("| 100.00% |")
+    import json
+
+    result = json.loads(out.read_text())["results"][0]
+    assert result["max_relative_score_difference"] < 1e-4 and result["tokens"] == 96
