@@ -58,7 +58,7 @@ def _load(args):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+        config = LlamaConfig(vocab_size=512, hidden_size=192, intermediate_size=256,
                              num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                              max_position_embeddings=4096)
         model = LlamaForCausalLM(config).eval()
