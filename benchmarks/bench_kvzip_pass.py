@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))   # the checkout this script belongs to, installed or not
 sys.path.insert(1, str(HERE))
 from bench_ops import ForeignLoad, _cpu_model  # noqa: E402
+from bench_scorers import TINY, tiny_llama  # noqa: E402
 
 from mixkv.eval.calibrate import calibration_texts, encode_texts  # noqa: E402
 from mixkv.eval.models import load_model  # noqa: E402
@@ -55,18 +56,10 @@ def _prefill(model, ids):
 def _load(args):
     """(model, its name, N -> prompt ids [1, N], kvzip's default plan for it)."""
     if args.tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=192, intermediate_size=256,
-                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
-                             max_position_embeddings=4096)
-        model = LlamaForCausalLM(config).eval()
+        model, encode = tiny_llama()
         prompt = lambda n: torch.randint(3, 512, (1, n), generator=torch.Generator()  # noqa
                                          .manual_seed(n))
-        plan = KVzip(chunk_size=40).reconstruction_plan(lambda text: [3 + ord(c) % 500
-                                                                      for c in text])
-        return model, "tiny random Llama (3 layers, 6/2 heads)", prompt, plan
+        return model, TINY, prompt, KVzip(chunk_size=40).reconstruction_plan(encode)
     em = load_model(args.model)
     em.model.eval()
     prompt = lambda n: torch.tensor(  # noqa: E731

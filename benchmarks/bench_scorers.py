@@ -52,17 +52,25 @@ LAYER_SCORERS = ("snapkv", "tova", "knorm", "streamingllm", "expected_attention"
 WINDOW = 32
 
 
+TINY = "tiny random Llama (4 layers, 8/2 heads, D 32)"
+
+
+def tiny_llama():
+    """The smoke runs' model (this script's and bench_kvzip_pass.py's): a seeded tiny Llama
+    and a text -> ids stand-in for a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=8192)
+    return LlamaForCausalLM(config).eval(), lambda text: [3 + ord(c) % 500 for c in text]
+
+
 def _load(args):
     if args.tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
-                             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                             max_position_embeddings=8192)
-        model = LlamaForCausalLM(config).eval()
-        return model, "tiny random Llama (4 layers, 8/2 heads, D 32)", \
-            lambda text: [3 + ord(c) % 500 for c in text]
+        model, encode = tiny_llama()
+        return model, TINY, encode
     from mixkv.eval.models import load_model
 
     em = load_model(args.model)
