@@ -39,7 +39,7 @@ from bench_scorers import TINY, tiny_llama  # noqa: E402
 from mixkv.eval.calibrate import calibration_texts, encode_texts  # noqa: E402
 from mixkv.eval.models import load_model  # noqa: E402
 from mixkv.hf import reconstruct  # noqa: E402
-from mixkv.hf.model import cache_keyword  # noqa: E402
+from mixkv.hf.model import cache_keyword, compressed_layers  # noqa: E402
 from mixkv.methods.kvzip import KVzip  # noqa: E402
 
 
@@ -114,9 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, name, prompt, plan = _load(args)
-    types = getattr(model.config, "layer_types", None) or []
-    layers = [i for i in range(model.config.num_hidden_layers)
-              if i >= len(types) or "sliding" not in types[i]]
+    layers = compressed_layers(model)[2]
     load = ForeignLoad()
     run_length(model, prompt(min(256, min(int(n) for n in args.lengths.split(",")))), 1, plan,
                layers)                                                   # warm-up

@@ -22,6 +22,7 @@ from mixkv import methods as M  # noqa: E402
 from mixkv.eval import calibrate, kvzap_train  # noqa: E402
 from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.hf import reconstruct  # noqa: E402
+from mixkv.hf.model import compressed_layers  # noqa: E402
 from mixkv.methods import kvzap  # noqa: E402
 
 import hf_models  # noqa: E402
@@ -110,7 +111,7 @@ def test_training_fits_the_teachers_log_scores_from_the_captured_hidden_states(t
     documents = [d for d, _ in passages]
     assert documents[0] == "caches.txt" and documents[-1] == "river_walk.txt"
     assert all(len(ids) <= 140 for _, ids in passages) and len(passages) >= 4
-    layers = kvzap.compressed_layers(model)[2]
+    layers = compressed_layers(model)[2]
     # collect(): the teacher's pass over the prefill, +inf (kept) tokens left out
     doc, ids = passages[0]
     data = kvzap_train.collect(model, ids, plan, layers)

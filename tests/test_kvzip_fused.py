@@ -17,6 +17,7 @@ from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.methods.kvzip import KVzip  # noqa: E402
 
 import hf_models  # noqa: E402
+from test_hf_architectures import compressed_layers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,8 +162,7 @@ def test_whole_pass_fused_equals_unfused(build, setup, monkeypatch):
     for module in model.model.layers:
         module.self_attn.register_forward_pre_hook(
             lambda m, a: calls["layers"].append(m.layer_idx))
-    layers = [i for i in range(model.config.num_hidden_layers)
-              if "sliding" not in (getattr(model.config, "layer_types", None) or [""] * 99)[i]]
+    layers = compressed_layers(model)
     got = reconstruct.reconstruction_scores(model, _prefill(model, ids, mask), input_ids=ids,
                                             key_mask=mask, layers=layers, **plan)
     fused_calls, seen = calls["fused"], list(calls["layers"])

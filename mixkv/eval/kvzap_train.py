@@ -158,7 +158,8 @@ def train(model, passages: Sequence[Tuple[str, Sequence[int]]], plan: dict, *,
     :func:`corpus_passages`) with the teacher pass ``plan``; ``holdout``: the document whose
     passages are only evaluated (default: the last document; None if there is only one).
     Returns the file's dict (``mixkv.methods.kvzap.load_weights`` reads it)."""
-    from ..methods.kvzap import FORMAT, compressed_layers, fingerprint
+    from ..hf.model import compressed_layers
+    from ..methods.kvzap import FORMAT, fingerprint
 
     if getattr(model, "_mixkv_patch", None) is not None:
         raise RuntimeError("mixkv-calibrate: the model is patched by mixkv (its cache would be "

@@ -44,7 +44,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 NIAH_VALUES = 4    # niah_multivalue's numbers for the key
 VT_HOPS = 4        # vt's assignments after the first

@@ -1,5 +1,5 @@
 """What the shim asks of a Hugging Face model, answered in one place: its attention modules, its
-sliding-window layers, the name of its forward's cache argument and where a call's cache is.
+sliding-window layers and the ones it compresses, the name of its forward's cache argument and where a call's cache is.
 Imports nothing else from ``mixkv.hf``, so every module of the shim can use it (and the
 evaluation, the calibration and the benchmarks) without an import cycle."""
 
@@ -32,6 +32,14 @@ def sliding_layers(config, num_layers: int) -> List[int]:
     if getattr(config, "sliding_window", None) and not layer_types:
         return list(range(num_layers))
     return sorted(i for i, t in enumerate(layer_types) if "sliding" in str(t))
+
+
+def compressed_layers(model: nn.Module):
+    """(decoder, its attention modules, the layer indices the shim compresses): every layer
+    but the sliding-window ones."""
+    decoder, modules = find_attention_modules(model)
+    sliding = set(sliding_layers(decoder.config, len(modules)))
+    return decoder, modules, [m.layer_idx for m in modules if m.layer_idx not in sliding]
 
 
 def cache_keyword(module: nn.Module) -> str:

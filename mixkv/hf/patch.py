@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import warnings
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn

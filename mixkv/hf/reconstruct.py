@@ -107,9 +107,7 @@ def max_attention(query: Tensor, key: Tensor, context: int, key_real: Tensor,
             allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=key.device),
                                  ~hidden], dim=1)[None, None] \
                 & key_real[:, None, None, :]                                  # [B, 1, t, K]
-            additive = torch.zeros(allowed.shape, device=key.device).masked_fill_(
-                ~allowed, float("-inf"))
-            lse = _flash_lse(q, keys, additive)
+            lse = _flash_lse(q, keys, _additive(allowed))
         if lse is not None:
             shifted = torch.matmul(q.reshape(B, Hkv, G * t, D), keys_t[..., :context])
             shifted = shifted.view(B, Hkv, G, t, context)
@@ -146,12 +144,17 @@ def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
+def _additive(allowed: Tensor) -> Tensor:
+    """The additive attention mask of a boolean one: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed,
+                                                                          float("-inf"))
+
+
 def _blocked(valid: Tensor, queries: int) -> Optional[Tensor]:
     """Additive mask [B, 1, queries, L] hiding each row's invalid columns; None if none."""
     if bool(valid.all()):
         return None
-    mask = torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf"))
-    return mask[:, None, None, :].expand(-1, 1, queries, -1)
+    return _additive(valid)[:, None, None, :].expand(-1, 1, queries, -1)
 
 
 def attend_and_score(query: Tensor, key: Tensor, value: Tensor, context: int,
@@ -190,9 +193,7 @@ def attend_and_score(query: Tensor, key: Tensor, value: Tensor, context: int,
         part_f = _flash(q, keys[:, :, past:], values[:, :, past:], None, causal=True,
                         scale=scale)
     else:
-        mask = torch.zeros(sees_f.shape, device=key.device).masked_fill_(~sees_f,
-                                                                          float("-inf"))
-        part_f = _flash(q, keys[:, :, past:], values[:, :, past:], mask[:, None],
+        part_f = _flash(q, keys[:, :, past:], values[:, :, past:], _additive(sees_f)[:, None],
                         scale=scale)
     parts = [(part_a, valid_a.any(1)[:, None]), (part_f, sees_f.any(2))]
     if index_o.shape[1]:

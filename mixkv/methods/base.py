@@ -281,15 +281,18 @@ class Method:
         return self.policy.headwise
 
     @property
+    def parts(self) -> list:
+        """The scorer and the scorers inside it, outermost first (none for "full")."""
+        return self.scorer.parts() if self.scorer is not None else []
+
+    @property
     def needs_hidden_states(self) -> bool:
-        return self.scorer is not None and any(s.needs_hidden_states
-                                               for s in self.scorer.parts())
+        return any(s.needs_hidden_states for s in self.parts)
 
     @property
     def reconstruction_scorer(self) -> Optional[Scorer]:
         """The part whose scores need a reconstruction pass (None: compress per layer)."""
-        return next((s for s in (self.scorer.parts() if self.scorer is not None else [])
-                     if s.needs_reconstruction), None)
+        return next((s for s in self.parts if s.needs_reconstruction), None)
 
     @property
     def needs_reconstruction(self) -> bool:
@@ -299,8 +302,7 @@ class Method:
     def static_scorer(self) -> Optional[Scorer]:
         """The part whose scores are per token and static (``Scorer.static_scores``): the shim
         computes its ``token_scores`` once per token and keeps them beside the cache."""
-        return next((s for s in (self.scorer.parts() if self.scorer is not None else [])
-                     if s.static_scores), None)
+        return next((s for s in self.parts if s.static_scores), None)
 
     @property
     def spans_layers(self) -> bool:
@@ -316,7 +318,7 @@ class Method:
     @property
     def redundancy(self) -> Optional[Tensor]:
         """The offline redundancy profile of a MixKV mix, if any."""
-        for part in self.scorer.parts() if self.scorer is not None else []:
+        for part in self.parts:
             if getattr(part, "redundancy", None) is not None:
                 return part.redundancy
         return None

@@ -52,19 +52,11 @@ def shipped() -> Dict[str, Path]:
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt"))}
 
 
-def compressed_layers(model: nn.Module):
-    """(decoder, modules, the layers the shim compresses): the ones a surrogate maps
-    (sliding-window layers stay whole)."""
-    from ..hf.model import find_attention_modules, sliding_layers
-
-    decoder, modules = find_attention_modules(model)
-    sliding = set(sliding_layers(decoder.config, len(modules)))
-    return decoder, modules, [m.layer_idx for m in modules if m.layer_idx not in sliding]
-
-
 def random_weights(model: nn.Module, seed: int = 0, scale: float = 0.3) -> dict:
     """An untrained surrogate for ``model`` in the file's format (smoke runs, tests): random
     maps of the compressed layers, log-scores spread ~``scale`` x |h| / sqrt(hidden) around -3."""
+    from ..hf.model import compressed_layers
+
     decoder, modules, layers = compressed_layers(model)
     config = decoder.config
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

@@ -23,7 +23,7 @@ import mixkv
 from mixkv.eval.engine import capture_window_queries
 from mixkv.kvpress import (MixKVKeyDiffPress, MixKVMix3Press, MixKVPress, MixKVSnapKVPress,
                            MixKVValueNormPress, window_queries, window_scores)
-from peers import (TINY, WINDOW, all_kept, describe_difference, differ_only_in_ties, op_kept,
+from peers import (TINY, WINDOW, all_kept, differ_only_in_ties, op_kept,
                    prefill, ratio_for, record_scores, tiny_model)
 
 LENGTH = 300
