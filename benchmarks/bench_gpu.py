@@ -252,7 +252,8 @@ class CompressTimer:
 
     def __init__(self, handle, device):
         self.device, self.spans = device, []
-        original = handle._compress
+        compressor = handle.compressor
+        original = compressor.compress
 
         def timed(*a, **kw):
             if device.type == "cuda":
@@ -268,7 +269,7 @@ class CompressTimer:
                 self.spans.append((t0, time.perf_counter()))
             return result
 
-        handle._compress = timed  # instance attribute: shadows the method for this handle only
+        compressor.compress = timed  # instance attribute: shadows the method for this handle only
 
     def total_ms(self) -> float:
         sync(self.device)

@@ -20,6 +20,7 @@ tests_for() {
     mixkv/hf/layers.py) echo "tests/test_hf_layers.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/capture.py) echo "tests/test_hf_capture.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
     mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py tests/test_kvzip.py tests/test_hf_decode_compression.py tests/test_eval_engine.py tests/test_kvpress_optional.py" ;;
+    mixkv/hf/compressor.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_methods.py tests/test_global_policy.py tests/test_kvzap.py tests/test_hf_decode_compression.py" ;;
     mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py tests/test_kvzip.py" ;;  # kvzip: the refusal
     mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
     mixkv/eval/runner.py) echo "$EVAL_TESTS tests/test_methods.py" ;;  # import_plugins
@@ -29,7 +30,7 @@ tests_for() {
 
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(mixkv/hf/headwise.py mixkv/hf/layers.py mixkv/hf/capture.py mixkv/hf/patch.py
-                                     mixkv/hf/decode.py mixkv/eval/engine.py mixkv/eval/runner.py)
+                                     mixkv/hf/compressor.py mixkv/hf/decode.py mixkv/eval/engine.py mixkv/eval/runner.py)
 SCRATCH_ROOT=${SCRATCH:-build/mutation}  # one scratch root per concurrent run
 # mutmut forks one child per mutant from a process that has run torch: with OpenMP worker
 # threads alive in the parent, a forked child's first parallel op deadlocks (libgomp is not

@@ -27,6 +27,7 @@ from mixkv import methods as M  # noqa: E402
 from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.hf.capture import capture_prefill  # noqa: E402
 from mixkv.hf.layers import HeadwiseLayer  # noqa: E402
+from mixkv.hf.model import layer_of  # noqa: E402
 from mixkv.methods.policies import global_capacities  # noqa: E402
 
 import hf_models  # noqa: E402
@@ -334,7 +335,7 @@ def test_compression_during_generation_keeps_the_whole_caches_budget(name):
 
         def counted(pending):
             original(pending)
-            layers = [handle._layer(cache, i) for i, (_, cache) in sorted(pending.items())]
+            layers = [layer_of(cache, i) for i, (_, cache) in sorted(pending.items())]
             seen.append(torch.stack([layer.lengths.view(2, -1) for layer in layers]))
 
         handle.decoding._compress_global = counted

@@ -66,6 +66,22 @@ def layer_segment(layer, s):
     return layer.key_buffer[rows], layer.value_buffer[rows], layer.valid[rows]
 
 
+def check_views(layer, oracle):
+    """``held()`` is every segment's tokens in order; ``padded()`` each segment left-padded to
+    the longest (zeros, mask False, before its tokens)."""
+    held = layer.held()
+    for got, want in zip(held, (oracle.keys, oracle.values, oracle.valid)):
+        assert torch.equal(got, torch.cat(want))
+    keys, values, mask = layer.padded()
+    longest = max(len(k) for k in oracle.keys)
+    assert keys.shape == values.shape == (B * HKV, longest, D) and mask.shape == (B * HKV, longest)
+    for s in range(B * HKV):
+        pad = longest - len(oracle.keys[s])
+        assert torch.equal(keys[s, pad:], oracle.keys[s]) and not keys[s, :pad].any()
+        assert torch.equal(values[s, pad:], oracle.values[s]) and not values[s, :pad].any()
+        assert torch.equal(mask[s, pad:], oracle.valid[s]) and not mask[s, :pad].any()
+
+
 def kept_prefill(seed):
     """Flat kept K/V [T, D] of 6 segments of unequal lengths (one empty of real tokens but the
     window), with row 1's first kept tokens marked padding."""
@@ -106,6 +122,7 @@ def run(headroom, seed=0):
             assert torch.equal(got_k, oracle.keys[s]), s
             assert torch.equal(got_v, oracle.values[s]), s
             assert torch.equal(got_valid, oracle.valid[s]), s
+        check_views(layer, oracle)
         query = torch.randn(B, HKV * G, q, D, generator=g)
         out, weights = layer.attend(query, SCALING)
         assert weights is None and out.shape == (B, q, HKV * G, D)

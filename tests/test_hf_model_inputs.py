@@ -71,8 +71,7 @@ def kept_by_ops(q, k, v, base, scaling, layer_idx, layers):
 
 def cached_keys(layer):
     if isinstance(layer, HeadwiseLayer):
-        lengths = layer.lengths
-        return layer.key_buffer[layer._rows(lengths)]
+        return layer.held()[0]
     return layer.keys
 
 

@@ -105,3 +105,54 @@ def test_the_check_finds_a_cycle_through_a_function_level_import(tmp_path, sourc
         (tmp_path / rel).write_text(text)
     edges, _ = import_graph(tmp_path / "a")
     assert cycles(edges) == expected
+
+
+def _private_attributes(path: Path):
+    """(private names a module defines: functions, classes, assigned names and attributes;
+    [(line, expression)] of its private attribute reads on anything but self / cls)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    defined, used = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            defined.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
+                not node.attr.startswith("__") and \
+                not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            used.append((node.lineno, node.attr, ast.unparse(node)))
+    return defined, used
+
+
+def private_calls(root: Path = PACKAGE) -> List[str]:
+    """Private attributes one module of the package reads that another module defines (and it
+    does not): one module reaching into another's internals. Other libraries' private names
+    (``sys._getframe``) are not the package's business here."""
+    modules = {_module_name(p, root): _private_attributes(p) for p in root.rglob("*.py")}
+    found = []
+    for name, (defined, used) in sorted(modules.items()):
+        for line, attr, expression in used:
+            owners = [other for other, (theirs, _) in modules.items()
+                      if other != name and attr in theirs]
+            if attr not in defined and owners:
+                found.append(f"{name}:{line} reads {expression} ({attr} is defined in "
+                             f"{', '.join(sorted(owners))})")
+    return found
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    found = private_calls()
+    assert not found, "\n".join(found)
+
+
+def test_the_check_finds_a_private_call_into_another_module(tmp_path):
+    package = tmp_path / "a"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "x.py").write_text("class Layer:\n    def _rows(self):\n        return 1\n")
+    (package / "y.py").write_text("import sys\n\ndef f(layer):\n"
+                                  "    return layer._rows(), sys._getframe(0)\n")
+    assert private_calls(package) == ["a.y:4 reads layer._rows (_rows is defined in a.x)"]

@@ -38,9 +38,12 @@ from typing import Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ..methods import Method, Prefill, resolve
+from ..methods import Method, Prefill, Selection, resolve
 from . import capture
-from .layers import CompressedLayer, HeadwiseLayer, layer_from_kept
+from .compressor import LayerInput
+from .layers import CompressedLayer, HeadwiseLayer
+from .headwise import segment_layout
+from .model import layer_of
 
 DEFAULT_INTERVAL = 64
 
@@ -119,7 +122,7 @@ class DecodeCompression:
     def observe(self, state, query: torch.Tensor, key: torch.Tensor, attention_mask) -> None:
         """Record this call's queries: a prefill starts the buffer, decode calls roll it."""
         idx = state.layer_idx
-        layer = state.handle._layer(state.cache, idx)
+        layer = layer_of(state.cache, idx)
         query = query.detach()
         if not isinstance(layer, HeadwiseLayer) and capture.is_prefill(query, key):
             self._queries[idx] = query[..., -self.window:, :].clone()
@@ -153,7 +156,7 @@ class DecodeCompression:
         if self._since.get(idx, 0) < self.interval:
             return True
         self._since[idx] = 0
-        layer = self.handle._layer(cache, idx)
+        layer = layer_of(cache, idx)
         if idx in self.handle.sliding_layers or getattr(layer, "is_sliding", False):
             return True
         with torch.no_grad():
@@ -174,15 +177,13 @@ class DecodeCompression:
         return max(m.layer_idx for m in self.handle.modules
                    if m.layer_idx not in self.handle.sliding_layers)
 
-    def _prefill(self, module, idx, queries, keys, values, key_mask) -> Prefill:
-        scaling = getattr(module, "scaling", None)
+    def _prefill(self, module, cache, queries, keys, values, key_mask) -> Prefill:
+        """The method's input for these [B, Hkv, N, D] K/V of `module`'s layer, with the
+        layer's kept per-token scores (static scorers)."""
         B, Hkv, N = keys.shape[:3]
-        stored = self._stored_scores(idx, B * Hkv, N)
-        return Prefill(queries=queries, keys=keys, values=values, key_mask=key_mask,
-                       window=self.window, layer=idx, num_layers=self.handle.num_layers,
-                       scaling=None if scaling is None else float(scaling), module=module,
-                       decoder=self.handle.decoder,
-                       token_scores=None if stored is None else stored.view(B, Hkv, N))
+        return self.handle.compressor.prefill(
+            LayerInput(module, cache, queries), keys, values, key_mask,
+            self._stored_scores(module.layer_idx, B, Hkv, N))
 
     # -- static per-token scores (Scorer.static_scores) --------------------------------------
     def _token_scores(self, hidden, idx) -> torch.Tensor:
@@ -193,19 +194,21 @@ class DecodeCompression:
         return self.method.static_scorer.token_scores(hidden, idx, self.handle.decoder)
 
     def prefilled(self, idx: int, token_scores, kept=None) -> None:
-        """Keep the prefill's per-token scores [B, Hkv, N] of layer `idx` (static scorers),
-        gathered with the prefill compression's ``kept`` selection when there was one."""
+        """Keep the per-token scores [B, Hkv, N] of layer `idx` (static scorers) that a
+        compression (at prefill or during decoding) started from, gathered with its ``kept``
+        selection when there was one (the layer compressor's listener call)."""
         if self.method.static_scorer is None or token_scores is None:
             return
         scores = token_scores.flatten(0, 1)
         self._scores[idx] = scores if kept is None else \
             _kept_scores(scores, kept.positions, kept.offsets)
 
-    def _stored_scores(self, idx, segments: int, tokens: int):
-        """The layer's kept per-token scores [segments, tokens] (static scorers; else None),
-        checked against the layout they must follow."""
+    def _stored_scores(self, idx, batch: int, kv_heads: int, tokens: int):
+        """The layer's kept per-token scores [batch, kv_heads, tokens] (static scorers; else
+        None), checked against the layout they must follow."""
         if self.method.static_scorer is None:
             return None
+        segments = batch * kv_heads
         scores = self._scores.get(idx)
         if scores is None or tuple(scores.shape) != (segments, tokens):
             got = "none" if scores is None else list(scores.shape)
@@ -213,7 +216,7 @@ class DecodeCompression:
                 f"mixkv: method {self.method.label!r} keeps a score per cached token, but layer "
                 f"{idx} has {got} for its [{segments}, {tokens}] tokens (a cache this patch did "
                 "not prefill?)")
-        return scores
+        return scores.view(batch, kv_heads, tokens)
 
     def _window_queries(self, idx, device) -> Optional[torch.Tensor]:
         queries = self._queries.get(idx)
@@ -233,38 +236,23 @@ class DecodeCompression:
         return torch.cat([real, real.new_ones(B, N - real.shape[1])], 1)
 
     def _compress_dense(self, module, cache, idx, layer) -> None:
-        keys, values = layer.keys, layer.values
-        B, Hkv, N, D = keys.shape
-        queries = self._window_queries(idx, keys.device)
+        B, Hkv, N, _ = layer.keys.shape
+        queries = self._window_queries(idx, layer.keys.device)
         if N <= self.decode_budget or queries is None:
             return
-        key_mask = self._real_tokens(idx, layer)
-        if key_mask is not None:
-            key_mask = key_mask.to(keys.device)
-        kept = self.method.compress(self._prefill(module, idx, queries, keys, values, key_mask),
-                                    self.decode_budget)
+        item = LayerInput(module, cache, queries, self._real_tokens(idx, layer),
+                          token_scores=self._stored_scores(idx, B, Hkv, N))
         # Head-wise budgets on a layer the prefill left whole give a HeadwiseLayer.
-        cache.layers[idx] = layer_from_kept(kept, key_mask, B, Hkv, headroom=self.interval)
-        if idx in self._scores:
-            self._scores[idx] = _kept_scores(self._scores[idx], kept.positions, kept.offsets)
+        self.handle.compressor.compress([item], budget=self.decode_budget,
+                                        headroom=self.interval, record=False)
         self.compressions += 1
 
     def _segments(self, idx, layer):
         """Each (row, KV head) of a layer as a left-padded row of its own: keys, values
         [S, longest, D], real-token mask [S, longest], current lengths [S] (S = B * Hkv)."""
         if isinstance(layer, HeadwiseLayer):
-            B, Hkv = layer.batch, layer.kv_heads
-            lengths = layer.lengths
-            S, D = B * Hkv, layer.key_buffer.shape[-1]
-            segment, local, slot, longest = _layout(lengths)
-            rows = layer.starts[segment] + local    # token t of segment s: buffer starts[s] + t
-            keys = layer.key_buffer.new_zeros(S, longest, D)
-            values = layer.value_buffer.new_zeros(S, longest, D)
-            mask = torch.zeros(S, longest, dtype=torch.bool, device=layer.device)
-            keys[segment, slot] = layer.key_buffer[rows]
-            values[segment, slot] = layer.value_buffer[rows]
-            mask[segment, slot] = layer.valid[rows]
-            return keys, values, mask, lengths, B, Hkv
+            keys, values, mask = layer.padded()
+            return keys, values, mask, layer.lengths, layer.batch, layer.kv_heads
         B, Hkv, N, D = layer.keys.shape     # a dense layer (left whole at prefill)
         real = self._real_tokens(idx, layer)
         real = torch.ones(B, N, dtype=torch.bool, device=layer.keys.device) if real is None \
@@ -274,18 +262,16 @@ class DecodeCompression:
         return (layer.keys.reshape(B * Hkv, N, D), layer.values.reshape(B * Hkv, N, D), mask,
                 lengths, B, Hkv)
 
-    def _score_segments(self, module, idx, keys, values, mask, queries, B, Hkv):
+    def _score_segments(self, module, cache, keys, values, mask, queries, B, Hkv):
         """(importance, scores) [B, Hkv, C] of the segments, importance 0 at padding."""
         S, longest = mask.shape
         W = self.window
         Hq, Dq = queries.shape[1], queries.shape[-1]
         per_segment = queries.reshape(B, Hkv, Hq // Hkv, W, Dq).reshape(S, Hq // Hkv, W, Dq)
         # Every segment is a row with one KV head: its own key mask.
-        segments = self._prefill(module, idx, per_segment.contiguous(), keys[:, None],
+        segments = self._prefill(module, cache, per_segment.contiguous(), keys[:, None],
                                  values[:, None], mask)   # token_scores [S, 1, longest]
-        m = self.method
-        importance, scores = (m._checked(x, segments)
-                              for x in m.scorer.score_with_importance(segments))
+        importance, scores = self.method.scored(segments)
         C = longest - W
         importance = torch.where(mask[:, None, :C], importance, 0.0).view(B, Hkv, C)
         return importance.contiguous(), scores.contiguous()
@@ -295,19 +281,14 @@ class DecodeCompression:
         """select_kv_ragged with per-segment ``capacities`` [B, Hkv]; a new HeadwiseLayer
         unless nothing is removed."""
         S = B * Hkv
-        kept_keys, kept_values, positions, offsets = torch.ops.mixkv.select_kv_ragged(
+        kept = Selection(*torch.ops.mixkv.select_kv_ragged(
             scores, keys[:, None], values[:, None], capacities.reshape(S, 1).to(torch.int32),
-            self.window, mask)
-        kept_lengths = offsets.diff().long()
-        if torch.equal(kept_lengths, lengths.to(kept_lengths.device)):
+            self.window, mask))
+        if torch.equal(kept.offsets.diff().long(), lengths.to(kept.offsets.device).long()):
             return  # nothing removed (a policy may keep more than decode_budget in a head)
-        kept_segment = torch.repeat_interleave(torch.arange(S, device=keys.device),
-                                               kept_lengths)
-        valid = mask[kept_segment, positions.long()]
-        cache.layers[idx] = HeadwiseLayer(kept_keys, kept_values, offsets, valid, B, Hkv,
-                                          headroom=self.interval)
-        if idx in self._scores:
-            self._scores[idx] = _kept_scores(self._scores[idx], positions, offsets)
+        self.handle.compressor.install(cache, idx, kept, mask, B, Hkv, headroom=self.interval,
+                                       token_scores=self._stored_scores(idx, B, Hkv,
+                                                                        mask.shape[1]))
         self.compressions += 1
 
     def _compress_headwise(self, module, cache, idx, layer: HeadwiseLayer) -> None:
@@ -317,7 +298,7 @@ class DecodeCompression:
             return
         keys, values, mask, lengths, B, Hkv = self._segments(idx, layer)
         longest = mask.shape[1]
-        importance, scores = self._score_segments(module, idx, keys, values, mask, queries,
+        importance, scores = self._score_segments(module, cache, keys, values, mask, queries,
                                                   B, Hkv)
         real = mask[:, :longest - W]
         # Head-wise layers exist only under head-wise policies. The policy sees each row's
@@ -325,7 +306,7 @@ class DecodeCompression:
         # then capped at its own real candidates.
         D = keys.shape[-1]
         row_mask = mask.view(B, Hkv, longest).any(1)
-        whole = self._prefill(module, idx, queries, keys.view(B, Hkv, longest, D),
+        whole = self._prefill(module, cache, queries, keys.view(B, Hkv, longest, D),
                               values.view(B, Hkv, longest, D), row_mask)
         capacities = self.method.policy.capacities(importance, budget - W, whole)
         capacities = torch.minimum(capacities.to(layer.device).long(),
@@ -339,7 +320,7 @@ class DecodeCompression:
         W, budget = self.window, self.decode_budget
         layers = {}
         for idx, (module, cache) in sorted(pending.items()):
-            layer = self.handle._layer(cache, idx)
+            layer = layer_of(cache, idx)
             device = layer.device if isinstance(layer, HeadwiseLayer) else layer.keys.device
             queries = self._window_queries(idx, device)
             if queries is None:
@@ -354,7 +335,7 @@ class DecodeCompression:
             keys, values, mask, lengths, B, Hkv = self._segments(idx, layer)
             if mask.shape[1] <= W:
                 continue      # nothing but the window: kept as it is
-            importance, scores = self._score_segments(module, idx, keys, values, mask,
+            importance, scores = self._score_segments(module, cache, keys, values, mask,
                                                       queries, B, Hkv)
             real = mask[:, :mask.shape[1] - W].view(B, Hkv, -1)
             scored[idx] = (cache, keys, values, mask, lengths, scores, importance, real, B, Hkv)
@@ -366,27 +347,16 @@ class DecodeCompression:
             self._install(cache, idx, keys, values, mask, lengths, scores, capacity, B, Hkv)
 
 
-def _layout(lengths: torch.Tensor):
-    """Segments of these ``lengths`` [S] laid out left-padded in [S, longest]: for every token,
-    in segment order, its segment, its index in the segment and its slot
-    (longest - length + index); and longest."""
-    longest = int(lengths.max())
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    local = torch.arange(int(lengths.sum()), device=lengths.device) - \
-        torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return segment, local, longest - lengths[segment] + local, longest
-
-
 def _kept_scores(scores: torch.Tensor, positions: torch.Tensor, offsets) -> torch.Tensor:
     """Per-token scores [S, N] (S = B * Hkv rows of the compressed layout) of the tokens a
     selection kept: dense ``positions`` [B, Hkv, k] give [S, k]; ragged ones (flat, with
     ``offsets`` [S + 1]) the left-padded [S, longest] layout of the head-wise layer they
-    become (``_segments``'s), 0 at padding."""
+    become (``HeadwiseLayer.padded``'s), 0 at padding."""
     if offsets is None:
         return scores.view(*positions.shape[:2], -1).gather(
             -1, positions.long().to(scores.device)).flatten(0, 1)
     lengths = offsets.diff().long().to(scores.device)
-    segment, _, slot, longest = _layout(lengths)
+    segment, _, slot, longest = segment_layout(lengths)
     out = scores.new_zeros(len(lengths), longest)
     out[segment, slot] = scores[segment, positions.long().to(scores.device)]
     return out

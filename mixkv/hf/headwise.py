@@ -50,9 +50,7 @@ class HeadwiseLayer(DynamicLayer):
 
     def _rows(self, count: torch.Tensor) -> torch.Tensor:
         """Buffer rows starts[s] + (0 .. count[s]-1) of every segment s, in order."""
-        segment = torch.repeat_interleave(torch.arange(len(count), device=self.device), count)
-        local = torch.arange(int(count.sum()), device=self.device) - torch.repeat_interleave(
-            count.cumsum(0) - count, count)
+        segment, local, _, _ = segment_layout(count)
         return self.starts[segment] + local
 
     def _grow(self, needed: int) -> None:
@@ -107,6 +105,26 @@ class HeadwiseLayer(DynamicLayer):
         """Tokens held per (row, KV head): [B, Hkv]."""
         return self.lengths.view(self.batch, self.kv_heads).clone()
 
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The held tokens in segment order ((row, KV head) major, then position): keys,
+        values [T, D] and which are real [T] (T = the sum of ``kept_tokens()``)."""
+        rows = self._rows(self.lengths)
+        return self.key_buffer[rows], self.value_buffer[rows], self.valid[rows]
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each (row, KV head) segment as a left-padded row of its own: keys, values
+        [B * Hkv, longest, D] and the real-token mask [B * Hkv, longest] (False at padding)."""
+        segment, local, slot, longest = segment_layout(self.lengths)
+        rows = self.starts[segment] + local
+        S, D = self.batch * self.kv_heads, self.key_buffer.shape[-1]
+        keys = self.key_buffer.new_zeros(S, longest, D)
+        values = self.value_buffer.new_zeros(S, longest, D)
+        mask = torch.zeros(S, longest, dtype=torch.bool, device=self.device)
+        keys[segment, slot] = self.key_buffer[rows]
+        values[segment, slot] = self.value_buffer[rows]
+        mask[segment, slot] = self.valid[rows]
+        return keys, values, mask
+
     def nbytes(self) -> int:
         """Bytes of the K/V buffers (headroom included)."""
         return self.key_buffer.nbytes + self.value_buffer.nbytes
@@ -116,3 +134,14 @@ class HeadwiseLayer(DynamicLayer):
                                   "reordered (beam search) or re-batched")
 
     crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+
+def segment_layout(lengths: torch.Tensor):
+    """Segments of these ``lengths`` [S] laid out left-padded in [S, longest]: for every token,
+    in segment order, its segment, its index in the segment and its slot
+    (longest - length + index); and longest."""
+    longest = int(lengths.max()) if len(lengths) else 0
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    local = torch.arange(int(lengths.sum()), device=lengths.device) - \
+        torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return segment, local, longest - lengths[segment] + local, longest

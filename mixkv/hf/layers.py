@@ -71,12 +71,15 @@ def layer_from_kept(kept, key_mask: Optional[torch.Tensor], batch: int, kv_heads
                     headroom: Optional[int] = None) -> DynamicLayer:
     """The cache layer holding a compression's kept tokens (a ``methods.Kept``): a
     :class:`HeadwiseLayer` when heads keep different counts (``kept.offsets``), else a
-    :class:`CompressedLayer`. ``key_mask`` [B, N] marks the prompt's real tokens (None: no
-    padding); the layer remembers which kept tokens are real so decoding masks the rest."""
+    :class:`CompressedLayer`. ``key_mask`` marks the real tokens the selection chose from
+    (None: no padding): [B, N] per row, or, for a head-wise selection, [B * Hkv, N] per
+    (row, KV head) segment (a head-wise layer's ``padded`` view); the layer remembers which kept
+    tokens are real so decoding masks the rest."""
     if kept.offsets is not None:
         valid = torch.ones_like(kept.positions, dtype=torch.bool)
         if key_mask is not None:
-            row = torch.arange(batch, device=key_mask.device).repeat_interleave(kv_heads)
+            segment = torch.arange(batch * kv_heads, device=key_mask.device)
+            row = segment if key_mask.shape[0] == batch * kv_heads else segment // kv_heads
             valid = key_mask[row.repeat_interleave(kept.offsets.diff().long()),
                              kept.positions.long()]
         extra = {} if headroom is None else dict(headroom=headroom)

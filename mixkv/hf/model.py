@@ -1,5 +1,6 @@
 """What the shim asks of a Hugging Face model, answered in one place: its attention modules, its
-sliding-window layers and the ones it compresses, the name of its forward's cache argument and where a call's cache is.
+sliding-window layers and the ones it compresses, the name of its forward's cache argument, where
+a call's cache is and a cache's layer.
 Imports nothing else from ``mixkv.hf``, so every module of the shim can use it (and the
 evaluation, the calibration and the benchmarks) without an import cycle."""
 
@@ -47,6 +48,12 @@ def cache_keyword(module: nn.Module) -> str:
     calls it ``cache``, earlier 5.x ``past_key_values``."""
     parameters = inspect.signature(module.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def layer_of(cache, layer_idx: int):
+    """Layer `layer_idx` of a cache (None when the cache has no such layer yet)."""
+    layers = getattr(cache, "layers", None)
+    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
 
 
 def cache_of(kwargs):

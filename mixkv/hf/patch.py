@@ -6,12 +6,12 @@ Integration by hooks only (no model code is copied), three per patched attention
   layer's own decode mask; on a head-wise layer it runs ``torch.ops.mixkv.ragged_attention``;
 - a forward pre-hook notes the cache of this call (and the module's input hidden states, for
   scorers that need them);
-- a forward hook compresses ``cache.layers[i]`` once the prefill attention has run: the
-  method (``mixkv.methods``) turns the captured :class:`~mixkv.methods.Prefill` into kept K/V,
-  installed as a :class:`CompressedLayer` or a :class:`HeadwiseLayer` (``layers.py``).
+- a forward hook compresses ``cache.layers[i]`` once the prefill attention has run, through
+  the shim's one layer compressor (``compressor.py``): the method (``mixkv.methods``) turns the
+  captured :class:`~mixkv.methods.Prefill` into kept K/V, installed as a
+  :class:`CompressedLayer` or a :class:`HeadwiseLayer` (``layers.py``).
 Prefill is "the layer holds exactly this call's tokens"; ``cache_position`` is never read.
-This file also holds the refusals (caches and generate options that cannot be compressed) and
-the byte statistics.
+This file also holds the refusals (caches and generate options that cannot be compressed).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ..methods import Method, Prefill, resolve
+from ..methods import Method, resolve
 from . import capture, reconstruct
-from .layers import CompressedLayer, HeadwiseLayer, layer_from_kept
-from .model import cache_of, find_attention_modules, sliding_layers  # noqa: F401 (re-exported)
+from .compressor import LayerCompressor, LayerInput
+from .layers import CompressedLayer, HeadwiseLayer
+from .model import cache_of, find_attention_modules, layer_of, sliding_layers  # noqa: F401
 
 # The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
 # newest runs in the main suite). README "Supported versions".
@@ -53,7 +54,7 @@ class _LayerState:
         """The attention call of this module (the capture wrapper's interceptor)."""
         if self.handle.decoding is not None:  # compression during generation (decode.py)
             self.handle.decoding.observe(self, query, key, attention_mask)
-        layer = self.handle._layer(self.cache, self.layer_idx)
+        layer = layer_of(self.cache, self.layer_idx)
         if isinstance(layer, HeadwiseLayer):
             if kwargs.get("softcap") is not None:
                 raise NotImplementedError("mixkv: head-wise budgets do not support attention "
@@ -101,7 +102,7 @@ class MixKVPatch:
                 f"mixkv: {type(model).__name__} soft-caps attention logits, which the head-wise "
                 "cache's attention does not do; use a uniform budget (base='snapkv')")
         self._check_generation_config(getattr(model, "generation_config", None))
-        self._stats: dict = {}
+        self.compressor = LayerCompressor(method, self.decoder, self.num_layers)
         self._hooks = []
         self._states = {}
         self._original_generate = None
@@ -156,11 +157,6 @@ class MixKVPatch:
         if state.cache is not None and getattr(state.cache, "offloading", False):
             raise NotImplementedError("mixkv: offloaded caches cannot be compressed")
 
-    @staticmethod
-    def _layer(cache, layer_idx: int):
-        layers = getattr(cache, "layers", None)
-        return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-
     def _after_attention(self, module, args, kwargs, output):
         state = self._states[module]
         q_window, key_mask, cache, hidden = state.q_window, state.key_mask, state.cache, \
@@ -171,23 +167,22 @@ class MixKVPatch:
         if self.decoding is not None and self.decoding.after_attention(module, cache,
                                                                        state.layer_idx, hidden):
             return
-        layer = self._layer(cache, state.layer_idx)
         if not self.compressible(cache, state.layer_idx):
             return
         tokens = capture.hidden_states_of(args, kwargs).shape[1]
-        if q_window is None or layer.keys.shape[-2] != tokens:
+        if q_window is None or layer_of(cache, state.layer_idx).keys.shape[-2] != tokens:
             return  # not a prefill: the layer held tokens before this call
+        item = LayerInput(module, cache, q_window, key_mask, hidden)
+        if self._deferred is not None:
+            self._deferred.hold(item)
+            return
         with torch.no_grad():
-            if self._deferred is not None:
-                self._deferred.hold(module, cache, state.layer_idx, layer, q_window, key_mask,
-                                    hidden)
-                return
-            self._compress(module, cache, state.layer_idx, layer, q_window, key_mask, hidden)
+            self.compressor.compress([item])
 
     def compressible(self, cache, idx: int) -> bool:
         """Whether layer `idx` of `cache` is one the shim compresses: False for sliding-window
         and already compressed layers; a clear error for caches it cannot shrink."""
-        layer = self._layer(cache, idx)
+        layer = layer_of(cache, idx)
         if isinstance(layer, (DynamicSlidingWindowLayer, HeadwiseLayer, CompressedLayer)) or \
                 getattr(layer, "is_sliding", False):
             return False
@@ -204,73 +199,6 @@ class MixKVPatch:
                 "layers; static, quantized and offloaded caches are not supported (use the "
                 "default DynamicCache)")
         return True
-
-    # -- compression -------------------------------------------------------------------------
-    def _compress(self, module, cache, idx, layer, q_window, key_mask, hidden=None,
-                  reconstruction=None):
-        """Compress one layer (a policy per layer)."""
-        self._compress_layers([(module, cache, idx, layer, q_window, key_mask, hidden,
-                                reconstruction)])
-
-    def _compress_layers(self, items) -> None:
-        """Compress several layers of one prefill: ``items`` are (module, cache, idx, layer,
-        q_window, key_mask, hidden, reconstruction). Under a policy that spans layers (global)
-        they share one budget; otherwise each is compressed on its own."""
-        m = self.method
-        static = m.static_scorer
-        prefills, where = {}, {}
-        for module, cache, idx, layer, q_window, key_mask, hidden, reconstruction in items:
-            keys, values = layer.keys, layer.values
-            B, Hkv, N, D = keys.shape
-            budget = m.budget_for(N)
-            before = keys.nbytes + values.nbytes
-            # Per-token static scores (KVzap): computed once, kept for decoding (decode.py).
-            tokens = None
-            if static is not None and hidden is not None and \
-                    (N > budget or self.decoding is not None):
-                tokens = static.token_scores(hidden, idx, self.decoder).to(keys.device)
-            if N <= budget:  # nothing to remove: the cache stays as it is, bit for bit
-                self._stats[idx] = dict(kept=torch.full((B, Hkv), N), bytes_before=before,
-                                        bytes_after=before, prompt=N)
-                if self.decoding is not None:
-                    self.decoding.prefilled(idx, tokens)
-                continue
-            if key_mask is not None:
-                key_mask = key_mask.to(keys.device)
-            if m.needs_hidden_states and hidden is None:
-                raise ValueError(f"mixkv: method {m.label!r} needs the layer's hidden states; "
-                                 "pass hidden_states= to compress_cache")
-            scaling = getattr(module, "scaling", None)
-            prefills[idx] = Prefill(queries=q_window.to(keys.device), keys=keys, values=values,
-                                    key_mask=key_mask, window=m.window, layer=idx,
-                                    num_layers=self.num_layers,
-                                    scaling=None if scaling is None else float(scaling),
-                                    module=module, decoder=self.decoder, hidden_states=hidden,
-                                    reconstruction=reconstruction, token_scores=tokens)
-            where[idx] = (cache, budget, before)
-        if not prefills:
-            return
-        budgets = {b for _, b, _ in where.values()}
-        if m.spans_layers and len(budgets) > 1:
-            raise ValueError(f"mixkv: method {m.label!r} splits one budget over every layer, "
-                             f"but the layers hold prompts of different lengths (budgets "
-                             f"{sorted(budgets)})")
-        if m.spans_layers:
-            selections = m.compress_layers(prefills, budgets.pop())
-        else:
-            selections = {i: m.compress(p, where[i][1]) for i, p in prefills.items()}
-        for idx, kept in selections.items():
-            cache, _, before = where[idx]
-            p = prefills[idx]
-            B, Hkv = p.keys.shape[:2]
-            cache.layers[idx] = layer_from_kept(kept, p.key_mask, B, Hkv)
-            if self.decoding is not None:
-                self.decoding.prefilled(idx, p.token_scores, kept)
-            counts = torch.full((B, Hkv), kept.keys.shape[-2]) if kept.offsets is None else \
-                kept.offsets.diff().view(B, Hkv).cpu()
-            self._stats[idx] = dict(kept=counts, bytes_before=before,
-                                    bytes_after=kept.keys.nbytes + kept.values.nbytes,
-                                    prompt=p.keys.shape[-2])
 
     # -- public ------------------------------------------------------------------------------
     def compress_cache(self, cache, window_queries: dict, key_mask=None,
@@ -306,27 +234,18 @@ class MixKVPatch:
                 continue
             if idx not in window_queries:
                 raise KeyError(f"mixkv: compress_cache got no window queries for layer {idx}")
-            layer = cache.layers[idx]
-            W = min(self.method.window, layer.keys.shape[-2])
-            items.append((module, cache, idx, layer, window_queries[idx][..., -W:, :], key_mask,
-                          (hidden_states or {}).get(idx), (reconstruction or {}).get(idx)))
+            items.append(LayerInput(module, cache, window_queries[idx], key_mask,
+                                    (hidden_states or {}).get(idx),
+                                    (reconstruction or {}).get(idx)))
         with torch.no_grad():
-            if self.method.spans_layers:
-                self._compress_layers(items)
-            else:
-                for item in items:
-                    self._compress_layers([item])
+            self.compressor.compress(items)
         if self.decoding is not None:  # decoding goes on from these queries (decode.py)
             self.decoding.start(window_queries)
 
     def stats(self) -> dict:
         """The last compression: per layer kept tokens [B, Hkv] and K/V bytes before/after;
         totals under "total"."""
-        layers = {i: dict(s) for i, s in sorted(self._stats.items())}
-        before = sum(s["bytes_before"] for s in layers.values())
-        after = sum(s["bytes_after"] for s in layers.values())
-        return dict(layers=layers, total=dict(bytes_before=before, bytes_after=after,
-                                              ratio=after / before if before else 1.0))
+        return self.compressor.stats()
 
     def unpatch(self) -> None:
         for hook in self._hooks:
@@ -418,6 +337,7 @@ def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = No
     handle = MixKVPatch(model, resolved)
     if decoding is not None:
         decoding.handle, handle.decoding = handle, decoding
+        handle.compressor.listener = decoding
     model._mixkv_patch = handle
     return handle
 

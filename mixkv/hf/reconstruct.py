@@ -525,7 +525,7 @@ class DeferredCompression:
 
     def __init__(self, handle):
         self.handle = handle
-        self.held: Dict[int, tuple] = {}
+        self.held: Dict[int, object] = {}   # layer -> its compressor.LayerInput
         self.context: Optional[dict] = None
         self.running = False
         decoder = handle.decoder
@@ -541,8 +541,9 @@ class DeferredCompression:
         self.context = dict(input_ids=input_ids if embeds is None else None,
                             inputs_embeds=embeds, positions=kwargs.get("position_ids"))
 
-    def hold(self, module, cache, idx, layer, q_window, key_mask, hidden) -> None:
-        self.held[idx] = (module, cache, layer, q_window, key_mask, hidden)
+    def hold(self, item) -> None:
+        """Keep a layer's ``compressor.LayerInput`` until the prefill forward ends."""
+        self.held[item.layer] = item
 
     def _after(self, decoder, args, kwargs, output):
         if self.running or not self.held:
@@ -550,22 +551,16 @@ class DeferredCompression:
         held, self.held = self.held, {}
         context, self.context = self.context or {}, None
         handle = self.handle
-        _, cache, _, _, key_mask, _ = next(iter(held.values()))
+        first = next(iter(held.values()))
         self.running = True
         try:
             with torch.no_grad():
-                scores = {}
                 if handle.method.needs_reconstruction:
-                    scores = scores_for(handle, cache, key_mask=key_mask, layers=list(held),
-                                        **context)
-                items = [(module, cache, idx, layer, q_window, key_mask, hidden, scores.get(idx))
-                         for idx, (module, cache, layer, q_window, key_mask, hidden)
-                         in sorted(held.items())]
-                if handle.method.spans_layers:
-                    handle._compress_layers(items)
-                else:
-                    for item in items:
-                        handle._compress_layers([item])
+                    scores = scores_for(handle, first.cache, key_mask=first.key_mask,
+                                        layers=list(held), **context)
+                    for idx, item in held.items():
+                        item.reconstruction = scores.get(idx)
+                handle.compressor.compress([held[idx] for idx in sorted(held)])
         finally:
             self.running = False
 
