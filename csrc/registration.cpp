@@ -1,5 +1,5 @@
 // The one place where the mixkv op schemas live. Backends add kernels with TORCH_LIBRARY_IMPL
-// (cpu/register_cpu.cpp, meta/meta.cpp, cuda/ops_cuda*.cpp; the ragged ops' fake kernels are in
+// (cpu/register.cpp, meta/register.cpp, cuda/register.cpp; the ragged ops' fake kernels are in
 // mixkv/_fake.py); mixkv/ops.py documents each op, docs/design.md section 3 is the contract.
 //
 // Shapes: B batch, Hq query heads, Hkv KV heads (Hq % Hkv == 0), N prompt length, W window,

@@ -21,12 +21,12 @@ for f in csrc/*.cpp csrc/cpu/*.cpp csrc/meta/*.cpp csrc/cuda/*.cpp; do
   isa=()
   [[ $f == *_avx2.cpp ]] && isa=(-mavx2 -mfma)  # as CMakeLists.txt compiles it
   g++ -std=gnu++20 -O1 -fPIC -DMIXKV_WITH_CUDA -Wall -Wno-unused-parameter -Werror "${isa[@]}" "${INC[@]}" \
-    -c "$f" -o "$CACHE/obj/$(basename "$f").o" || { echo "FAILED: $f"; status=1; }
+    -c "$f" -o "$CACHE/obj/${f//\//_}.o" || { echo "FAILED: $f"; status=1; }
 done
 if command -v nvcc >/dev/null; then
   for f in csrc/cuda/*.cu; do
     nvcc -std=c++20 -arch=sm_90 --expt-relaxed-constexpr -Werror=all-warnings "${INC[@]}" \
-      -c "$f" -o "$CACHE/obj/$(basename "$f").o" || { echo "FAILED: $f"; status=1; }
+      -c "$f" -o "$CACHE/obj/${f//\//_}.o" || { echo "FAILED: $f"; status=1; }
   done
 fi
 [ "$status" = 0 ] && echo "mixkv: every source compiles against torch $VERSION's headers"

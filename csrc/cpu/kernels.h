@@ -1,11 +1,13 @@
-// CPU implementations of the mixkv ops (registered in register_cpu.cpp; the fused compress and
-// compress_ragged, in compress.cpp, call them directly, without a dispatcher round trip).
+// CPU implementations of the mixkv ops (one file per op family: scores.cpp, budgets.cpp,
+// select.cpp, attention.cpp; all registered in register.cpp). CpuOps gives them to the fused
+// compress flow (mixkv/compose.h), called directly, without a dispatcher round trip.
 #pragma once
 
 #include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/util/string_view.h>
 
 #include "mixkv/checks.h"
@@ -59,5 +61,18 @@ at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& starts,
                             const at::Tensor& lengths, const OptTensor& valid,
                             std::optional<double> scaling);
+
+struct CpuOps {
+  struct DeviceGuard {
+    explicit DeviceGuard(c10::Device) {}
+  };
+  static constexpr auto window_importance = &cpu::window_importance;
+  static constexpr auto value_norm = &cpu::value_norm;
+  static constexpr auto key_diversity = &cpu::key_diversity;
+  static constexpr auto mix_scores = &cpu::mix_scores;
+  static constexpr auto head_budgets = &cpu::head_budgets;
+  static constexpr auto select_kv = &cpu::select_kv;
+  static constexpr auto select_kv_ragged = &cpu::select_kv_ragged;
+};
 
 }  // namespace mixkv::cpu

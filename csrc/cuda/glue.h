@@ -1,4 +1,4 @@
-// Small helpers shared by the torch-facing CUDA glue files (ops_cuda*.cpp).
+// Small helpers shared by the torch-facing CUDA glue files (scores.cpp, budgets.cpp, select.cpp, attention.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

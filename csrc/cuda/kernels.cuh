@@ -1,5 +1,6 @@
 // Launchers of the mixkv CUDA kernels: raw pointers and sizes only, no torch headers, so the
-// .cu files compile fast and the ops_cuda*.cpp files hold all torch-facing glue.
+// .cu files compile fast and the glue files (scores.cpp, budgets.cpp, select.cpp,
+// attention.cpp) hold all torch-facing code.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // Launchers of the CUDA score kernels (window_importance, key_diversity, mix_scores): raw
-// pointers and sizes only, no torch headers. ops_cuda_scores.cpp holds the torch-facing glue.
+// pointers and sizes only, no torch headers. scores.cpp holds the torch-facing glue.
 //
 // Notation: B batch, Hkv KV heads, G query heads per KV head, W window, N prompt length, D head
 // dim, C = N - W candidates, BH = B * Hkv. key_mask is [B, mask_stride] bool (true = real

@@ -1,5 +1,5 @@
 // Launchers of the selection kernels behind select_kv, select_kv_ragged, compress and
-// compress_ragged on CUDA: raw pointers and sizes only, no torch headers (see kernels.cuh).
+// compress_ragged on CUDA: raw pointers and sizes only, no torch headers (see kernels.cuh); select.cpp and budgets.cpp hold the torch-facing glue.
 //
 // Per (row b, KV head h), "bh" = b * Hkv + h, the kept positions are the k best candidates in
 // ascending position order (real before padded, then higher score, then lower position),

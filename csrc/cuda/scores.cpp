@@ -1,6 +1,6 @@
-// Torch-facing glue of the CUDA score ops (window_importance, key_diversity, mix_scores):
-// checks (shared shape functions), device guard, current stream, launch checks. Kernels in
-// scores.cu; semantics as the CPU ops (csrc/cpu/scores.cpp).
+// Torch-facing glue of the CUDA score ops (window_importance, value_norm, key_diversity,
+// mix_scores): checks (shared shape functions), device guard, current stream, launch checks.
+// Kernels in scores.cu and value_norm.cu; semantics as the CPU ops (csrc/cpu/scores.cpp).
 #include <cmath>
 #include <tuple>
 
@@ -9,16 +9,16 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/glue.h"
+#include "cuda/kernels.cuh"
+#include "cuda/ops.h"
 #include "cuda/scores.cuh"
 #include "mixkv/checks.h"
 #include "mixkv/options.h"
 #include "mixkv/shapes.h"
 
 namespace mixkv::cuda {
-namespace {
 
 at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
                              const OptTensor& key_mask, int64_t pool_kernel,
@@ -127,11 +127,18 @@ at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
   return out;
 }
 
-}  // namespace
-}  // namespace mixkv::cuda
-
-TORCH_LIBRARY_IMPL(mixkv, CUDA, m) {
-  m.impl("window_importance", &mixkv::cuda::window_importance);
-  m.impl("key_diversity", &mixkv::cuda::key_diversity);
-  m.impl("mix_scores", &mixkv::cuda::mix_scores);
+at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask) {
+  value_norm_shape(values, window, key_mask);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t B = values.size(0), Hkv = values.size(1), N = values.size(2), D = values.size(3);
+  const at::Tensor v = values.contiguous(), mask = bool_mask(key_mask);
+  at::Tensor out = at::empty({B, Hkv, N - window}, values.options().dtype(at::kFloat));
+  launch_value_norm(v.const_data_ptr(), dtype_of(v),
+                    mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                    out.data_ptr<float>(), B, Hkv, N, D, N - window,
+                    c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
+
+}  // namespace mixkv::cuda

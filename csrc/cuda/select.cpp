@@ -1,6 +1,6 @@
-// Torch-facing glue of the CUDA selection ops (head_budgets, select_kv, select_kv_ragged) and of
-// the fused compress / compress_ragged: checks (shared shape functions), device guard, current
-// stream, launch checks.
+// Torch-facing glue of the CUDA selection ops (select_kv, select_kv_ragged; the fused compress /
+// compress_ragged run them through mixkv/compose.h, registered in register.cpp): checks (shared
+// shape functions), device guard, current stream, launch checks.
 //
 // Device -> host synchronisations, each one small copy:
 // - select_kv / compress: one, at the end, to raise the CPU op's error when a real candidate's
@@ -12,24 +12,19 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include "cpu/kernels.h"
 #include "cuda/glue.h"
+#include "cuda/ops.h"
 #include "cuda/select.cuh"
-#include "mixkv/compose.h"
 #include "mixkv/checks.h"
-#include "mixkv/options.h"
 #include "mixkv/shapes.h"
 
 namespace mixkv::cuda {
@@ -38,34 +33,6 @@ namespace {
 void check_positions_fit(const char* op, int64_t N) {
   MIXKV_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), op,
                     "the prompt length N = ", N, " does not fit the int32 kept positions");
-}
-
-// head_budgets: the capacities are computed by the CPU kernel on a host copy of the (small)
-// inputs and copied back. Reason: the adaptive policy sums each head's top-c scores in double in
-// an order that std::nth_element chooses, and that sum scales the head's scores before the
-// global top-(Hkv*c) with its (head, position) tie-break; a device reduction cannot promise the
-// same bits, and the capacities must be identical to the CPU op's. Only the adaptive policy
-// reads the importance values; the other policies copy only key_mask (for the per-row count of
-// real candidates).
-at::Tensor head_budgets(const at::Tensor& importance, int64_t capacity, c10::string_view policy,
-                        double floor_alpha, bool normalize, const OptTensor& key_mask,
-                        int64_t layer, int64_t num_layers, int64_t pyramid_beta,
-                        const OptTensor& profile) {
-  head_budgets_shape(importance, capacity, policy, floor_alpha, key_mask, layer, num_layers,
-                     pyramid_beta, profile);
-  const c10::cuda::CUDAGuard guard(importance.device());
-  const bool adaptive = parse_policy("head_budgets", policy) == Policy::Adaptive;
-  const at::Tensor host_importance =
-      adaptive ? importance.cpu()
-               : at::empty(importance.sizes(), at::TensorOptions().dtype(at::kFloat));
-  const OptTensor host_mask = key_mask ? OptTensor(key_mask->cpu()) : std::nullopt;
-  const OptTensor host_profile = profile ? OptTensor(profile->cpu()) : std::nullopt;
-  const at::Tensor caps =
-      mixkv::cpu::head_budgets(host_importance, capacity, policy, floor_alpha, normalize,
-                               host_mask, layer, num_layers, pyramid_beta, host_profile);
-  at::Tensor out = at::empty(caps.sizes(), importance.options().dtype(at::kInt));
-  out.copy_(caps);
-  return out;
 }
 
 // Positions and K/V rows of the selection, into outputs allocated by the caller.
@@ -91,6 +58,8 @@ void select_into(const at::Tensor& scores, const at::Tensor& keys, const at::Ten
                      B * Hkv, N, D * keys.element_size(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& scores,
                                                          const at::Tensor& keys,
@@ -154,68 +123,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
   return {out_k, out_v, idx, offsets};
 }
 
-// The score ops, called through the dispatcher (their CUDA kernels live in other files).
-at::Tensor call_window_importance(const at::Tensor& q_window, const at::Tensor& keys,
-                                  const OptTensor& key_mask, int64_t pool_kernel,
-                                  c10::string_view pooling, c10::string_view gqa_reduce,
-                                  std::optional<double> scaling) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mixkv::window_importance", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t,
-                            c10::string_view, c10::string_view, std::optional<double>)>();
-  return op.call(q_window, keys, key_mask, pool_kernel, pooling, gqa_reduce, scaling);
-}
-
-at::Tensor call_value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mixkv::value_norm", "")
-          .typed<at::Tensor(const at::Tensor&, int64_t, const OptTensor&)>();
-  return op.call(values, window, key_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> call_key_diversity(const at::Tensor& keys, int64_t window,
-                                                      const OptTensor& key_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mixkv::key_diversity", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
-                                                    const OptTensor&)>();
-  return op.call(keys, window, key_mask);
-}
-
-at::Tensor call_mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
-                           const OptTensor& diversity, const OptTensor& redundancy,
-                           c10::string_view mode, const OptTensor& key_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mixkv::mix_scores", "")
-          .typed<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&,
-                            const OptTensor&, c10::string_view, const OptTensor&)>();
-  return op.call(importance, value_norm, diversity, redundancy, mode, key_mask);
-}
-
-// The fused ops through the shared flow (mixkv/compose.h) with this file's selection kernels
-// and the score ops' CUDA kernels.
-struct CudaOps {
-  using DeviceGuard = c10::cuda::CUDAGuard;
-  static constexpr auto window_importance = &call_window_importance;
-  static constexpr auto value_norm = &call_value_norm;
-  static constexpr auto key_diversity = &call_key_diversity;
-  static constexpr auto mix_scores = &call_mix_scores;
-  static constexpr auto head_budgets = &cuda::head_budgets;
-  static constexpr auto select_kv = &cuda::select_kv;
-  static constexpr auto select_kv_ragged = &cuda::select_kv_ragged;
-};
-
-}  // namespace
 }  // namespace mixkv::cuda
-
-TORCH_LIBRARY_IMPL(mixkv, CUDA, m) {
-  m.impl("head_budgets", &mixkv::cuda::head_budgets);
-  m.impl("select_kv", &mixkv::cuda::select_kv);
-  m.impl("select_kv_ragged", &mixkv::cuda::select_kv_ragged);
-  m.impl("compress", &mixkv::compress_with<mixkv::cuda::CudaOps>);
-  m.impl("compress_ragged", &mixkv::compress_ragged_with<mixkv::cuda::CudaOps>);
-}

@@ -1,37 +1,20 @@
-// Torch-facing glue of the CUDA kernels of value_norm and ragged_attention: checks (shared
-// shape functions), device guard, current stream, launch checks. The other ops' CUDA kernels are
-// registered by ops_cuda_scores.cpp (window_importance, key_diversity, mix_scores) and
-// ops_cuda_select.cpp (head_budgets, select_kv, select_kv_ragged, compress, compress_ragged):
-// every op has a CUDA kernel (tests/test_cuda_ops.py checks that none is missing).
+// Torch-facing glue of the CUDA ragged_attention (the head-wise cache's attention): checks
+// (shared shape functions), device guard, current stream, workspace, launch checks. Kernel in
+// attention.cu.
 #include <cmath>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/glue.h"
 #include "cuda/kernels.cuh"
+#include "cuda/ops.h"
 #include "mixkv/checks.h"
 #include "mixkv/shapes.h"
 
 namespace mixkv::cuda {
-namespace {
-
-at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask) {
-  value_norm_shape(values, window, key_mask);
-  const c10::cuda::CUDAGuard guard(values.device());
-  const int64_t B = values.size(0), Hkv = values.size(1), N = values.size(2), D = values.size(3);
-  const at::Tensor v = values.contiguous(), mask = bool_mask(key_mask);
-  at::Tensor out = at::empty({B, Hkv, N - window}, values.options().dtype(at::kFloat));
-  launch_value_norm(v.const_data_ptr(), dtype_of(v),
-                    mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
-                    out.data_ptr<float>(), B, Hkv, N, D, N - window,
-                    c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
 
 at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
                             const at::Tensor& values, const at::Tensor& starts,
@@ -67,10 +50,4 @@ at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
   return out;
 }
 
-}  // namespace
 }  // namespace mixkv::cuda
-
-TORCH_LIBRARY_IMPL(mixkv, CUDA, m) {
-  m.impl("value_norm", &mixkv::cuda::value_norm);
-  m.impl("ragged_attention", &mixkv::cuda::ragged_attention);
-}
