@@ -28,39 +28,7 @@ class RealTokens {
   int64_t stride_ = 0;
 };
 
-at::Tensor window_importance(const at::Tensor& q_window, const at::Tensor& keys,
-                             const OptTensor& key_mask, int64_t pool_kernel,
-                             c10::string_view pooling, c10::string_view gqa_reduce,
-                             std::optional<double> scaling);
-
-at::Tensor value_norm(const at::Tensor& values, int64_t window, const OptTensor& key_mask);
-
-std::tuple<at::Tensor, at::Tensor> key_diversity(const at::Tensor& keys, int64_t window,
-                                                 const OptTensor& key_mask);
-
-at::Tensor mix_scores(const at::Tensor& importance, const OptTensor& value_norm,
-                      const OptTensor& diversity, const OptTensor& redundancy,
-                      c10::string_view mode, const OptTensor& key_mask);
-
-at::Tensor head_budgets(const at::Tensor& importance, int64_t capacity, c10::string_view policy,
-                        double floor_alpha, bool normalize, const OptTensor& key_mask,
-                        int64_t layer, int64_t num_layers, int64_t pyramid_beta,
-                        const OptTensor& profile);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_kv(const at::Tensor& scores,
-                                                         const at::Tensor& keys,
-                                                         const at::Tensor& values,
-                                                         int64_t capacity, int64_t window,
-                                                         const OptTensor& key_mask);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_kv_ragged(
-    const at::Tensor& scores, const at::Tensor& keys, const at::Tensor& values,
-    const at::Tensor& capacity, int64_t window, const OptTensor& key_mask);
-
-at::Tensor ragged_attention(const at::Tensor& query, const at::Tensor& keys,
-                            const at::Tensor& values, const at::Tensor& starts,
-                            const at::Tensor& lengths, const OptTensor& valid,
-                            std::optional<double> scaling);
+#include "mixkv/kernels.inc"  // window_importance ... ragged_attention
 
 struct CpuOps {
   struct DeviceGuard {
