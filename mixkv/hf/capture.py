@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .model import find_attention_modules
+from .model import find_attention_modules, hidden_states_of  # noqa: F401 (re-exported)
 
 _INTERCEPTORS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 _WRAPPED: dict = {}
@@ -102,12 +102,6 @@ def intercepting(modules, interceptor: Callable):
 def is_prefill(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Prefill: this call's keys are the whole cache (query length = key length)."""
     return query.shape[-2] == key.shape[-2]
-
-
-def hidden_states_of(args, kwargs) -> Optional[torch.Tensor]:
-    """The attention module's input hidden states [B, N, hidden] from its call arguments."""
-    hidden = kwargs.get("hidden_states")
-    return hidden if hidden is not None else (args[0] if args else None)
 
 
 @dataclasses.dataclass

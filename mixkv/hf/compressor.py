@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..methods import Method, Prefill, Selection
 from .layers import layer_from_kept
-from .model import layer_of
+from .model import attention_scaling, layer_of
 
 
 @dataclasses.dataclass
@@ -53,12 +53,11 @@ class LayerCompressor:
     def prefill(self, item: LayerInput, keys: Tensor, values: Tensor,
                 key_mask: Optional[Tensor], token_scores: Optional[Tensor] = None) -> Prefill:
         """The method's input for these K/V of `item`'s layer (the last W queries)."""
-        scaling = getattr(item.module, "scaling", None)
         W = self.method.window
         return Prefill(queries=item.queries[..., -W:, :].to(keys.device), keys=keys,
                        values=values, key_mask=key_mask, window=W, layer=item.layer,
                        num_layers=self.num_layers,
-                       scaling=None if scaling is None else float(scaling), module=item.module,
+                       scaling=attention_scaling(item.module), module=item.module,
                        decoder=self.decoder, hidden_states=item.hidden,
                        reconstruction=item.reconstruction, token_scores=token_scores)
 

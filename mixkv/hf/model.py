@@ -1,15 +1,25 @@
 """What the shim asks of a Hugging Face model, answered in one place: its attention modules, its
 sliding-window layers and the ones it compresses, the name of its forward's cache argument, where
-a call's cache is and a cache's layer.
+a call's cache and hidden states are, a module's attention scaling, a cache's layer, and whether
+the installed transformers is one the shim supports.
 Imports nothing else from ``mixkv.hf``, so every module of the shim can use it (and the
 evaluation, the calibration and the benchmarks) without an import cycle."""
 
 from __future__ import annotations
 
 import inspect
-from typing import List
+import os
+import re
+import sys
+import warnings
+from typing import List, Optional
 
+import torch
 from torch import nn
+
+# The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
+# newest runs in the main suite). README "Supported versions".
+OLDEST_TRANSFORMERS = (5, 3)
 
 
 def find_attention_modules(model: nn.Module):
@@ -60,3 +70,51 @@ def cache_of(kwargs):
     """The cache a layer's call got (its keyword arguments), under either name; None if none."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def hidden_states_of(args, kwargs) -> Optional[torch.Tensor]:
+    """An attention module's input hidden states [B, N, hidden] from its call arguments."""
+    hidden = kwargs.get("hidden_states")
+    return hidden if hidden is not None else (args[0] if args else None)
+
+
+def attention_scaling(module: nn.Module, kwargs: Optional[dict] = None) -> Optional[float]:
+    """The softmax scaling of an attention module's call (its ``scaling`` argument, else the
+    module's attribute); None: 1/sqrt(head dim)."""
+    scaling = (kwargs or {}).get("scaling", getattr(module, "scaling", None))
+    return None if scaling is None else float(scaling)
+
+
+def warn_from_caller(message: str) -> None:
+    """A UserWarning attributed to the first frame outside the mixkv package: the user's line,
+    however many frames of mixkv (or of wrappers around them) lie in between."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame = sys._getframe(1)
+    while frame.f_back is not None and \
+            os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}),
+                           module_globals=frame.f_globals)
+
+
+def _version_tuple(version: str):
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_transformers_version(version: Optional[str] = None) -> bool:
+    """Warn (once per call site) when transformers is older than the oldest the shim supports;
+    True when the version is supported."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if _version_tuple(version) >= OLDEST_TRANSFORMERS:
+        return True
+    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+    warn_from_caller(f"mixkv: transformers {version} is older than {oldest}, the oldest the "
+                      "shim supports (README 'Supported versions'); with kvpress, whose "
+                      "transformers is older, use mixkv.kvpress's presses")
+    return False

@@ -16,10 +16,6 @@ This file also holds the refusals (caches and generate options that cannot be co
 
 from __future__ import annotations
 
-import os
-import re
-import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -30,11 +26,10 @@ from ..methods import Method, resolve
 from . import capture, reconstruct
 from .compressor import LayerCompressor, LayerInput
 from .layers import CompressedLayer, HeadwiseLayer
-from .model import cache_of, find_attention_modules, layer_of, sliding_layers  # noqa: F401
+from .model import (attention_scaling, cache_of,  # noqa: F401 (re-exported)
+                    check_transformers_version, find_attention_modules, hidden_states_of,
+                    layer_of, sliding_layers, warn_from_caller)
 
-# The oldest transformers the shim is tested with (scripts/transformers_test.sh in CI; the
-# newest runs in the main suite). README "Supported versions".
-OLDEST_TRANSFORMERS = (5, 3)
 _REFUSED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized",
                                   "sliding_window", "hybrid", "mamba", "paged")
 
@@ -59,7 +54,7 @@ class _LayerState:
             if kwargs.get("softcap") is not None:
                 raise NotImplementedError("mixkv: head-wise budgets do not support attention "
                                           "logit soft-capping; use base='snapkv'")
-            return layer.attend(query, kwargs.get("scaling", getattr(module, "scaling", None)))
+            return layer.attend(query, attention_scaling(module, kwargs))
         if capture.is_prefill(query, key):
             W = min(self.handle.method.window, query.shape[-2])
             self.q_window = query[..., -W:, :]
@@ -68,20 +63,6 @@ class _LayerState:
             eager = getattr(module.config, "_attn_implementation", None) == "eager"
             attention_mask = layer.decode_mask(query, key, query.dtype if eager else None)
         return function(module, query, key, value, attention_mask, *args, **kwargs)
-
-
-def _warn_from_caller(message: str) -> None:
-    """A UserWarning attributed to the first frame outside the mixkv package: the user's line,
-    however many frames of mixkv (or of wrappers around them) lie in between."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame = sys._getframe(1)
-    while frame.f_back is not None and \
-            os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame = frame.f_back
-    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__"),
-                           registry=frame.f_globals.setdefault("__warningregistry__", {}),
-                           module_globals=frame.f_globals)
 
 
 class MixKVPatch:
@@ -95,7 +76,7 @@ class MixKVPatch:
         self.num_layers = len(self.modules)
         self.sliding_layers = sliding_layers(config, self.num_layers)
         if self.sliding_layers:
-            _warn_from_caller(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers "
+            warn_from_caller(f"mixkv: {len(self.sliding_layers)} of {self.num_layers} layers "
                               "use sliding-window attention and stay uncompressed")
         if method.headwise and getattr(config, "attn_logit_softcapping", None):
             raise NotImplementedError(
@@ -153,7 +134,7 @@ class MixKVPatch:
         state.cache = cache_of(kwargs)
         state.q_window = state.key_mask = None
         if self.method.needs_hidden_states:
-            state.hidden = capture.hidden_states_of(args, kwargs)
+            state.hidden = hidden_states_of(args, kwargs)
         if state.cache is not None and getattr(state.cache, "offloading", False):
             raise NotImplementedError("mixkv: offloaded caches cannot be compressed")
 
@@ -169,7 +150,7 @@ class MixKVPatch:
             return
         if not self.compressible(cache, state.layer_idx):
             return
-        tokens = capture.hidden_states_of(args, kwargs).shape[1]
+        tokens = hidden_states_of(args, kwargs).shape[1]
         if q_window is None or layer_of(cache, state.layer_idx).keys.shape[-2] != tokens:
             return  # not a prefill: the layer held tokens before this call
         item = LayerInput(module, cache, q_window, key_mask, hidden)
@@ -276,27 +257,6 @@ class _KwargsView:
     def __init__(self, kwargs):
         self.cache_implementation = kwargs.get("cache_implementation")
         self.prefill_chunk_size = kwargs.get("prefill_chunk_size")
-
-
-def _version_tuple(version: str):
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
-def check_transformers_version(version: Optional[str] = None) -> bool:
-    """Warn (once per call site) when transformers is older than the oldest the shim supports;
-    True when the version is supported."""
-    if version is None:
-        import transformers
-
-        version = transformers.__version__
-    if _version_tuple(version) >= OLDEST_TRANSFORMERS:
-        return True
-    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
-    _warn_from_caller(f"mixkv: transformers {version} is older than {oldest}, the oldest the "
-                      "shim supports (README 'Supported versions'); with kvpress, whose "
-                      "transformers is older, use mixkv.kvpress's presses")
-    return False
 
 
 def patch(model: nn.Module, method="mixkv", *, decode_budget: Optional[int] = None,

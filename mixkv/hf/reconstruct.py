@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from . import capture
-from .model import cache_keyword, find_attention_modules
+from .model import attention_scaling, cache_keyword, find_attention_modules
 
 LOGITS_PER_BLOCK = 1 << 24   # float32 logits (64 MiB) held at once by one layer call's scoring
 SCORE_LOGITS_PER_HEAD = 1 << 18   # the fused pass's scoring block per KV head (1 MiB)
@@ -375,7 +375,7 @@ def reconstruction_scores(model: nn.Module, cache, *, prompt_ids: Iterable[int] 
         idx = module.layer_idx
         if idx not in scores or capture.is_prefill(query, key):
             return next_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+        scaling = attention_scaling(module, kwargs)
         score_real = state["key_real"].to(key.device)
         query_real = state["query_real"].to(key.device)
         output = None
