@@ -7,7 +7,7 @@ keys, their order and their values are those mixkv has always written, so files 
 runs resume and report as before. The report module reads records in this JSON form (what
 results.jsonl holds), not as :class:`Result`.
 
-Fields marked ``OPTIONAL`` are left out of the JSON when None (a row without a gold
+Fields made with ``_optional()`` are left out of the JSON when None (a row without a gold
 continuation has no fidelity metrics, a row of the HF engine no ``engine`` key, ...), the others
 are always written, None as null. Keys :class:`Result` does not know (a row of a newer or older
 mixkv) are kept in :attr:`Result.extra` and written back after the known ones: reading a row
@@ -20,15 +20,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional
 
-OPTIONAL = {"optional": True}
+def _optional():
+    """A field left out of the JSON when None."""
+    return dataclasses.field(default=None, metadata={"optional": True})
 
 
-def _optional(**kwargs):
-    return dataclasses.field(default=None, metadata=OPTIONAL, **kwargs)
-
-
-@dataclasses.dataclass(eq=True)
+@dataclasses.dataclass   # its __eq__ compares the fields (extra included), not Mapping's
 class Result(Mapping):
+    """One result; the comments give each field's meaning, the module docstring the format."""
     # -- the answer (engine) -------------------------------------------------------------------
     output: str = ""                 # the decoded answer
     output_tokens: int = 0           # its token count
