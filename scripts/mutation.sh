@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c "import mutmut" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "mutmut>=3.3,<4"
 
-EVAL_TESTS="tests/test_eval_report_files.py tests/test_eval_runner_inputs.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py"
+EVAL_TESTS="tests/test_eval_report_files.py tests/test_eval_report_golden.py tests/test_eval_records.py tests/test_eval_runner_inputs.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py"
 tests_for() {
   case "$1" in
     mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
@@ -24,6 +24,7 @@ tests_for() {
     mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py tests/test_kvzip.py" ;;  # kvzip: the refusal
     mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
     mixkv/eval/runner.py) echo "$EVAL_TESTS tests/test_methods.py" ;;  # import_plugins
+    mixkv/eval/report.py|mixkv/eval/records.py) echo "$EVAL_TESTS" ;;
     *) echo "tests" ;;
   esac
 }

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from mixkv.eval import models  # noqa: E402
 from mixkv.eval.engine import Engine, layers_left_alone  # noqa: E402
 from mixkv.eval.models import PACKAGED, EvalModel, PackagedModel, assemble  # noqa: E402
-from mixkv.eval.runner import _ranges  # noqa: E402
+from mixkv.eval.report import ranges  # noqa: E402
 from mixkv.eval.tasks import make_samples  # noqa: E402
 
 from hf_models import CharTokenizer, gemma3, mistral  # noqa: E402
@@ -158,7 +158,7 @@ def test_layers_left_alone_match_the_shim(build, sliding):
                      "and stay uncompressed"] if sliding else [])
     with handle:
         assert handle.sliding_layers == layers["sliding_window"]
-    assert _ranges([0, 1, 2, 4, 6, 7]) == "0-2, 4, 6-7" and _ranges([]) == ""
+    assert ranges([0, 1, 2, 4, 6, 7]) == "0-2, 4, 6-7" and ranges([]) == ""
 
 
 # -- the real Gemma-3-270M (about 240 MB of wheels) ---------------------------------------------

@@ -88,7 +88,7 @@ def test_corpus_passages_count_the_bos_the_model_adds(tmp_path, adds_bos, tokeni
     (docs / "x.txt").write_text("x " * 300)
     got = build_samples(config(tmp_path, corpus=str(docs), lengths=[101], samples=1,
                                continuation=24), em)
-    assert len(got) == 1 and got[0].task == runner.CORPUS_TASK
+    assert len(got) == 1 and got[0].task == tasks.CORPUS_TASK
     assert bos + len(em.encode(got[0].context)) == 101 - bos   # 1, 3, 5... tokens: odd counts
     assert len(em.encode(got[0].target)) == 24
 

@@ -51,6 +51,7 @@ import torch
 from ..constants import DEFAULT_WINDOW, FULL
 from . import metrics
 from .models import EvalModel
+from .records import Result
 from .tasks import Sample
 
 MONOTONE_METRICS = ("contains_all", "contains_any")
@@ -182,8 +183,9 @@ class Engine:
                          time.perf_counter() - start)
 
     def run(self, prefilled: Prefilled, method: str = FULL, budget: Optional[int] = None,
-            ratio: Optional[float] = None, **options) -> Dict:
-        """Evaluate one method at one budget on a prefilled sample; returns a result record."""
+            ratio: Optional[float] = None, **options) -> Result:
+        """Evaluate one method at one budget on a prefilled sample; returns its result, the
+        run's fields (model, seed, settings...) left for the runner."""
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
         start = time.perf_counter()
         name = method
@@ -214,20 +216,20 @@ class Engine:
             # a reused reconstruction pass still counts: every method pays its own scoring
             compress_seconds = time.perf_counter() - start + reused
             stats = handle.stats()["total"] if handle is not None else {}
-            decoding = getattr(handle, "decoding", None)
-            record = self._answer(prefilled, cache, decoding)
+            decoding = handle.decoding if handle is not None else None
+            result = self._answer(prefilled, cache, decoding)
             if decoding is not None:
-                record.update(decode_budget=decoding.decode_budget, interval=decoding.interval,
-                              decode_compressions=decoding.compressions)
-        record.update(
-            sample_id=sample.id, task=sample.task, method=method,
+                result = dataclasses.replace(
+                    result, decode_budget=decoding.decode_budget, interval=decoding.interval,
+                    decode_compressions=decoding.compressions)
+        return dataclasses.replace(
+            result, sample_id=sample.id, task=sample.task, method=method,
             budget=budget if name != FULL else None, ratio=ratio if name != FULL else None,
             mode=self.mode, window=self.window, prompt_tokens=len(prepared.prefill_ids) +
             len(prepared.question_ids), context_tokens=len(prepared.prefill_ids),
             kv_ratio=stats.get("ratio", 1.0), compress_seconds=compress_seconds,
             seconds=time.perf_counter() - start, answers=sample.answers, metric=sample.metric,
             depth=sample.meta.get("depth"))
-        return record
 
     def _reconstruction(self, prefilled: Prefilled, handle, cache):
         """The reconstruction pass's scores for a method that re-reads the context (kvzip),
@@ -251,8 +253,8 @@ class Engine:
         prefilled.reconstructions[key] = (scores, time.perf_counter() - start)
         return scores, 0.0
 
-    def _answer(self, prefilled: Prefilled, cache, decoding=None) -> Dict:
-        """The answer and fidelity record; ``decoding``: the patch's compression during
+    def _answer(self, prefilled: Prefilled, cache, decoding=None) -> Result:
+        """The answer and its fidelity; ``decoding``: the patch's compression during
         generation (its interval sets the pieces every forward is cut into), or None."""
         prepared, sample = prefilled.prepared, prefilled.prepared.sample
         chunk = decoding.interval if decoding is not None else None
@@ -308,11 +310,13 @@ class Engine:
     def _answered(self, sample: Sample, generated: List[int]) -> bool:
         return metrics.score(sample.metric, self.em.decode(generated), sample.answers) == 1.0
 
-    def _result(self, sample, generated, how, fid, strict) -> Dict:
+    def _result(self, sample, generated, how, fid, strict) -> Result:
+        """The answer's part of a result (``fid``: :func:`metrics.fidelity`'s fields, or {}
+        without a gold continuation)."""
         text = self.em.decode(generated)
-        return dict(output=text, output_tokens=len(generated), decoding=how,
-                    score=metrics.score(sample.metric, text, sample.answers, sample.meta),
-                    target_greedy=strict, **fid)
+        return Result(output=text, output_tokens=len(generated), decoding=how,
+                      score=metrics.score(sample.metric, text, sample.answers, sample.meta),
+                      target_greedy=strict, **fid)
 
     def _greedy(self, logits: torch.Tensor, cache, position: int, sample: Sample,
                 monotone: bool, generated: Optional[List[int]] = None):

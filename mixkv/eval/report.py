@@ -1,10 +1,15 @@
-"""Aggregate result records into a summary, a markdown table, CSV and a plot.
+"""Aggregate result records into a summary, the report's tables and prose, CSV and plots.
 
-Records are the dicts :meth:`mixkv.eval.engine.Engine.run` returns (one per sample, method and
-budget). The table has one row per method and one column per budget; each cell is the mean task
-score with its bootstrap 95% interval; ``n`` is the number of samples per cell. A second table
-gives the paired difference "method minus its base" (e.g. ``mixkv+adakv - adakv``: a mix
-against its inner method under the same policy, ``mixkv.methods.base_of``) on the same samples, with a paired bootstrap interval, and a third the fidelity to the full cache.
+Records are results in their JSON form (:meth:`mixkv.eval.records.Result.to_json`, the rows of
+results.jsonl: one per sample, method and budget), so a report reads the files of any mixkv
+version. :func:`document` writes a run's table.md and :func:`side_by_side_document` that of
+``--mode both``, every title and paragraph included; the runner only writes them to files.
+
+The tables have one row per method and one column per budget; each cell is the mean task score
+with its bootstrap 95% interval; ``n`` is the number of samples per cell. A second table gives
+the paired difference "method minus its base" (e.g. ``mixkv+adakv - adakv``: a mix against its
+inner method under the same policy, ``mixkv.methods.base_of``) on the same samples, with a
+paired bootstrap interval, and a third the fidelity to the full cache.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import csv
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..constants import FULL
 from ..methods import base_of, is_mix, order_key
 from .metrics import bootstrap_ci
+from .tasks import CORPUS_TASK
 
 FIDELITY = ("kl", "top1_agree", "delta_nll")
 # Resolution of the PNG reports; the tests lower it (rendering is most of their time).
@@ -250,6 +257,133 @@ def paired_markdown(summary: Dict, *, key: str = "paired") -> str:
 
 
 _method_order = order_key  # full, then each base method followed by its mixes
+
+
+# -- the documents: table.md of a run and of both regimes ----------------------------------------
+NO_PAIRS = "(no method/base pairs)\n"
+HEATMAP_TITLE = "Score by needle depth and budget ({})"
+
+
+def run_title(config, em=None, *, mode: Optional[str] = None) -> str:
+    """What a report's titles say about the run (a :class:`mixkv.eval.runner.RunConfig`; ``em``:
+    the loaded model, else the config's model is named): model | engine (when not HF) |
+    regime | inputs | lengths | window."""
+    inputs = list(config.tasks) + [Path(d).name for d in config.data]
+    if config.corpus:
+        inputs.append(f"corpus {Path(config.corpus).name}")
+    if config.decode_budget is not None:
+        inputs.append(f"decode budget {config.decode_budget} every "
+                      f"{config.interval or 'default'} tokens")
+    parts = [em.name if em is not None else str(config.model)]
+    if config.engine != "hf":
+        parts.append(f"engine {config.engine}")
+    if mode:
+        parts.append(f"mode {mode}")
+    parts += [", ".join(inputs), f"length {'/'.join(map(str, config.lengths))}",
+              f"window {config.window}"]
+    return " | ".join(parts)
+
+
+def _scored_tasks(records: Sequence[Dict]) -> List[str]:
+    return sorted({r["task"] for r in records if r.get("metric") != "none"})
+
+
+def summarize_run(records: Sequence[Dict], *, seed: int = 0) -> Dict:
+    """:func:`summarize`, plus ``by_length`` (:func:`summarize_by_length`) when the run has a
+    scored task or no record yet: the summary a run's summary.json holds."""
+    summary = summarize(records, seed=seed)
+    if _scored_tasks(records) or not records:
+        summary["by_length"] = summarize_by_length(records, seed=seed)
+    return summary
+
+
+def _paired_section(title: str, summary: Dict) -> str:
+    return f"**{title}**\n\n" + (paired_markdown(summary) or NO_PAIRS)
+
+
+def document(records: Sequence[Dict], summary: Dict, *, title: str, continuation: int,
+             layers: Optional[Dict] = None) -> str:
+    """A run's table.md: the task score (all tasks, then each task), the paired differences,
+    each prompt length's own, the fidelity tables, the natural-text fidelity (``continuation``:
+    its teacher-forced tokens per passage) and which layers were left uncompressed
+    (``layers``: :func:`mixkv.eval.engine.layers_left_alone`). ``summary``:
+    :func:`summarize_run` of ``records``; ``title``: :func:`run_title`."""
+    tables = []
+    tasks = _scored_tasks(records)
+    if tasks or not records:
+        tables.append(markdown(summary, title=f"**Task score, all tasks** ({title})"))
+        if len(tasks) > 1:
+            for task in tasks:
+                tables.append(markdown(summary, task=task, title=f"**{task}**"))
+        tables.append(_paired_section("Paired difference against the base method "
+                                      "(same samples)", summary))
+        # Several prompt lengths: the pooled tables above, then each length on its own.
+        for length, part in summary["by_length"].items():
+            tables.append(markdown(
+                part, title=f"**Task score, all tasks, {length:,}-token prompts**"))
+            tables.append(_paired_section(f"Paired difference against the base method, "
+                                          f"{length:,}-token prompts", part))
+        tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
+                      fidelity_markdown(summary, key="kl"))
+        tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
+                      fidelity_markdown(summary, key="top1_agree"))
+    corpus = [r for r in records if r["task"] == CORPUS_TASK]
+    if corpus:
+        passages = len({r["sample_id"] for r in corpus})
+        documents = len({r.get("document", r["sample_id"]) for r in corpus})
+        tables.append(
+            f"**Natural-text fidelity** ({title}: {passages} passage(s) of {documents} "
+            f"document(s), each prefix compressed and the next {continuation} tokens "
+            "teacher-forced; mean over tokens, then passages, [95% CI])\n\n" +
+            fidelity_ci_markdown(summary, task=CORPUS_TASK))
+        paired_text = paired_markdown(summary, key="paired_fidelity")
+        if paired_text:
+            tables.append("**Natural text: paired KL difference against the base method**\n\n"
+                          + paired_text)
+    if layers and layers["sliding_window"]:
+        tables.append(
+            f"Layers left uncompressed: {len(layers['sliding_window'])} of "
+            f"{layers['layers']} use sliding-window attention "
+            f"({ranges(layers['sliding_window'])}) and keep their window cache; the "
+            f"methods compress the {len(layers['compressed'])} global layers "
+            f"({ranges(layers['compressed'])}). KV ratios count the compressed layers "
+            "only.\n")
+    return "\n".join(t for t in tables if t)
+
+
+def side_by_side_document(summaries: Dict[str, Dict], *, title: str) -> str:
+    """table.md of ``--mode both``: one methods x (regime, budget) table of the task score,
+    the regimes' paired differences, each prompt length's table, then each regime's own report
+    (``summaries``: regime -> its summary with its ``markdown``)."""
+    parts = [side_by_side_markdown(
+        summaries, title=f"**Task score, all tasks, both regimes** ({title}; agnostic: the "
+                         "context is compressed before the question is appended; aware: the "
+                         "question is part of the compressed prompt)")]
+    for mode, summary in summaries.items():
+        parts.append(_paired_section(f"Paired difference against the base method, {mode}",
+                                     summary))
+    lengths = sorted({length for summary in summaries.values()
+                      for length in summary.get("by_length", {})})
+    for length in lengths:
+        parts.append(side_by_side_markdown(
+            {mode: summary["by_length"][length] for mode, summary in summaries.items()
+             if length in summary.get("by_length", {})},
+            title=f"**Task score, all tasks, both regimes, {length:,}-token prompts**"))
+    for mode, summary in summaries.items():
+        parts.append(f"## Regime {mode} (folder `{mode}/`)\n\n" + summary["markdown"])
+    return "\n".join(parts)
+
+
+def ranges(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 4, 6, 7] -> "0-2, 4, 6-7"."""
+    parts, run = [], []
+    for i in list(indices) + [None]:
+        if run and (i is None or i != run[-1] + 1):
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        if i is not None:
+            run.append(i)
+    return ", ".join(parts)
 
 
 def write_csv(records: Iterable[Dict], path: str) -> None:

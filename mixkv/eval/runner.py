@@ -19,15 +19,17 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .. import methods as registry
 from ..constants import DEFAULT_WINDOW, FULL
 from . import report
-from .tasks import (CORPUS_TASK, DEFAULT_CONTINUATION, TASKS, Haystack, Sample,
-                    corpus_samples, load_jsonl, make_samples)
+from .report import run_title
+from .records import Result
+from .tasks import (DEFAULT_CONTINUATION, TASKS, Haystack, Sample, corpus_samples,
+                    load_jsonl, make_samples)
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey")
 DEFAULT_METHODS = ("snapkv", "mixkv", "pyramidkv", "mixkv+pyramidkv", "adakv", "mixkv+adakv")
@@ -163,16 +165,17 @@ def reconstruction_setup(method: str) -> Optional[str]:
     return None if part is None else repr(part)
 
 
-def record_key(record: Dict) -> Optional[str]:
-    """The resume key of a results.jsonl row; None for rows written before settings existed."""
-    settings = record.get("settings")
+def record_key(settings: Optional[Dict]) -> Optional[str]:
+    """The resume key of a result's settings; None for rows written before settings existed."""
     return json.dumps(settings, sort_keys=True) if settings else None
 
 
-def describe_other_rows(records: List[Dict], run: Dict, wanted: Dict[str, Dict]) -> Optional[str]:
-    """A message naming how the rows of results.jsonl that this run does not use differ from
-    its settings (`wanted`: key -> settings of this run's results; None when no row differs)."""
-    others = [r for r in records if record_key(r) not in wanted]
+def describe_other_rows(rows: Sequence[Mapping], run: Dict,
+                        wanted: Dict[str, Dict]) -> Optional[str]:
+    """A message naming how the rows of results.jsonl (:class:`Result` or their JSON) that
+    this run does not use differ from its settings (`wanted`: key -> settings of this run's
+    results; None when no row differs)."""
+    others = [r for r in rows if record_key(r.get("settings")) not in wanted]
     if not others:
         return None
     legacy = sum(1 for r in others if not r.get("settings"))
@@ -206,6 +209,7 @@ def describe_other_rows(records: List[Dict], run: Dict, wanted: Dict[str, Dict])
 
 
 def load_records(path: Path) -> List[Dict]:
+    """The rows of a results.jsonl, as read (a line cut short by an interrupted run skipped)."""
     records = []
     if path.exists():
         with open(path, encoding="utf-8") as handle:
@@ -218,6 +222,12 @@ def load_records(path: Path) -> List[Dict]:
                 except json.JSONDecodeError:  # a line cut short by an interrupted run
                     continue
     return records
+
+
+def load_results(path: Path) -> List[Result]:
+    """The rows of a results.jsonl as :class:`Result` (any mixkv version's: see
+    :meth:`Result.from_json`)."""
+    return [Result.from_json(row) for row in load_records(path)]
 
 
 def build_samples(config: RunConfig, em) -> List[Sample]:
@@ -334,17 +344,15 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         em = _load(config)
     samples = build_samples(config, em)
     combos = plan(config)
-    # The record's fields beside the engine's (which gives mode and window).
-    common = dict(model=em.name, haystack=config.haystack_dir or config.haystack)
     settings = run_settings(config, em)
     results_path = out / "results.jsonl"
-    existing = load_records(results_path)
-    done = {record_key(r) for r in existing}
+    existing = load_results(results_path)
+    done = {record_key(r.settings) for r in existing}
 
     # Each result's settings and key, computed once (settings_of hashes the sample's content).
     planned = {(i, j): settings_of(settings, sample, combo)
                for i, sample in enumerate(samples) for j, combo in enumerate(combos)}
-    key = {ij: record_key(dict(settings=value)) for ij, value in planned.items()}
+    key = {ij: record_key(value) for ij, value in planned.items()}
     wanted = {key[ij]: value for ij, value in planned.items()}
     message = describe_other_rows(existing, settings, wanted)
     if message:
@@ -370,7 +378,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         return chosen
 
     def hf_results():
-        """(i, j, record, prefill seconds), sample by sample: one prefill each, then ``full``
+        """(i, j, result, prefill seconds), sample by sample: one prefill each, then ``full``
         (the fidelity reference, redone even when recorded) and every pending combination."""
         engine = Engine(em, window=config.window, mode=config.mode, shortcut=config.shortcut,
                         hidden_states=any(registry.needs_hidden_states(m)
@@ -387,7 +395,7 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                         prefilled.seconds
 
     def vllm_results():
-        """(i, j, record, None), combination by combination: one vLLM engine each, serving
+        """(i, j, result, None), combination by combination: one vLLM engine each, serving
         every pending sample as one batch (the prefill is inside the engine's steps)."""
         from .vllm_engine import VLLMEngine
 
@@ -395,10 +403,10 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
         for j, combo in enumerate(combos):
             todo = [i for i in range(len(samples)) if key[i, j] not in done]
             if todo:
-                records = engine.run([engine.prepare(samples[i]) for i in todo], combo["method"],
+                results = engine.run([engine.prepare(samples[i]) for i in todo], combo["method"],
                                      combo["budget"], combo["ratio"], **extra(combo["method"]))
-                for i, record in zip(todo, records):
-                    yield i, j, record, None
+                for i, result in zip(todo, results):
+                    yield i, j, result, None
 
     bar = None
     if config.progress:
@@ -415,20 +423,20 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
             if tail.read(1) != b"\n":
                 tail.write(b"\n")
     with open(results_path, "a", encoding="utf-8") as sink:
-        for i, j, record, prefill in (vllm_results() if config.engine == "vllm"
+        for i, j, result, prefill in (vllm_results() if config.engine == "vllm"
                                       else hf_results()):
             sample, combo = samples[i], combos[j]
             if prefill is not None and i not in prefilled_samples:
                 prefilled_samples.add(i)
                 prefill_seconds += prefill
-            eval_seconds += record["seconds"]
+            eval_seconds += result.seconds
             if key[i, j] in done:
                 continue
-            record.update(common, prefill_seconds=prefill, seed=config.seed,
-                          length=sample.meta.get("length"), settings=planned[i, j])
-            if "document" in sample.meta:
-                record["document"] = sample.meta["document"]
-            sink.write(json.dumps(record) + "\n")
+            result = result.of_run(
+                model=em.name, haystack=config.haystack_dir or config.haystack,
+                prefill_seconds=prefill, seed=config.seed, length=sample.meta.get("length"),
+                settings=planned[i, j], document=sample.meta.get("document"))
+            sink.write(json.dumps(result.to_json()) + "\n")
             sink.flush()
             done.add(key[i, j])
             ran += 1
@@ -438,98 +446,42 @@ def _run_one(config: RunConfig, *, em=None) -> Dict:
                                     f"{combo['budget'] or combo['ratio'] or ''}".strip())
     if bar is not None:
         bar.close()
-    records = [r for r in load_records(results_path) if record_key(r) in wanted]
+    results = [r for r in load_results(results_path) if record_key(r.settings) in wanted]
     # This invocation's seconds, and the recorded ones: a resumed run, or a rebuild that ran
     # nothing, would otherwise report its own few seconds as the cost of the whole table.
-    prefills = {(r["sample_id"], r.get("mode")): r.get("prefill_seconds") or 0.0
-                for r in records}
+    prefills = {(r.sample_id, r.mode): r.prefill_seconds or 0.0 for r in results}
     timing = dict(total_seconds=time.perf_counter() - started, load_seconds=em.load_seconds,
                   prefill_seconds=prefill_seconds, eval_seconds=eval_seconds,
                   evaluations_run=ran,
                   recorded_prefill_seconds=sum(prefills.values()),
-                  recorded_eval_seconds=sum(r.get("seconds", 0.0) for r in records))
-    return write_reports(records, out, config=config, em=em, timing=timing)
-
-
-def run_title(config: RunConfig, em=None, *, mode: Optional[str] = None) -> str:
-    """What a report's titles say about the run: model | engine (when not HF) | regime |
-    inputs | lengths | window."""
-    inputs = list(config.tasks) + [Path(d).name for d in config.data]
-    if config.corpus:
-        inputs.append(f"corpus {Path(config.corpus).name}")
-    if config.decode_budget is not None:
-        inputs.append(f"decode budget {config.decode_budget} every "
-                      f"{config.interval or 'default'} tokens")
-    parts = [em.name if em is not None else str(config.model)]
-    if config.engine != "hf":
-        parts.append(f"engine {config.engine}")
-    if mode:
-        parts.append(f"mode {mode}")
-    parts += [", ".join(inputs), f"length {'/'.join(map(str, config.lengths))}",
-              f"window {config.window}"]
-    return " | ".join(parts)
+                  recorded_eval_seconds=sum(r.seconds for r in results))
+    return write_reports([r.to_json() for r in results], out, config=config, em=em,
+                         timing=timing)
 
 
 def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
                   timing: Optional[Dict] = None) -> Dict:
+    """OUT/table.md, results.csv, plot.png, heatmap.png and summary.json of ``records`` (in
+    their JSON form, :meth:`Result.to_json`); returns the summary, with the table's text as
+    ``markdown``. Every table and its prose comes from :mod:`mixkv.eval.report`."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = report.summarize(records, seed=config.seed)
+    summary = report.summarize_run(records, seed=config.seed)
     title = run_title(config, em, mode=config.mode)
-    tables = []
-    tasks = sorted({r["task"] for r in records if r.get("metric") != "none"})
-    if tasks or not records:
-        tables.append(report.markdown(summary, title=f"**Task score, all tasks** ({title})"))
-        if len(tasks) > 1:
-            for task in tasks:
-                tables.append(report.markdown(summary, task=task, title=f"**{task}**"))
-        tables.append("**Paired difference against the base method (same samples)**\n\n" +
-                      (report.paired_markdown(summary) or "(no method/base pairs)\n"))
-        # Several prompt lengths: the pooled tables above, then each length on its own.
-        summary["by_length"] = report.summarize_by_length(records, seed=config.seed)
-        for length, part in summary["by_length"].items():
-            tables.append(report.markdown(
-                part, title=f"**Task score, all tasks, {length:,}-token prompts**"))
-            tables.append(f"**Paired difference against the base method, {length:,}-token "
-                          "prompts**\n\n" +
-                          (report.paired_markdown(part) or "(no method/base pairs)\n"))
-        tables.append("**Mean KL(full || compressed) over the answer tokens (nats)**\n\n" +
-                      report.fidelity_markdown(summary, key="kl"))
-        tables.append("**Top-1 agreement with the full cache over the answer tokens**\n\n" +
-                      report.fidelity_markdown(summary, key="top1_agree"))
-    corpus = [r for r in records if r["task"] == CORPUS_TASK]
-    if corpus:
-        passages = len({r["sample_id"] for r in corpus})
-        documents = len({r.get("document", r["sample_id"]) for r in corpus})
-        tables.append(
-            f"**Natural-text fidelity** ({title}: {passages} passage(s) of {documents} "
-            f"document(s), each prefix compressed and the next {config.continuation} tokens "
-            "teacher-forced; mean over tokens, then passages, [95% CI])\n\n" +
-            report.fidelity_ci_markdown(summary, task=CORPUS_TASK))
-        paired_text = report.paired_markdown(summary, key="paired_fidelity")
-        if paired_text:
-            tables.append("**Natural text: paired KL difference against the base method**\n\n"
-                          + paired_text)
     layers = None
     if em is not None:
-        from .engine import layers_left_alone
+        from . import engine
 
-        layers = layers_left_alone(em.model)
-        if layers["sliding_window"]:
-            tables.append(
-                f"Layers left uncompressed: {len(layers['sliding_window'])} of "
-                f"{layers['layers']} use sliding-window attention "
-                f"({_ranges(layers['sliding_window'])}) and keep their window cache; the "
-                f"methods compress the {len(layers['compressed'])} global layers "
-                f"({_ranges(layers['compressed'])}). KV ratios count the compressed layers "
-                "only.\n")
-    text = "\n".join(t for t in tables if t)
+        layers = engine.layers_left_alone(em.model)
+    text = report.document(records, summary, title=title, continuation=config.continuation,
+                           layers=layers)
     (out / "table.md").write_text(text, encoding="utf-8")
     report.write_csv(records, str(out / "results.csv"))
     if any(r["task"] == "all" for r in summary["rows"]):
         report.plot(summary, str(out / "plot.png"), title=title)
     stale = out / "heatmap.png"
-    if not (records and report.heatmap(records, str(stale), title=f"Score by needle depth and "
-                                       f"budget ({title})")) and stale.exists():
+    if not (records and report.heatmap(records, str(stale),
+                                       title=report.HEATMAP_TITLE.format(title))) \
+            and stale.exists():
         stale.unlink()   # an earlier run's heatmap would not describe these results
     payload = dict(config=dataclasses.asdict(config), summary=summary, timing=timing or {},
                    records=len(records),
@@ -546,27 +498,10 @@ def write_reports(records: List[Dict], out: Path, *, config: RunConfig, em=None,
 
 def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConfig,
                        em=None) -> Dict:
-    """OUT/table.md, plot.png and summary.json comparing the regimes: one methods x (regime,
-    budget) table of the task score, the regimes' paired differences, then each regime's own
-    report (its folder holds results.jsonl, heatmap.png, ...)."""
+    """OUT/table.md, plot.png and summary.json comparing the regimes
+    (:func:`report.side_by_side_document`); each regime's folder holds its own report."""
     title = run_title(config, em)
-    parts = [report.side_by_side_markdown(
-        summaries, title=f"**Task score, all tasks, both regimes** ({title}; agnostic: the "
-                         "context is compressed before the question is appended; aware: the "
-                         "question is part of the compressed prompt)")]
-    for mode, summary in summaries.items():
-        parts.append(f"**Paired difference against the base method, {mode}**\n\n" +
-                     (report.paired_markdown(summary) or "(no method/base pairs)\n"))
-    lengths = sorted({length for summary in summaries.values()
-                      for length in summary.get("by_length", {})})
-    for length in lengths:
-        parts.append(report.side_by_side_markdown(
-            {mode: summary["by_length"][length] for mode, summary in summaries.items()
-             if length in summary.get("by_length", {})},
-            title=f"**Task score, all tasks, both regimes, {length:,}-token prompts**"))
-    for mode, summary in summaries.items():
-        parts.append(f"## Regime {mode} (folder `{mode}/`)\n\n" + summary["markdown"])
-    text = "\n".join(parts)
+    text = report.side_by_side_document(summaries, title=title)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text, encoding="utf-8")
     report.plot_regimes(summaries, str(out / "plot.png"), title=title)
@@ -578,15 +513,3 @@ def write_side_by_side(summaries: Dict[str, Dict], out: Path, *, config: RunConf
     (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str),
                                       encoding="utf-8")
     return dict(regimes=summaries, markdown=text)
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 4, 6, 7] -> "0-2, 4, 6-7"."""
-    parts, run = [], []
-    for i in list(indices) + [None]:
-        if run and (i is None or i != run[-1] + 1):
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        if i is not None:
-            run.append(i)
-    return ", ".join(parts)

@@ -15,8 +15,9 @@ and nothing can be fed after a compressed context before the answer. No fidelity
 either (they need teacher forcing on the compressed cache), and no decode-time compression
 (the plugin refuses it).
 
-Records carry the HF engine's fields (score, output, output_tokens, decoding, kv_ratio, ...)
-plus ``engine="vllm"``; ``seconds`` is the batch's wall time shared equally by its samples.
+Results (:class:`mixkv.eval.records.Result`) carry the HF engine's fields (score, output,
+output_tokens, decoding, kv_ratio, ...) but the fidelity ones, plus ``engine="vllm"``;
+``seconds`` is the batch's wall time shared equally by its samples.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..constants import DEFAULT_WINDOW, FULL
 from . import metrics
 from .engine import Prepared, prepare
 from .models import EvalModel, serving_folder
+from .records import Result
 
 BLOCK_SIZE = 32                  # the CPU attention backend takes multiples of 32
 
@@ -47,7 +49,7 @@ def check(mode: str, decode_budget: Optional[int], interval: Optional[int]) -> N
 
 class VLLMEngine:
     """Evaluate prepared samples through vLLM: ``run(prepared, method, budget, ratio)`` returns
-    one record per sample, in order."""
+    one :class:`Result` per sample, in order."""
 
     def __init__(self, em: EvalModel, *, window: int = DEFAULT_WINDOW, mode: str = "aware",
                  dtype: str = "float32", block_size: int = BLOCK_SIZE):
@@ -81,7 +83,7 @@ class VLLMEngine:
 
     def run(self, prepared: Sequence[Prepared], method: str = FULL,
             budget: Optional[int] = None, ratio: Optional[float] = None,
-            **options) -> List[Dict]:
+            **options) -> List[Result]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -111,7 +113,7 @@ class VLLMEngine:
             n = len(p.prefill_ids)
             kept = n if setting is None else min(n, kept_tokens(n, budget, ratio, self.window))
             sample, text = p.sample, self.em.decode(generated)
-            records.append(dict(
+            records.append(Result(
                 output=text, output_tokens=len(generated),
                 decoding="eos" if ended is not None else "max_new_tokens",
                 score=metrics.score(sample.metric, text, sample.answers, sample.meta),
