@@ -56,9 +56,10 @@ DEFAULT_BASE = Uniform.name   # "snapkv": a scorer's base when none is named
 def mode_method(mode: str) -> str:
     """The registered scorer that runs score mode `mode` over SnapKV (``"attn"`` -> snapkv,
     ``"vnorm"`` -> vnorm, ...): the first in the registry whose class has that ``mode``."""
-    for name, cls in SCORERS.items():
-        if getattr(cls, "mode", None) == mode and mode in MODE_INPUTS:
-            return name
+    if mode in MODE_INPUTS:
+        for name, cls in SCORERS.items():
+            if getattr(cls, "mode", None) == mode:
+                return name
     raise ValueError(f"mixkv: unknown score mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
@@ -126,6 +127,15 @@ def _build(label: str, base: Optional[str], options: Dict,
     return scorer, _policy(named_base or base or DEFAULT_BASE, options, used)
 
 
+def _one_policy(outer: Optional[BudgetPolicy], inner: Optional[BudgetPolicy],
+                method) -> Optional[BudgetPolicy]:
+    """The policy of a method object that may name one twice (equal: one policy)."""
+    if outer is not None and inner is not None and outer != inner:
+        raise ValueError(f"mixkv: method {method!r} carries two policies, {outer!r} and "
+                         f"{inner!r}")
+    return outer if outer is not None else inner
+
+
 def _inner_policy(scorer: Scorer) -> Tuple[Scorer, Optional[BudgetPolicy]]:
     """(the scorer without the policy a mixer was built around, that policy):
     ``MixKV(AdaKV(SnapKV()))`` -> (``MixKV(SnapKV())``, ``AdaKV()``); (scorer, None) when no
@@ -133,10 +143,7 @@ def _inner_policy(scorer: Scorer) -> Tuple[Scorer, Optional[BudgetPolicy]]:
     if not isinstance(scorer, Mixer):
         return scorer, None
     inner, policy = _inner_policy(scorer.inner)
-    if scorer.policy is not None and policy is not None and scorer.policy != policy:
-        raise ValueError(f"mixkv: method {scorer!r} carries two policies, "
-                         f"{scorer.policy!r} and {policy!r}")
-    policy = scorer.policy if scorer.policy is not None else policy
+    policy = _one_policy(scorer.policy, policy, scorer)
     if policy is None:
         return scorer, None
     bare = copy.copy(scorer)
@@ -156,11 +163,7 @@ def _from_object(method, base: Optional[str], options: Dict,
         raise TypeError(f"mixkv: method must be a name, a Scorer or a BudgetPolicy, got "
                         f"{type(method).__name__}")
     scorer, carried = _inner_policy(scorer)
-    if carried is not None:
-        if policy is not None and policy != carried:
-            raise ValueError(f"mixkv: method {method!r} carries two policies, {policy!r} and "
-                             f"{carried!r}")
-        policy = carried
+    policy = _one_policy(policy, carried, method)
     if policy is None:
         policy = _policy(base or DEFAULT_BASE, options, used)
     elif base not in (None, DEFAULT_BASE, policy.label):
