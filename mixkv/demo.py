@@ -15,6 +15,7 @@ import torch
 
 from . import ops
 from .constants import DEFAULT_WINDOW
+from .methods import MODES, AdaKV
 
 # SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads, head dim 64.
 HQ, HKV, HEAD_DIM = 9, 3, 64
@@ -49,9 +50,8 @@ def main(argv=None):
           f"(window {args.window})\n")
     print(f"{'method':<22}{'ms / layer':>11}{'kept / head':>13}{'MiB after':>11}"
           f"{'hot tokens kept':>17}   layer 0, head 0 kept positions")
-    runs = [(f"{mode} (uniform)", dict(mode=mode)) for mode in
-            ("attn", "vnorm", "keydiff", "mix3", "mixkv")]
-    runs.append(("mixkv + adakv", dict(mode="mixkv", policy="adaptive")))
+    runs = [(f"{mode} (uniform)", dict(mode=mode)) for mode in MODES]
+    runs.append(("mixkv + adakv", dict(mode="mixkv", policy=AdaKV.op_policy)))
     for name, options in runs:
         start = time.perf_counter()
         outputs = [ops.compress(q, k, v, budget=args.budget, window=args.window, **options)

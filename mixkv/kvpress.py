@@ -57,8 +57,9 @@ except ImportError as _error:  # pragma: no cover - exercised without kvpress in
 
 import mixkv  # noqa: F401  (loads the op library)
 
-from .methods import (DEFAULT_WINDOW, FULL, BudgetPolicy, Method, Prefill, Scorer,
-                      load_profile, resolve)
+from .methods import (DEFAULT_WINDOW, FULL, MODES, BudgetPolicy, Method, Prefill, Scorer,
+                      load_profile, mode_method, resolve)
+from .methods.modes import REDUNDANCY, reads
 from .methods.scorers import rotate_half
 
 __all__ = ["MethodPress", "MixKVPress", "MixKVSnapKVPress", "MixKVValueNormPress", "MixKVKeyDiffPress",
@@ -128,7 +129,7 @@ class MethodPress(ScorerPress):
     method : str, Scorer or BudgetPolicy, default "mixkv"
         A method as ``mixkv.patch`` takes it ("tova", "mixkv(knorm)", "streamingllm",
         ``MixKV(TOVA())``, ...) under the uniform policy.
-    window_size : int, default 32
+    window_size : int, default ``mixkv.constants.DEFAULT_WINDOW``
         Observation window: its queries score the candidates and its tokens are always kept.
     options : dict
         The method's options, as ``mixkv.patch``'s keywords (``sinks``, ``seed``,
@@ -249,10 +250,6 @@ class MethodPress(ScorerPress):
         return window_scores(scores, self.window_size)
 
 
-_MODE_METHODS = {"mixkv": "mixkv", "attn": "snapkv", "vnorm": "vnorm", "keydiff": "keydiff",
-                 "mix3": "mix3"}
-
-
 @dataclasses.dataclass
 class MixKVPress(MethodPress):
     """MixKV over SnapKV scores as a kvpress ScorerPress (``MethodPress`` with SnapKV's options
@@ -285,9 +282,9 @@ class MixKVPress(MethodPress):
                 or self.kernel_size % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be an odd integer >= 1, got "
                              f"{self.kernel_size!r}")
-        if self.mode not in _MODE_METHODS:
+        if self.mode not in MODES:
             raise ValueError(f"{name}: unknown mode {self.mode!r}; choose one of "
-                             f"{', '.join(_MODE_METHODS)}")
+                             f"{', '.join(MODES)}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"{name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
         if self.gqa_reduce not in ("mean", "max"):
@@ -296,14 +293,15 @@ class MixKVPress(MethodPress):
         options = dict(pool_kernel=self.kernel_size, pooling=self.pooling,
                        gqa_reduce=self.gqa_reduce)
         if self.redundancy is not None:
-            if self.mode != "mixkv":
-                raise ValueError(f"{name}: a redundancy profile is only used by mode 'mixkv' "
+            if not reads(self.mode, REDUNDANCY):
+                users = " or ".join(repr(m) for m in MODES if reads(m, REDUNDANCY))
+                raise ValueError(f"{name}: a redundancy profile is only used by mode {users} "
                                  f"(mode is {self.mode!r})")
             try:
                 options["redundancy"] = load_profile(self.redundancy, "redundancy")
             except ValueError as error:
                 raise ValueError(f"{name}: redundancy: {error}") from error
-        self.method = _MODE_METHODS[self.mode]
+        self.method = mode_method(self.mode)
         return self.method, options
 
 

@@ -16,6 +16,7 @@ from mixkv.eval import metrics  # noqa: E402
 from mixkv.eval.engine import Engine  # noqa: E402
 from mixkv.eval.runner import RunConfig, run  # noqa: E402
 from mixkv.eval.tasks import Sample, corpus_samples  # noqa: E402
+from mixkv.methods.modes import DIVERSITY, VALUE_NORM, reads  # noqa: E402
 
 from test_eval_corpus import document  # noqa: E402
 from test_eval_engine import cache_kw, tiny_eval_model  # noqa: E402
@@ -55,19 +56,21 @@ def record_selection_gaps(monkeypatch):
     gaps, ops = [], torch.ops.mixkv
     compress, select_kv_ragged = ops.compress, ops.select_kv_ragged
 
-    def fused(q, k, v, mask, budget, window, mode, redundancy, *rest):
-        pool_kernel, pooling, gqa_reduce, scaling = rest
+    # the ops' schema names: the method layer calls them by keyword
+    def fused(q_window, keys, values, key_mask, budget, window, mode, redundancy, pool_kernel,
+              pooling, gqa_reduce, scaling):
+        q, k, v, mask = q_window, keys, values, key_mask
         A = ops.window_importance(q, k, mask, pool_kernel, pooling, gqa_reduce, scaling)
-        V = ops.value_norm(v, window, mask) if mode in ("vnorm", "mix3", "mixkv") else None
-        D, r = ops.key_diversity(k, window, mask) if mode in ("keydiff", "mix3", "mixkv") \
-            else (None, None)
+        V = ops.value_norm(v, window, mask) if reads(mode, VALUE_NORM) else None
+        D, r = ops.key_diversity(k, window, mask) if reads(mode, DIVERSITY) else (None, None)
         S = ops.mix_scores(A, V, D, r if redundancy is None else redundancy, mode, mask)
         gaps.append(_boundary_gap(S, budget - window, mask))
-        return compress(q, k, v, mask, budget, window, mode, redundancy, *rest)
+        return compress(q, k, v, mask, budget, window, mode, redundancy, pool_kernel, pooling,
+                        gqa_reduce, scaling)
 
-    def ragged(scores, keys, values, capacity, window, mask):
-        gaps.append(_boundary_gap(scores, capacity, mask))
-        return select_kv_ragged(scores, keys, values, capacity, window, mask)
+    def ragged(scores, keys, values, capacity, window, key_mask):
+        gaps.append(_boundary_gap(scores, capacity, key_mask))
+        return select_kv_ragged(scores, keys, values, capacity, window, key_mask)
 
     monkeypatch.setattr(ops, "compress", fused)
     monkeypatch.setattr(ops, "select_kv_ragged", ragged)

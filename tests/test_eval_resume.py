@@ -253,9 +253,9 @@ def test_a_changed_reconstruction_setup_reruns_only_its_methods(em, tmp_path, en
     setups = {r["method"]: r["settings"].get("reconstruction") for r in rows}
     assert setups["snapkv"] is None and "overlap=8" in setups["kvzip"]
     engine_runs.clear()
-    defaults = list(KVzip.__init__.__defaults__)
-    defaults[5] = 4                                        # overlap
-    monkeypatch.setattr(KVzip.__init__, "__defaults__", tuple(defaults))
+    # overlap is a keyword-only field of the KVzip dataclass
+    monkeypatch.setattr(KVzip.__init__, "__kwdefaults__",
+                        dict(KVzip.__init__.__kwdefaults__, overlap=4))
     capsys.readouterr()
     run(config(out, methods=methods), em=em)
     assert engine_runs == ["kvzip"] * SAMPLES

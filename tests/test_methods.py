@@ -79,7 +79,7 @@ def test_composed_leaf_ops_keep_the_fused_ops_tokens(monkeypatch, mixer, base, p
     for op in ("compress", "compress_ragged"):
         original = getattr(torch.ops.mixkv, op)
         monkeypatch.setattr(torch.ops.mixkv, op,
-                            lambda *a, _o=original: fused_calls.append(1) or _o(*a))
+                            lambda *a, _o=original, **k: fused_calls.append(1) or _o(*a, **k))
     native = M.resolve(f"{mixer or 'snapkv'}+{base}", budget=BUDGET, window=W, **_options(base))
     inner = ComposedSnapKV()
     scorer = inner if mixer is None else M.SCORERS[mixer](inner)

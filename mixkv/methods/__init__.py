@@ -13,36 +13,54 @@ KV head keeps), optionally inside a mixer such as :class:`MixKV`. Names, as ``mi
 - ``MIXER(NAME)+BASE``: a mixer (``mixkv``, ``vnorm``, ``keydiff``, ``mix3``) over any scorer;
   ``MIXER`` alone wraps SnapKV, so ``mixkv+adakv`` is "AdaKV + MixKV".
 
-Objects work as well: ``mixkv.patch(model, MixKV(AdaKV(SnapKV())), budget=256)``. Options
-(``pool_kernel``, ``sinks``, ``seed``, ``redundancy``, ``profile``, ``floor_alpha``, ...) go to
-the parts whose constructors take them; an option no part of the method takes is an error.
+Objects work as well: ``mixkv.patch(model, MixKV(AdaKV(SnapKV())), budget=256)``. One method,
+one :class:`Method`: ``MixKV(AdaKV(SnapKV()))``, ``AdaKV(MixKV(SnapKV()))`` and
+``"mixkv+adakv"`` resolve to equal parts, the canonical form being the policy over the scorer
+(``Method.policy`` holds no scorer). Options (``pool_kernel``, ``sinks``, ``seed``,
+``redundancy``, ``profile``, ``floor_alpha``, ...) go to the parts that have them (fields of
+the dataclass parts, constructor arguments of plain ones); an option no part of the method
+takes is an error.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Set, Tuple
 
 from ..constants import DEFAULT_WINDOW, FULL
 from . import policies, scorers  # noqa: F401  (registers the built-in parts)
 from . import kvzip  # noqa: F401  (after them: the registry's order is the tables' order)
 from . import kvzap  # noqa: F401  (KVzip's learned surrogate, after it)
-from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Prefill, Scorer, Selection,
-                   constructor_options, load_profile, register_policy, register_scorer)
+from .base import (POLICIES, SCORERS, BudgetPolicy, Method, Part, Prefill, Scorer, Selection,
+                   constructor_options, load_profile, options_dataclass, register_policy,
+                   register_scorer)
 from .kvzap import KVzap
 from .kvzip import KVzip
+from .modes import MODE_INPUTS, MODES
 from .policies import AdaKV, Adaptive, Explicit, Global, Pyramid, PyramidKV, Uniform
-from .scorers import (KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random, SnapKV, StreamingLLM,
-                      ValueNorm)
+from .scorers import (TOVA, ExpectedAttention, KeyDiff, KeyNorm, Mix3, Mixer, MixKV, Random,
+                      SnapKV, StreamingLLM, ValueNorm)
 
-__all__ = ["Scorer", "BudgetPolicy", "Mixer", "Method", "Prefill", "Selection",
-           "register_scorer", "register_policy", "resolve", "parse", "base_of", "is_mix",
-           "uses_option", "needs_hidden_states", "needs_reconstruction", "order_key",
-           "method_label", "SCORERS", "POLICIES", "SnapKV", "KeyNorm", "Random",
-           "StreamingLLM", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "Pyramid",
-           "Adaptive", "Explicit", "Global", "PyramidKV", "AdaKV", "KVzip", "KVzap",
-           "load_profile"]
+__all__ = ["Scorer", "BudgetPolicy", "Part", "Mixer", "Method", "Prefill", "Selection",
+           "register_scorer", "register_policy", "options_dataclass", "resolve", "parse",
+           "base_of", "is_mix", "uses_option", "needs_hidden_states", "needs_reconstruction",
+           "order_key", "method_label", "mode_method", "SCORERS", "POLICIES", "MODES",
+           "MODE_INPUTS", "SnapKV", "KeyNorm", "Random", "StreamingLLM", "TOVA",
+           "ExpectedAttention", "MixKV", "ValueNorm", "KeyDiff", "Mix3", "Uniform", "PyramidKV",
+           "AdaKV", "Explicit", "Global", "Pyramid", "Adaptive", "KVzip", "KVzap",
+           "load_profile", "DEFAULT_WINDOW", "FULL"]
 
-DEFAULT_BASE = "snapkv"
+DEFAULT_BASE = Uniform.name   # "snapkv": a scorer's base when none is named
+
+
+def mode_method(mode: str) -> str:
+    """The registered scorer that runs score mode `mode` over SnapKV (``"attn"`` -> snapkv,
+    ``"vnorm"`` -> vnorm, ...): the first in the registry whose class has that ``mode``."""
+    if mode in MODE_INPUTS:
+        for name, cls in SCORERS.items():
+            if getattr(cls, "mode", None) == mode:
+                return name
+    raise ValueError(f"mixkv: unknown score mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def method_label(scorer: Optional[Scorer], policy: BudgetPolicy) -> str:
@@ -51,7 +69,7 @@ def method_label(scorer: Optional[Scorer], policy: BudgetPolicy) -> str:
         return FULL
     if policy.label == DEFAULT_BASE:
         return scorer.label
-    return policy.label if scorer.label == "snapkv" else f"{scorer.label}+{policy.label}"
+    return policy.label if scorer.label == SnapKV.name else f"{scorer.label}+{policy.label}"
 
 
 def _names() -> str:
@@ -76,7 +94,7 @@ def _scorer(expr: str, options: Dict, used: Set[str], label: str) -> Scorer:
         raise ValueError(f"mixkv: unknown method {name!r} in {label!r}; choose {_names()}")
     kwargs = _take(cls, options, used)
     if issubclass(cls, Mixer):
-        return cls(_scorer(inner or "snapkv", options, used, label), **kwargs)
+        return cls(_scorer(inner or SnapKV.name, options, used, label), **kwargs)
     if inner is not None:
         raise ValueError(f"mixkv: scorer {name!r} wraps no other scorer (in {label!r}); only "
                          f"mixers do: {', '.join(n for n, c in SCORERS.items() if issubclass(c, Mixer))}")
@@ -104,26 +122,48 @@ def _build(label: str, base: Optional[str], options: Dict,
             raise ValueError(f"mixkv: method {expr!r} is SnapKV under the {expr} policy and "
                              f"takes no other base (got {named_base or base!r}); write "
                              f"'snapkv+BASE' or 'NAME+{expr}'")
-        return _scorer("snapkv", options, used, label), _policy(expr, options, used)
+        return _scorer(SnapKV.name, options, used, label), _policy(expr, options, used)
     scorer = _scorer(expr, options, used, label)
     return scorer, _policy(named_base or base or DEFAULT_BASE, options, used)
 
 
-def _inner_policy(scorer: Scorer) -> Optional[BudgetPolicy]:
-    """A policy a mixer was built around (MixKV(AdaKV(SnapKV())))."""
-    return next((p.policy for p in scorer.parts() if getattr(p, "policy", None) is not None),
-                None)
+def _one_policy(outer: Optional[BudgetPolicy], inner: Optional[BudgetPolicy],
+                method) -> Optional[BudgetPolicy]:
+    """The policy of a method object that may name one twice (equal: one policy)."""
+    if outer is not None and inner is not None and outer != inner:
+        raise ValueError(f"mixkv: method {method!r} carries two policies, {outer!r} and "
+                         f"{inner!r}")
+    return outer if outer is not None else inner
+
+
+def _inner_policy(scorer: Scorer) -> Tuple[Scorer, Optional[BudgetPolicy]]:
+    """(the scorer without the policy a mixer was built around, that policy):
+    ``MixKV(AdaKV(SnapKV()))`` -> (``MixKV(SnapKV())``, ``AdaKV()``); (scorer, None) when no
+    mixer carries one."""
+    if not isinstance(scorer, Mixer):
+        return scorer, None
+    inner, policy = _inner_policy(scorer.inner)
+    policy = _one_policy(scorer.policy, policy, scorer)
+    if policy is None:
+        return scorer, None
+    bare = copy.copy(scorer)
+    bare.inner, bare.policy = inner, None
+    return bare, policy
 
 
 def _from_object(method, base: Optional[str], options: Dict,
                  used: Set[str]) -> Tuple[Scorer, BudgetPolicy]:
+    """The canonical parts of a method object: ``AdaKV(MixKV(SnapKV()))`` and
+    ``MixKV(AdaKV(SnapKV()))`` both give (``MixKV(SnapKV())``, ``AdaKV()``)."""
     if isinstance(method, BudgetPolicy):
-        scorer, policy = method.scorer or SnapKV(), method
+        scorer, policy = method.scorer or SnapKV(), method.without_scorer()
     elif isinstance(method, Scorer):
-        scorer, policy = method, _inner_policy(method)
+        scorer, policy = method, None
     else:
         raise TypeError(f"mixkv: method must be a name, a Scorer or a BudgetPolicy, got "
                         f"{type(method).__name__}")
+    scorer, carried = _inner_policy(scorer)
+    policy = _one_policy(policy, carried, method)
     if policy is None:
         policy = _policy(base or DEFAULT_BASE, options, used)
     elif base not in (None, DEFAULT_BASE, policy.label):

@@ -15,10 +15,11 @@ policy and inside every mixer (``"mixkv(name)+adakv"``), in ``mixkv.patch`` and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import os
-from typing import ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,8 @@ def _register(table: Dict[str, type], kind: str, root: type, name: str, cls=None
 
 def register_scorer(name: str, cls=None):
     """Register a :class:`Scorer` subclass under `name` (a decorator, or call with the class).
-    Its constructor's keyword arguments become options of ``mixkv.patch`` and ``resolve``."""
+    Its options (:func:`constructor_options`: a dataclass's fields, else its constructor's
+    keyword arguments) become options of ``mixkv.patch`` and ``resolve``."""
     return _register(SCORERS, "scorer", Scorer, name, cls)
 
 
@@ -128,12 +130,79 @@ class Prefill:
         return self.key_mask[:, :C].bool()
 
 
-class Scorer:
+def options_dataclass(cls):
+    """Make a scorer or policy class a dataclass whose fields are its options (defaults as the
+    fields' defaults); equality, hash and repr stay :class:`Part`'s (by value, tensors by
+    ``torch.equal``)."""
+    return dataclasses.dataclass(eq=False, repr=False)(cls)
+
+
+def _option_fields(cls: type) -> Optional[Tuple[dataclasses.Field, ...]]:
+    """The init fields of a part whose constructor is a dataclass's (None: a plain class, or a
+    subclass of a dataclass part that writes its own ``__init__``)."""
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    if "__dataclass_fields__" not in vars(owner):
+        return None
+    return tuple(f for f in dataclasses.fields(cls) if f.init)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal options: tensors by shape, dtype, device and ``torch.equal`` (``==`` is
+    elementwise), dicts and sequences item by item, anything else by ``==``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and \
+            all(same_value(x, y) for x, y in zip(a, b))
+    return a is b or bool(a == b)
+
+
+class Part:
+    """What scorers and budget policies share. A part written as a dataclass
+    (:func:`options_dataclass`; every built-in one) has its options as fields: they are shown
+    in the repr (``StreamingLLM(sinks=4)``, ``AdaKV(SnapKV(...), floor_alpha=0.2,
+    normalize=True)``: the part it wraps first, unnamed), compared by value (tensors with
+    ``torch.equal``) and hashed by type alone, so equal parts hash alike. A plain class with
+    its own ``__init__`` (a notebook's scorer) compares by identity, as any Python object."""
+
+    name: ClassVar[str] = ""
+    # The field holding the part this one wraps (a mixer's inner scorer, a policy's scorer):
+    # first in the repr, never an option.
+    wraps: ClassVar[Optional[str]] = None
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def __eq__(self, other):
+        if type(other) is not type(self) or _option_fields(type(self)) is None:
+            return NotImplemented
+        return all(same_value(getattr(self, f.name), getattr(other, f.name))
+                   for f in dataclasses.fields(self) if f.compare)
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __repr__(self):
+        shown = []
+        for f in (dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()):
+            value = getattr(self, f.name, None)
+            if not f.repr or (value is None and (f.name == self.wraps or not f.init)):
+                continue   # unset wrapped parts and derived state are left out
+            shown.append(repr(value) if f.name == self.wraps else f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class Scorer(Part):
     """Scores each KV head's candidates: ``score(prefill)`` -> [B, Hkv, C] float32, higher is
     kept (finite at real candidates; padded candidates are ranked last whatever their score).
 
-    Subclass, implement ``score``, register with ``@register_scorer("name")``; constructor
-    keyword arguments are the scorer's options. Set ``needs_hidden_states = True`` to receive
+    Subclass, implement ``score``, register with ``@register_scorer("name")``; the scorer's
+    options are its dataclass fields (``@options_dataclass``, as the built-in scorers) or its
+    constructor's keyword arguments (a plain class). Set ``needs_hidden_states = True`` to receive
     ``prefill.hidden_states`` (the shim and the evaluation engine then capture them). Set
     ``needs_reconstruction = True`` to receive ``prefill.reconstruction``: after the prefill the
     shim has the model re-read the context (``reconstruction_plan``) and records the most
@@ -145,7 +214,6 @@ class Scorer:
     Budget policies split capacities by ``importance``: the score unless a scorer's scores are
     not a non-negative importance (override ``score_with_importance`` then)."""
 
-    name: ClassVar[str] = ""
     needs_hidden_states: ClassVar[bool] = False
     needs_reconstruction: ClassVar[bool] = False
     static_scores: ClassVar[bool] = False
@@ -190,45 +258,50 @@ class Scorer:
         """This scorer and the scorers inside it, outermost first."""
         return [self]
 
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
 
-    def __repr__(self):
-        return f"{type(self).__name__}()"
-
-
-class BudgetPolicy:
+@options_dataclass
+class BudgetPolicy(Part):
     """Per-head capacities from importance: ``capacities(importance [B, Hkv, C], capacity,
     prefill)`` -> [B, Hkv] int32, each row summing to at most Hkv * capacity and no head above
     its row's real candidates. ``headwise`` False keeps one dense capacity for all heads.
 
     The native policies run ``torch.ops.mixkv.head_budgets`` with ``op_policy``; a subclass may
     override ``capacities`` (then the scores are selected by ``select_kv_ragged``).
-    ``BudgetPolicy(scorer)`` reads as "this policy over that scorer": ``AdaKV(SnapKV())``."""
+    ``BudgetPolicy(scorer)`` reads as "this policy over that scorer": ``AdaKV(SnapKV())``;
+    the options are the fields after ``scorer``."""
 
-    name: ClassVar[str] = ""
     headwise: ClassVar[bool] = True
     op_policy: ClassVar[Optional[str]] = None
     # True: capacities need every compressed layer's importance at once (``layer_capacities``),
     # so the shim compresses after the whole prefill forward, as for a reconstruction pass.
     spans_layers: ClassVar[bool] = False
+    wraps: ClassVar[str] = "scorer"
 
-    def __init__(self, scorer: Optional[Scorer] = None):
-        self.scorer = scorer
+    scorer: Optional[Scorer] = None
 
-    def op_arguments(self, prefill: Prefill) -> tuple:
-        """(policy, floor_alpha, normalize, layer, num_layers, pyramid_beta, profile) of
-        head_budgets / compress_ragged."""
-        return (self.op_policy, 0.2, True, prefill.layer, prefill.num_layers, 20, None)
+    def op_arguments(self, prefill: Prefill) -> Dict[str, Any]:
+        """This policy's keyword arguments of ``head_budgets`` / ``compress_ragged``, by the
+        ops' schema names (``policy``, ``layer``, ``num_layers`` and the options the policy
+        has: ``floor_alpha``, ``normalize``, ``pyramid_beta``, ``profile``); arguments a policy
+        does not have keep the schema's defaults."""
+        return dict(policy=self.op_policy, layer=prefill.layer, num_layers=prefill.num_layers)
 
     def capacities(self, importance: Tensor, capacity: int, prefill: Prefill) -> Tensor:
         if self.op_policy is None:
             raise NotImplementedError(f"mixkv: policy {type(self).__name__} must implement "
                                       "capacities()")
-        policy, alpha, normalize, layer, layers, beta, profile = self.op_arguments(prefill)
-        return torch.ops.mixkv.head_budgets(importance, capacity, policy, alpha, normalize,
-                                            prefill.key_mask, layer, layers, beta, profile)
+        return torch.ops.mixkv.head_budgets(importance=importance, capacity=capacity,
+                                            key_mask=prefill.key_mask,
+                                            **self.op_arguments(prefill))
+
+    def without_scorer(self) -> "BudgetPolicy":
+        """This policy with no scorer (a copy; itself when it has none): a :class:`Method`
+        holds its scorer apart."""
+        if self.scorer is None:
+            return self
+        bare = copy.copy(self)
+        bare.scorer = None
+        return bare
 
     def layer_capacities(self, importances: Dict[int, Tensor], capacity: int,
                          prefills: Dict[int, Prefill]) -> Dict[int, Tensor]:
@@ -238,14 +311,6 @@ class BudgetPolicy:
 
     def native(self) -> bool:
         return self.op_policy is not None and not overrides(self, BudgetPolicy, "capacities")
-
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
-
-    def __repr__(self):
-        inner = "" if self.scorer is None else repr(self.scorer)
-        return f"{type(self).__name__}({inner})"
 
 
 @dataclasses.dataclass
@@ -261,8 +326,10 @@ class Selection:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A resolved method: a scorer (None: no compression) under a budget policy, with the
-    budget. Built by :func:`mixkv.methods.resolve`; the shim calls ``compress`` per layer."""
+    """A resolved method: a scorer (None: no compression) under a budget policy (without a
+    scorer of its own: ``policy.scorer`` is None), with the budget. Built by
+    :func:`mixkv.methods.resolve`, which gives every spelling of a method equal parts; the shim
+    calls ``compress`` per layer."""
 
     scorer: Optional[Scorer]
     policy: BudgetPolicy
@@ -282,7 +349,7 @@ class Method:
 
     @property
     def parts(self) -> list:
-        """The scorer and the scorers inside it, outermost first (none for "full")."""
+        """The scorer and the scorers inside it, outermost first (none for ``FULL``)."""
         return self.scorer.parts() if self.scorer is not None else []
 
     @property
@@ -319,7 +386,7 @@ class Method:
     def redundancy(self) -> Optional[Tensor]:
         """The offline redundancy profile of a MixKV mix, if any."""
         for part in self.parts:
-            if getattr(part, "redundancy", None) is not None:
+            if isinstance(getattr(part, "redundancy", None), Tensor):
                 return part.redundancy
         return None
 
@@ -334,21 +401,21 @@ class Method:
         keys, values, mask, W = prefill.keys, prefill.values, prefill.key_mask, prefill.window
         fused = self.scorer.fused_options(prefill)
         if fused is not None and self.policy.native():
-            common = (prefill.queries, keys, values, mask, budget, W, fused["mode"],
-                      fused["redundancy"],
-                      fused["pool_kernel"], fused["pooling"], fused["gqa_reduce"],
-                      prefill.scaling)
+            # fused: mode, redundancy, pool_kernel, pooling, gqa_reduce (the schema's names)
+            common = dict(q_window=prefill.queries, keys=keys, values=values, key_mask=mask,
+                          budget=budget, window=W, scaling=prefill.scaling, **fused)
             if self.policy.headwise:
                 return Selection(*torch.ops.mixkv.compress_ragged(
-                    *common, *self.policy.op_arguments(prefill)))
-            return Selection(*torch.ops.mixkv.compress(*common))
+                    **common, **self.policy.op_arguments(prefill)))
+            return Selection(*torch.ops.mixkv.compress(**common))
         importance, scores = self.scored(prefill)
         capacity = budget - W
         if not self.policy.headwise:
-            return Selection(*torch.ops.mixkv.select_kv(scores, keys, values, capacity, W, mask))
+            return Selection(*torch.ops.mixkv.select_kv(
+                scores=scores, keys=keys, values=values, capacity=capacity, window=W,
+                key_mask=mask))
         capacities = self.policy.capacities(importance, capacity, prefill)
-        return Selection(*torch.ops.mixkv.select_kv_ragged(scores, keys, values,
-                                                           capacities.to(torch.int32), W, mask))
+        return Selection(*_select_ragged(scores, capacities, prefill))
 
     def compress_layers(self, prefills: Dict[int, Prefill], budget: int
                         ) -> Dict[int, Selection]:
@@ -360,12 +427,8 @@ class Method:
         scored = {i: self.scored(p) for i, p in prefills.items()}
         capacities = self.policy.layer_capacities({i: s[0] for i, s in scored.items()},
                                                   budget - self.window, prefills)
-        out = {}
-        for i, p in prefills.items():
-            out[i] = Selection(*torch.ops.mixkv.select_kv_ragged(
-                scored[i][1], p.keys, p.values, capacities[i].to(torch.int32), p.window,
-                p.key_mask))
-        return out
+        return {i: Selection(*_select_ragged(scored[i][1], capacities[i], p))
+                for i, p in prefills.items()}
 
     def scored(self, prefill: Prefill) -> Tuple[Tensor, Tensor]:
         """(importance, scores) [B, Hkv, C] float32 of the scorer, checked, with the
@@ -395,6 +458,13 @@ class Method:
         return scores.to(device=prefill.keys.device, dtype=torch.float32).contiguous()
 
 
+def _select_ragged(scores: Tensor, capacities: Tensor, prefill: Prefill):
+    """``select_kv_ragged`` of one layer's scores with per-head capacities."""
+    return torch.ops.mixkv.select_kv_ragged(
+        scores=scores, keys=prefill.keys, values=prefill.values,
+        capacity=capacities.to(torch.int32), window=prefill.window, key_mask=prefill.key_mask)
+
+
 def _raised(x: Tensor, kept: Tensor, prefill: Prefill) -> Tensor:
     """`x` with the `kept` [B, 1, C] candidates set to 1 + the highest finite real value of
     the layer (1 when there is none)."""
@@ -405,9 +475,22 @@ def _raised(x: Tensor, kept: Tensor, prefill: Prefill) -> Tensor:
 
 
 def constructor_options(cls: type) -> Dict[str, inspect.Parameter]:
-    """The keyword options a registered class takes (its constructor's named parameters)."""
+    """The options a registered class takes, as parameters (name, kind, default; a
+    ``default_factory``'s value as the default): a dataclass part's init fields, else its
+    constructor's named parameters; the part it wraps (``inner``, ``scorer``) is no option."""
+    fields = _option_fields(cls)
+    if fields is not None:
+        def default(f):
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return inspect.Parameter.empty
+        return {f.name: inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY if f.kw_only
+                                          else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                          default=default(f))
+                for f in fields if f.name != cls.wraps}
     skip = {"self", "inner", "scorer"}
     params = inspect.signature(cls.__init__).parameters
     return {n: p for n, p in params.items()
             if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-

@@ -20,14 +20,15 @@ step), keeps the scores aligned with the cache, and compresses during generation
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import ClassVar, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .base import Prefill, Scorer, register_scorer
+from .base import Prefill, Scorer, options_dataclass, register_scorer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "kvzap_weights"
 FORMAT = "mixkv-kvzap-linear"
@@ -97,6 +98,7 @@ def load_weights(value) -> dict:
 
 
 @register_scorer("kvzap")
+@options_dataclass
 class KVzap(Scorer):
     """Query-agnostic importance predicted from each token's hidden state: per layer a linear
     map to one log-score per KV head, fitted to KVzip's scores (``mixkv-calibrate --kvzap``).
@@ -115,17 +117,23 @@ class KVzap(Scorer):
       (``n_sink=4``) and StreamingLLM do; 0: the predictions alone decide.
     """
 
-    needs_hidden_states = True
-    static_scores = True
+    needs_hidden_states: ClassVar[bool] = True
+    static_scores: ClassVar[bool] = True
 
-    def __init__(self, weights: Union[str, os.PathLike, dict, None] = None, sinks: int = 4):
+    weights: Union[str, os.PathLike, dict, None] = None
+    sinks: int = 4
+    # derived: the given surrogate (checked at once), the shipped ones loaded, maps on devices
+    _given: Optional[dict] = dataclasses.field(default=None, init=False, compare=False)
+    _shipped: Dict[str, dict] = dataclasses.field(default_factory=dict, init=False,
+                                                  compare=False)
+    _on_device: Dict[tuple, tuple] = dataclasses.field(default_factory=dict, init=False,
+                                                       compare=False)
+
+    def __post_init__(self):
+        sinks = self.sinks
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"mixkv: kvzap sinks must be an integer >= 0, got {sinks!r}")
-        self.sinks = sinks
-        self.weights = weights
-        self._given = None if weights is None else load_weights(weights)  # checked at once
-        self._shipped: Dict[str, dict] = {}
-        self._on_device: Dict[tuple, tuple] = {}
+        self._given = None if self.weights is None else load_weights(self.weights)
 
     def surrogate(self, decoder: Optional[nn.Module]) -> dict:
         """The surrogate for this decoder: the ``weights`` given (checked against the decoder's
@@ -186,7 +194,7 @@ class KVzap(Scorer):
         real = p.real_candidates()
         return real & (real.long().cumsum(-1) <= self.sinks)
 
-    def __repr__(self):
+    def __repr__(self):   # a dict of weights by its fingerprint, not its tensors
         weights = self.weights if not isinstance(self.weights, dict) else \
             f"<{self.weights.get('fingerprint')}>"
         return f"KVzap(weights={weights!r}, sinks={self.sinks})"

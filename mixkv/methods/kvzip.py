@@ -13,12 +13,13 @@ mixer like any other scorer.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+import dataclasses
+from typing import Any, Callable, ClassVar, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .base import Prefill, Scorer, register_scorer
+from .base import Prefill, Scorer, options_dataclass, register_scorer
 
 REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
 CHUNK_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -63,11 +64,13 @@ def chat_template_parts(tokenizer) -> Tuple[str, str]:
 
 
 @register_scorer("kvzip")
+@options_dataclass
 class KVzip(Scorer):
     """Query-agnostic importance from a reconstruction pass over the context.
 
     The defaults follow the official code (snu-mllab/KVzip); ``KVzip(**kvzip.FORMER)`` is
-    mixkv's setup before issue 30, ``KVzip(**kvzip.KVPRESS)`` kvpress's KVzipPress.
+    mixkv's setup before issue 30, ``KVzip(**kvzip.KVPRESS)`` kvpress's KVzipPress. Options
+    after ``chunk_size`` and ``repeat_prompt`` are keyword-only.
 
     Options:
     - ``chunk_size`` (2000, the official code's; kvpress: 2048): context tokens re-read per
@@ -99,16 +102,28 @@ class KVzip(Scorer):
       cropped back at the end.
     """
 
-    needs_reconstruction = True
+    needs_reconstruction: ClassVar[bool] = True
 
-    def __init__(self, chunk_size: int = 2000, repeat_prompt: Prompt = REPEAT_PROMPT,
-                 tokenizer=None, crop_chunks: bool = True, chunk_prompt: Prompt = CHUNK_PROMPT,
-                 overlap: int = 8, header: bool = True, reread: str = "context",
-                 sinks: Union[str, int] = "prefix", softmax: str = "span"):
-        if int(chunk_size) < 1:
-            raise ValueError(f"mixkv: kvzip chunk_size must be >= 1, got {chunk_size}")
-        _check_prompt("repeat_prompt", repeat_prompt)
-        _check_prompt("chunk_prompt", chunk_prompt)
+    # Fields in the order of the repr, which is the evaluation's resume key of a method's
+    # reconstruction setup (mixkv.eval.runner.reconstruction_setup): keep it.
+    chunk_size: int = 2000
+    repeat_prompt: Prompt = REPEAT_PROMPT
+    _: dataclasses.KW_ONLY
+    chunk_prompt: Prompt = CHUNK_PROMPT
+    overlap: int = 8
+    header: bool = True
+    reread: str = "context"
+    sinks: Union[str, int] = "prefix"
+    softmax: str = "span"
+    crop_chunks: bool = True
+    tokenizer: Any = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if int(self.chunk_size) < 1:
+            raise ValueError(f"mixkv: kvzip chunk_size must be >= 1, got {self.chunk_size}")
+        _check_prompt("repeat_prompt", self.repeat_prompt)
+        _check_prompt("chunk_prompt", self.chunk_prompt)
+        overlap, reread, softmax, sinks = self.overlap, self.reread, self.softmax, self.sinks
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"mixkv: kvzip overlap must be an int >= 0, got {overlap!r}")
         if reread not in ("context", "all"):
@@ -119,10 +134,8 @@ class KVzip(Scorer):
                                       and sinks >= 0)):
             raise ValueError(f"mixkv: kvzip sinks must be 'prefix' or an int >= 0, got "
                              f"{sinks!r}")
-        self.chunk_size, self.repeat_prompt = int(chunk_size), repeat_prompt
-        self.tokenizer, self.crop_chunks = tokenizer, bool(crop_chunks)
-        self.chunk_prompt, self.overlap, self.header = chunk_prompt, overlap, bool(header)
-        self.reread, self.sinks, self.softmax = reread, sinks, softmax
+        self.chunk_size, self.crop_chunks = int(self.chunk_size), bool(self.crop_chunks)
+        self.header = bool(self.header)
 
     def _ids(self, prompt: Prompt, encode, what: str) -> Optional[List[int]]:
         if prompt is None:
@@ -171,9 +184,3 @@ class KVzip(Scorer):
         if p.reconstruction is None:
             return None
         return torch.isposinf(p.reconstruction[:, 0, :p.candidates])
-
-    def __repr__(self):
-        return (f"KVzip(chunk_size={self.chunk_size}, repeat_prompt={self.repeat_prompt!r}, "
-                f"chunk_prompt={self.chunk_prompt!r}, overlap={self.overlap}, "
-                f"header={self.header}, reread={self.reread!r}, sinks={self.sinks!r}, "
-                f"softmax={self.softmax!r}, crop_chunks={self.crop_chunks})")

@@ -5,68 +5,72 @@ every compressed layer and head). docs/design.md section 4, step 6, defines each
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .base import BudgetPolicy, Prefill, Scorer, load_profile, profile_row, register_policy
+from .base import (BudgetPolicy, Prefill, load_profile, options_dataclass, profile_row,
+                   register_policy)
 
 
 @register_policy("snapkv")
+@options_dataclass
 class Uniform(BudgetPolicy):
     """Every head keeps the same number of candidates (SnapKV): a dense cache."""
 
-    headwise = False
-    op_policy = "uniform"
+    headwise: ClassVar[bool] = False
+    op_policy: ClassVar[str] = "uniform"
 
 
 @register_policy("pyramidkv")
-class Pyramid(BudgetPolicy):
-    """Per-layer capacities, linear from 2c - c//beta (first layer) down to c//beta (PyramidKV)."""
+@options_dataclass
+class PyramidKV(BudgetPolicy):
+    """Per-layer capacities, linear from 2c - c//beta (first layer) down to c//beta (PyramidKV).
+    ``Pyramid`` is the same class."""
 
-    op_policy = "pyramid"
+    op_policy: ClassVar[str] = "pyramid"
 
-    def __init__(self, scorer: Optional[Scorer] = None, pyramid_beta: int = 20):
-        super().__init__(scorer)
-        self.pyramid_beta = pyramid_beta
+    pyramid_beta: int = 20
 
-    def op_arguments(self, p: Prefill) -> tuple:
-        return (self.op_policy, 0.2, True, p.layer, p.num_layers, self.pyramid_beta, None)
+    def op_arguments(self, p: Prefill) -> Dict[str, Any]:
+        return dict(super().op_arguments(p), pyramid_beta=self.pyramid_beta)
 
 
 @register_policy("adakv")
-class Adaptive(BudgetPolicy):
-    """Each head's share of the layer's global top-k importance, floored (AdaKV)."""
+@options_dataclass
+class AdaKV(BudgetPolicy):
+    """Each head's share of the layer's global top-k importance, floored (AdaKV; the op's
+    policy "adaptive"). ``Adaptive`` is the same class."""
 
-    op_policy = "adaptive"
+    op_policy: ClassVar[str] = "adaptive"
 
-    def __init__(self, scorer: Optional[Scorer] = None, floor_alpha: float = 0.2,
-                 normalize: bool = True):
-        super().__init__(scorer)
-        self.floor_alpha, self.normalize = floor_alpha, normalize
+    floor_alpha: float = 0.2
+    normalize: bool = True
 
-    def op_arguments(self, p: Prefill) -> tuple:
-        return (self.op_policy, self.floor_alpha, self.normalize, p.layer, p.num_layers, 20,
-                None)
+    def op_arguments(self, p: Prefill) -> Dict[str, Any]:
+        return dict(super().op_arguments(p), floor_alpha=self.floor_alpha,
+                    normalize=self.normalize)
 
 
 @register_policy("explicit")
+@options_dataclass
 class Explicit(BudgetPolicy):
-    """Per-head weights from an [L, Hkv] capacity ``profile`` split each layer's total."""
+    """Per-head weights from an [L, Hkv] capacity ``profile`` split each layer's total
+    (a tensor or a torch.save file; loaded into a float32 tensor)."""
 
-    op_policy = "explicit"
+    op_policy: ClassVar[str] = "explicit"
 
-    def __init__(self, scorer: Optional[Scorer] = None, profile=None):
-        super().__init__(scorer)
-        self.profile = load_profile(profile, "profile")
+    profile: Union[Tensor, str, None] = None
+
+    def __post_init__(self):
+        self.profile = load_profile(self.profile, "profile")
         if self.profile is None:
             raise ValueError("mixkv: base='explicit' needs profile=[num_layers, num_kv_heads] "
                              "(a tensor or a file saved with torch.save)")
 
-    def op_arguments(self, p: Prefill) -> tuple:
-        return (self.op_policy, 0.2, True, p.layer, p.num_layers, 20,
-                profile_row(self.profile, "capacity", p))
+    def op_arguments(self, p: Prefill) -> Dict[str, Any]:
+        return dict(super().op_arguments(p), profile=profile_row(self.profile, "capacity", p))
 
 
 def global_capacities(importances: Sequence[Tensor], real: Sequence[Tensor], capacity: int,
@@ -125,6 +129,7 @@ def global_capacities(importances: Sequence[Tensor], real: Sequence[Tensor], cap
 
 
 @register_policy("global")
+@options_dataclass
 class Global(BudgetPolicy):
     """One top-k over every compressed layer's and KV head's candidates (KVzip's "pair" level,
     kvpress's KVzipPress with ``layerwise=False``): the whole cache keeps budget x Hkv x layers
@@ -135,14 +140,14 @@ class Global(BudgetPolicy):
     its window anyway. Needs every layer's scores, so the shim compresses after the whole
     prefill. On one layer alone (``capacities``) it is the layer's own top-k over its heads."""
 
-    spans_layers = True
+    spans_layers: ClassVar[bool] = True
 
-    def __init__(self, scorer: Optional[Scorer] = None, floor: int = 0):
-        super().__init__(scorer)
-        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+    floor: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
             raise ValueError(f"mixkv: policy 'global': floor must be an int >= 0, got "
-                             f"{floor!r}")
-        self.floor = floor
+                             f"{self.floor!r}")
 
     def capacities(self, importance: Tensor, capacity: int, prefill: Prefill) -> Tensor:
         return self.layer_capacities({prefill.layer: importance}, capacity,
@@ -162,5 +167,5 @@ class Global(BudgetPolicy):
         return global_capacities(importances, real, capacity, self.label, self.floor)
 
 
-# The names papers use for SnapKV's scorer under each policy.
-PyramidKV, AdaKV = Pyramid, Adaptive
+# Former class names, the same classes (docs/design.md section 6, "One spelling").
+Pyramid, Adaptive = PyramidKV, AdaKV

@@ -6,48 +6,55 @@ Adding a scorer: one class here (or anywhere, even a notebook) with ``@register_
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import dataclasses
+import os
+from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .base import (BudgetPolicy, Prefill, Scorer, load_profile, overrides, profile_row,
-                   register_scorer)
+from .base import (BudgetPolicy, Prefill, Scorer, load_profile, options_dataclass, overrides,
+                   profile_row, register_scorer)
+from .modes import DIVERSITY, REDUNDANCY, VALUE_NORM, reads
 
 
 @register_scorer("snapkv")
+@options_dataclass
 class SnapKV(Scorer):
     """Attention from the window queries to each candidate, pooled (SnapKV; mode "attn").
 
     ``window``: SnapKV's observation window (the last prompt tokens, whose queries score the
     others and which are always kept); None leaves it to the method (``patch(window=...)``,
-    default 32). It sets the window of the whole method: ``MixKV(AdaKV(SnapKV(window=16)))``."""
+    default ``DEFAULT_WINDOW``). It sets the window of the whole method:
+    ``MixKV(AdaKV(SnapKV(window=16)))``."""
 
-    def __init__(self, pool_kernel: int = 5, pooling: str = "avg", gqa_reduce: str = "mean",
-                 window: Optional[int] = None):
-        self.pool_kernel, self.pooling, self.gqa_reduce = pool_kernel, pooling, gqa_reduce
+    mode: ClassVar[str] = "attn"   # its score mode in the fused op
+
+    pool_kernel: int = 5
+    pooling: str = "avg"
+    gqa_reduce: str = "mean"
+    window: Optional[int] = None
+
+    def __post_init__(self):
+        window = self.window
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 1):
             raise ValueError(f"mixkv: SnapKV window must be an integer >= 1, got {window!r}")
-        self.window = window
 
     def score(self, p: Prefill) -> Tensor:
-        return torch.ops.mixkv.window_importance(p.queries, p.keys, p.key_mask, self.pool_kernel,
-                                                 self.pooling, self.gqa_reduce, p.scaling)
+        return torch.ops.mixkv.window_importance(
+            q_window=p.queries, keys=p.keys, key_mask=p.key_mask, pool_kernel=self.pool_kernel,
+            pooling=self.pooling, gqa_reduce=self.gqa_reduce, scaling=p.scaling)
 
     def fused_options(self, p: Prefill) -> Optional[dict]:
         if overrides(self, SnapKV, "score", "score_with_importance"):
             return None
-        return dict(mode="attn", pool_kernel=self.pool_kernel, pooling=self.pooling,
+        return dict(mode=self.mode, pool_kernel=self.pool_kernel, pooling=self.pooling,
                     gqa_reduce=self.gqa_reduce, redundancy=None)
-
-    def __repr__(self):
-        window = "" if self.window is None else f", window={self.window}"
-        return (f"SnapKV(pool_kernel={self.pool_kernel}, pooling={self.pooling!r}, "
-                f"gqa_reduce={self.gqa_reduce!r}{window})")
 
 
 @register_scorer("knorm")
+@options_dataclass
 class KeyNorm(Scorer):
     """Low key norm ~ high attention (Devoto et al., 2024): score -|K|."""
 
@@ -64,11 +71,11 @@ class KeyNorm(Scorer):
 
 
 @register_scorer("random")
+@options_dataclass
 class Random(Scorer):
     """Seeded uniform scores, one generator per (seed, layer): a floor for every method."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    seed: int = 0
 
     def score(self, p: Prefill) -> Tensor:
         B, Hkv = p.keys.shape[:2]
@@ -77,11 +84,11 @@ class Random(Scorer):
 
 
 @register_scorer("streamingllm")
+@options_dataclass
 class StreamingLLM(Scorer):
     """Attention sinks then recency: the first `sinks` real tokens, then the most recent."""
 
-    def __init__(self, sinks: int = 4):
-        self.sinks = sinks
+    sinks: int = 4
 
     def score(self, p: Prefill) -> Tensor:
         B, Hkv = p.keys.shape[:2]
@@ -93,22 +100,30 @@ class StreamingLLM(Scorer):
         return scores[:, None, :].expand(B, Hkv, C).contiguous()
 
 
+@options_dataclass
 class Mixer(Scorer):
     """Mixes an inner scorer's importance A with value norm and key diversity by ``mode`` of
     ``torch.ops.mixkv.mix_scores`` (docs/design.md section 4, steps 2-5: V and D are min-max
-    normalised over each head's real candidates and rescaled to the mean of A).
+    normalised over each head's real candidates and rescaled to the mean of A; which inputs a
+    mode reads: ``modes.MODE_INPUTS``).
 
     ``inner`` is any scorer (default SnapKV), or a budget policy over one:
     ``MixKV(AdaKV(SnapKV()))`` is AdaKV over ``MixKV(SnapKV())`` (the mix decides which tokens
-    a head keeps, the policy how many, from the inner importance)."""
+    a head keeps, the policy how many, from the inner importance). The mixer then keeps the
+    policy, without its scorer, in ``policy``; ``resolve`` gives both spellings the same
+    :class:`Method`."""
 
-    mode = ""
+    mode: ClassVar[str] = ""
+    wraps: ClassVar[str] = "inner"
 
-    def __init__(self, inner: Union[Scorer, BudgetPolicy, None] = None):
-        self.policy = None
-        if isinstance(inner, BudgetPolicy):
-            self.policy, inner = inner, inner.scorer
-        self.inner = inner if inner is not None else SnapKV()
+    inner: Union[Scorer, BudgetPolicy, None] = None
+    policy: Optional[BudgetPolicy] = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self):
+        if isinstance(self.inner, BudgetPolicy):
+            self.policy, self.inner = self.inner.without_scorer(), self.inner.scorer
+        if self.inner is None:
+            self.inner = SnapKV()
         if not isinstance(self.inner, Scorer):
             raise TypeError(f"mixkv: {type(self).__name__} wraps a Scorer, got {self.inner!r}")
 
@@ -124,19 +139,21 @@ class Mixer(Scorer):
         importance = importance.float().contiguous()
         W, mask = p.window, p.key_mask
         norms = diversity = redundancy = None
-        if self.mode in ("vnorm", "mix3", "mixkv"):
-            norms = torch.ops.mixkv.value_norm(p.values, W, mask)
-        if self.mode in ("keydiff", "mix3", "mixkv"):
-            diversity, redundancy = torch.ops.mixkv.key_diversity(p.keys, W, mask)
+        if reads(self.mode, VALUE_NORM):
+            norms = torch.ops.mixkv.value_norm(values=p.values, window=W, key_mask=mask)
+        if reads(self.mode, DIVERSITY) or reads(self.mode, REDUNDANCY):
+            diversity, redundancy = torch.ops.mixkv.key_diversity(keys=p.keys, window=W,
+                                                                  key_mask=mask)
         offline = self.redundancy_row(p)
         if offline is not None:
             redundancy = offline
-        return importance, torch.ops.mixkv.mix_scores(importance, norms, diversity, redundancy,
-                                                      self.mode, mask)
+        return importance, torch.ops.mixkv.mix_scores(
+            importance=importance, value_norm=norms, diversity=diversity,
+            redundancy=redundancy, mode=self.mode, key_mask=mask)
 
     def fused_options(self, p: Prefill) -> Optional[dict]:
         inner = self.inner.fused_options(p)
-        if inner is None or inner["mode"] != "attn" or \
+        if inner is None or inner["mode"] != SnapKV.mode or \
                 overrides(self, Mixer, "score", "score_with_importance"):
             return None
         return dict(inner, mode=self.mode, redundancy=self.redundancy_row(p))
@@ -147,52 +164,58 @@ class Mixer(Scorer):
     @property
     def label(self) -> str:
         inner = self.inner.label
-        return self.name if inner == "snapkv" else f"{self.name}({inner})"
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.inner!r})"
+        return self.name if inner == SnapKV.name else f"{self.name}({inner})"
 
 
 @register_scorer("mixkv")
+@options_dataclass
 class MixKV(Mixer):
-    """MixKV: S = r D~ + (1 - r)(A + V~), r the head's key redundancy (online, or a row of an
-    offline [L, Hkv] ``redundancy`` profile: tensor or torch.save file)."""
+    """MixKV: S = r D~ + (1 - r)(A + V~), r the head's key redundancy (``"online"``, or a row of
+    an offline [L, Hkv] ``redundancy`` profile: tensor or torch.save file, loaded into a float32
+    tensor; None is "online")."""
 
-    mode = "mixkv"
+    mode: ClassVar[str] = "mixkv"
 
-    def __init__(self, inner=None, redundancy="online"):
-        super().__init__(inner)
-        self.redundancy = load_profile(redundancy, "redundancy")
+    redundancy: Union[str, os.PathLike, Tensor, None] = "online"
+
+    def __post_init__(self):
+        super().__post_init__()
+        profile = load_profile(self.redundancy, "redundancy")
+        self.redundancy = "online" if profile is None else profile
 
     def redundancy_row(self, p: Prefill) -> Optional[Tensor]:
-        if self.redundancy is None:
+        if not isinstance(self.redundancy, Tensor):
             return None
         row = profile_row(self.redundancy, "redundancy", p)[p.layer]
         return row.expand(p.keys.shape[0], -1).contiguous()
 
 
 @register_scorer("vnorm")
+@options_dataclass
 class ValueNorm(Mixer):
     """Importance plus normalised value norm: S = A + V~."""
 
-    mode = "vnorm"
+    mode: ClassVar[str] = "vnorm"
 
 
 @register_scorer("keydiff")
+@options_dataclass
 class KeyDiff(Mixer):
     """Diversity only (KeyDiff): S = D~ (budgets still come from the inner importance)."""
 
-    mode = "keydiff"
+    mode: ClassVar[str] = "keydiff"
 
 
 @register_scorer("mix3")
+@options_dataclass
 class Mix3(Mixer):
     """Equal mix: S = (A + V~ + D~) / 3."""
 
-    mode = "mix3"
+    mode: ClassVar[str] = "mix3"
 
 
 @register_scorer("tova")
+@options_dataclass
 class TOVA(Scorer):
     """TOVA (Oren et al., 2024): the attention of the last prompt token's query alone,
     averaged over all query heads of the layer (so every KV head ranks alike)."""
@@ -200,8 +223,9 @@ class TOVA(Scorer):
     def score(self, p: Prefill) -> Tensor:
         last = p.queries[..., -1:, :]
         # window_importance with a one-query window: candidates 0 .. N-2, no pooling.
-        attention = torch.ops.mixkv.window_importance(last, p.keys, p.key_mask, 1, "avg",
-                                                      "mean", p.scaling)[..., :p.candidates]
+        attention = torch.ops.mixkv.window_importance(
+            q_window=last, keys=p.keys, key_mask=p.key_mask, pool_kernel=1, pooling="avg",
+            gqa_reduce="mean", scaling=p.scaling)[..., :p.candidates]
         return attention.mean(1, keepdim=True).expand_as(attention).contiguous()
 
 
@@ -212,6 +236,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 @register_scorer("expected_attention")
+@options_dataclass
 class ExpectedAttention(Scorer):
     """Query-agnostic: the attention each key would get from the *future* queries, estimated
     without them (after kvpress's ExpectedAttentionPress; its defaults are the defaults here).
@@ -238,26 +263,31 @@ class ExpectedAttention(Scorer):
     with ``epsilon=0.01``. The observation window is always kept (kvpress ranks it).
     Scores and importance: [B, Hkv, C] float32, >= 0, 0 at padding."""
 
-    needs_hidden_states = True
+    needs_hidden_states: ClassVar[bool] = True
 
-    def __init__(self, future_positions: int = 512, skip_first: int = 4, epsilon: float = 0.0,
-                 use_covariance: bool = True, sinks: int = 4, use_vnorm: bool = True):
-        for name, value, least in (("future_positions", future_positions, 1),
-                                   ("skip_first", skip_first, 0), ("sinks", sinks, 0)):
+    future_positions: int = 512
+    skip_first: int = 4
+    epsilon: float = 0.0
+    use_covariance: bool = True
+    sinks: int = 4
+    use_vnorm: bool = True
+
+    def __post_init__(self):
+        for name in ("future_positions", "skip_first", "sinks"):
+            value, least = getattr(self, name), int(name == "future_positions")
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"mixkv: expected_attention's {name} must be an integer >= "
                                  f"{least}, got {value!r}")
-        for name, value in (("use_covariance", use_covariance), ("use_vnorm", use_vnorm)):
-            if not isinstance(value, bool):
+        for name in ("use_covariance", "use_vnorm"):
+            if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"mixkv: expected_attention's {name} must be True or False, "
-                                 f"got {value!r}")
+                                 f"got {getattr(self, name)!r}")
+        epsilon = self.epsilon
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or \
                 not 0 <= epsilon < float("inf"):
             raise ValueError("mixkv: expected_attention's epsilon must be a finite number >= 0, "
                              f"got {epsilon!r}")
-        self.future_positions, self.skip_first, self.epsilon = \
-            future_positions, skip_first, float(epsilon)
-        self.use_covariance, self.sinks, self.use_vnorm = use_covariance, sinks, use_vnorm
+        self.epsilon = float(epsilon)
 
     def score_with_importance(self, p: Prefill) -> Tuple[Tensor, Tensor]:
         B, Hkv, N, D = p.keys.shape
