@@ -168,11 +168,11 @@ else
   stage build 240 200 bash -c build
 fi
 # shellcheck disable=SC2046
-stage test_cuda_ops 120 150 "$PY" -m pytest $(pytest_args 8) tests/test_cuda_ops.py
+stage test_cuda_ops 120 150 "$PY" -m pytest $(pytest_args 8) tests/ops/test_cuda_ops.py
 # shellcheck disable=SC2046
-stage test_ragged_attention 45 130 "$PY" -m pytest $(pytest_args 1) tests/test_ragged_attention.py
+stage test_ragged_attention 45 130 "$PY" -m pytest $(pytest_args 1) tests/ops/test_ragged_attention.py
 # shellcheck disable=SC2046
-stage test_hf_multidevice 60 120 "$PY" -m pytest $(pytest_args 4) tests/test_hf_multidevice.py
+stage test_hf_multidevice 60 120 "$PY" -m pytest $(pytest_args 4) tests/hf/test_hf_multidevice.py
 # shellcheck disable=SC2086
 stage bench_ops 90 110 "$PY" benchmarks/bench_gpu.py --skip-e2e --out "$OUTDIR/bench_ops" \
   ${GPU_CHECK_BENCH_ARGS:-}

@@ -13,17 +13,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c "import mutmut" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check "mutmut>=3.3,<4"
 
-EVAL_TESTS="tests/test_eval_report_files.py tests/test_eval_report_golden.py tests/test_eval_records.py tests/test_eval_runner_inputs.py tests/test_eval_engine.py tests/test_eval_resume.py tests/test_eval_regimes.py tests/test_eval_decode.py tests/test_eval_corpus.py tests/test_eval_packaged.py"
+EVAL_TESTS="tests/eval/test_eval_report_files.py tests/eval/test_eval_report_golden.py tests/eval/test_eval_records.py tests/eval/test_eval_runner_inputs.py tests/eval/test_eval_engine.py tests/eval/test_eval_resume.py tests/eval/test_eval_regimes.py tests/eval/test_eval_decode.py tests/eval/test_eval_corpus.py tests/eval/test_eval_packaged.py"
 tests_for() {
   case "$1" in
-    mixkv/hf/headwise.py) echo "tests/test_hf_headwise_cache.py tests/test_hf_differential.py tests/test_hf_patch.py" ;;
-    mixkv/hf/layers.py) echo "tests/test_hf_layers.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
-    mixkv/hf/capture.py) echo "tests/test_hf_capture.py tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py" ;;
-    mixkv/hf/patch.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_hf_model_inputs.py tests/test_hf_architectures.py tests/test_methods.py tests/test_kvzip.py tests/test_hf_decode_compression.py tests/test_eval_engine.py tests/test_kvpress_optional.py" ;;
-    mixkv/hf/compressor.py) echo "tests/test_hf_patch.py tests/test_hf_differential.py tests/test_methods.py tests/test_global_policy.py tests/test_kvzap.py tests/test_hf_decode_compression.py" ;;
-    mixkv/hf/decode.py) echo "tests/test_hf_decode_compression.py tests/test_eval_decode.py tests/test_kvzip.py" ;;  # kvzip: the refusal
+    mixkv/hf/headwise.py) echo "tests/hf/test_hf_headwise_cache.py tests/hf/test_hf_differential.py tests/hf/test_hf_patch.py" ;;
+    mixkv/hf/layers.py) echo "tests/hf/test_hf_layers.py tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py" ;;
+    mixkv/hf/capture.py) echo "tests/hf/test_hf_capture.py tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py" ;;
+    mixkv/hf/patch.py) echo "tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py tests/methods/test_kvzip.py tests/hf/test_hf_decode_compression.py tests/eval/test_eval_engine.py tests/test_kvpress_optional.py" ;;
+    mixkv/hf/compressor.py) echo "tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/methods/test_methods.py tests/methods/test_global_policy.py tests/methods/test_kvzap.py tests/hf/test_hf_decode_compression.py" ;;
+    mixkv/hf/decode.py) echo "tests/hf/test_hf_decode_compression.py tests/eval/test_eval_decode.py tests/methods/test_kvzip.py" ;;  # kvzip: the refusal
     mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
-    mixkv/eval/runner.py) echo "$EVAL_TESTS tests/test_methods.py" ;;  # import_plugins
+    mixkv/eval/runner.py) echo "$EVAL_TESTS tests/methods/test_methods.py" ;;  # import_plugins
     mixkv/eval/report.py|mixkv/eval/records.py) echo "$EVAL_TESTS" ;;
     *) echo "tests" ;;
   esac

@@ -19,10 +19,10 @@ side_venv_check_ops
 PYTHONPATH="$ROOT" "$SIDE_PY" -c "import mixkv, torch, transformers; \
 print('mixkv transformers: transformers', transformers.__version__, '| torch', torch.__version__)"
 [ "$INSTALL_ONLY" = 1 ] && exit 0
-PYTHONPATH="$ROOT" "$SIDE_PY" -m pytest -q -p no:cacheprovider tests/test_hf_patch.py \
-  tests/test_hf_architectures.py tests/test_hf_probe.py tests/test_hf_multidevice.py \
-  tests/test_hf_differential.py tests/test_hf_headwise_cache.py tests/test_hf_model_inputs.py \
-  tests/test_hf_layers.py tests/test_hf_decode_compression.py \
-  tests/test_methods.py ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+PYTHONPATH="$ROOT" "$SIDE_PY" -m pytest -q -p no:cacheprovider tests/hf/test_hf_patch.py \
+  tests/hf/test_hf_architectures.py tests/hf/test_hf_probe.py tests/hf/test_hf_multidevice.py \
+  tests/hf/test_hf_differential.py tests/hf/test_hf_headwise_cache.py tests/hf/test_hf_model_inputs.py \
+  tests/hf/test_hf_layers.py tests/hf/test_hf_decode_compression.py \
+  tests/methods/test_methods.py ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
   -k "not mrope"  # that test recomputes Qwen2-VL's queries with the merged mrope cos/sin of newer
                   # transformers (5.3 hands attention per-section ones); 5.3 runs the rest of it

@@ -3,7 +3,7 @@ method layer (issue 11).
 
 ``tests/data/selections_main.json`` holds, for each case, the positions each (layer, row, KV
 head) keeps after a patched prefill, as recorded from main before the method layer existed
-(commit 030f0b8). ``tests/test_selections_main.py`` replays every case and demands the same
+(commit 030f0b8). ``tests/methods/test_selections_main.py`` replays every case and demands the same
 positions. Regenerate (only when a selection change is intended, and say so in the commit):
 
     cd <repo> && python tests/record_selections.py

@@ -18,7 +18,7 @@ from packaging.version import Version
 
 import mixkv
 
-from conftest import exactly
+from helpers import exactly
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]

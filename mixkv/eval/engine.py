@@ -11,7 +11,7 @@ post-norm), then for every (method, budget):
 1. deep-copies the full ``DynamicCache`` (the copy is what gets compressed and extended);
 2. patches the model with ``mixkv.patch(model, method, budget=..., ...)`` and has the shim
    compress the copy, layer by layer, with those window queries (the shim's own compression
-   routine, so the kept tokens are exactly those of a patched prefill: tests/test_eval_engine.py
+   routine, so the kept tokens are exactly those of a patched prefill: tests/eval/test_eval_engine.py
    checks this against ``model.generate`` under the patch); a method whose scorer re-reads
    the context (kvzip) first runs its reconstruction pass on the copy (``hf/reconstruct.py``;
    once per sample and plan, shared by budgets and mixes, its time counted in every record's

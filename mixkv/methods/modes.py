@@ -1,7 +1,7 @@
 """Which inputs each score mode of ``torch.ops.mixkv.mix_scores`` reads (docs/design.md section
 4, step 5): the one Python table, used by the mixers, the kvpress presses and the demo.
 ``csrc/mixkv/mix.h`` says the same in C++ and ``mixkv.reference`` keeps its own copy on purpose
-(the independent oracle); tests/test_methods.py checks that the three agree."""
+(the independent oracle); tests/methods/test_methods.py checks that the three agree."""
 
 from __future__ import annotations
 

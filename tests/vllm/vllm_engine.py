@@ -1,5 +1,5 @@
 """Engines, reference runs and fixtures of the vLLM plugin's tests (scripts/vllm_test.sh runs
-them in .venv-vllm). Not a conftest.py: tests/conftest.py's helpers are imported by that name.
+them in .venv-vllm). Not a conftest.py: every folder may have a conftest.py of its own.
 Imported before vLLM, since the environment it sets is read when vLLM loads.
 
 One process holds every engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): a tiny random GQA Llama

@@ -149,12 +149,13 @@ def test_a_throwaway_scorer_is_collected(tmp_path):
                 # the key's first coordinate: any finite score will do
                 return p.keys[..., :p.candidates, 0].float().contiguous()
     """))
+    tests = Path(__file__).resolve().parents[1]      # hf_models, conftest
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(tmp_path), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+        [str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
          "throwaway_scorer", __file__, "-k", "throwaway and spends", "-rA"],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)
+        capture_output=True, text=True, env=env, cwd=tests.parent, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     passed = [line for line in run.stdout.splitlines() if line.startswith("PASSED")]
     expected = {f"throwaway+{p}" for p in M.POLICIES} | {f"mixkv(throwaway)+{p}"

@@ -7,7 +7,7 @@ import torch
 
 from mixkv import ops, reference as R
 
-from conftest import WINDOW, assert_same_selection, close, make_inputs, shape_cases
+from helpers import WINDOW, assert_same_selection, close, make_inputs, shape_cases
 
 W = WINDOW
 

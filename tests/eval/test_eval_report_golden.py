@@ -4,7 +4,7 @@ summary.json of both, against files written by main's code before the report pro
 from the runner into :mod:`mixkv.eval.report` (tests/data/report_golden/). A change of a
 title, a paragraph, a number's format or a CSV column shows here.
 
-To accept an intended change: ``MIXKV_WRITE_GOLDEN=1 pytest tests/test_eval_report_golden.py``
+To accept an intended change: ``MIXKV_WRITE_GOLDEN=1 pytest tests/eval/test_eval_report_golden.py``
 and review the diff of tests/data/report_golden/."""
 
 import json
@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from mixkv.eval import engine, report  # noqa: E402
 from mixkv.eval.runner import RunConfig, write_reports, write_side_by_side  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "data" / "report_golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "report_golden"
 METHODS = ("snapkv", "mixkv", "adakv", "mixkv+adakv")
 COMBOS = [("full", None, None)] + [(m, b, None) for m in METHODS for b in (64, 128)] + \
     [(m, None, 0.5) for m in METHODS]

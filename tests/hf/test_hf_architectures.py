@@ -26,7 +26,7 @@ import mixkv  # noqa: E402
 from mixkv.hf import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import exactly  # noqa: E402
+from helpers import exactly  # noqa: E402
 
 W, BUDGET, PROMPT, NEW = 8, 24, 80, 5
 CACHE = hf_models.cache_kwarg()

@@ -22,7 +22,7 @@ from mixkv import methods as M  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import make_inputs  # noqa: E402
+from helpers import make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 from mixkv.hf import HeadwiseLayer  # noqa: E402
 
-from conftest import close  # noqa: E402
+from helpers import close  # noqa: E402
 
 B, HKV, G, D = 2, 3, 2, 8
 SCALING = 0.3

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mixkv import ops, reference as R
 
-from conftest import BATCHES, DTYPES, HEAD_DIMS, close
+from helpers import BATCHES, DTYPES, HEAD_DIMS, close
 
 QUERY_TOKENS = [1, 3, 7]
 GROUPS = [1, 2, 4]

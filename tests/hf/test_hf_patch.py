@@ -14,7 +14,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 import mixkv  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import exactly  # noqa: E402
+from helpers import exactly  # noqa: E402
 
 W = 8
 VOCAB = 99

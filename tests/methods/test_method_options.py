@@ -22,7 +22,7 @@ from mixkv import methods as M  # noqa: E402
 import hf_models  # noqa: E402
 # test_methods also registers its "test_recency" scorer, which the registries then list.
 from test_methods import BUDGET, W, _model_prefill, _prefill  # noqa: E402
-from conftest import exactly  # noqa: E402
+from helpers import exactly  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,7 @@ def _alternative(part, option, default):
     if isinstance(default, float):
         return default + 0.5
     pytest.fail(f"option {option!r} of {part!r} (default {default!r}) has no non-default value "
-                "to test with: add one to ALTERNATIVES in tests/test_method_options.py")
+                "to test with: add one to ALTERNATIVES in tests/methods/test_method_options.py")
 
 
 class _ComposedAdaKV(M.AdaKV):
@@ -230,7 +230,7 @@ def test_a_non_default_option_changes_what_the_ops_receive(kind, name, option, p
     base_value = REQUIRED.get(option, M.constructor_options(cls)[option].default)
     if base_value is inspect.Parameter.empty:
         pytest.fail(f"option {option!r} of {name!r} has no default: add a value to REQUIRED in "
-                    "tests/test_method_options.py")
+                    "tests/methods/test_method_options.py")
     value = _alternative(name, option, base_value)
     assert not _same(value, base_value), f"ALTERNATIVES[{option!r}] is {name}'s default"
     part, plain = _build(kind, name, path)

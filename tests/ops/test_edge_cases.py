@@ -7,7 +7,7 @@ import torch
 
 from mixkv import ops, reference as R
 
-from conftest import make_inputs
+from helpers import make_inputs
 
 W = 4
 

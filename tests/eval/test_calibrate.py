@@ -180,6 +180,6 @@ def test_console_script_is_declared():
     import tomllib
     from pathlib import Path
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["mixkv-calibrate"] == "mixkv.eval.calibrate:main"
     assert isinstance(calibrate.parser(), argparse.ArgumentParser)

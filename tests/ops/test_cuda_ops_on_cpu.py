@@ -1,4 +1,4 @@
-"""tests/test_cuda_ops.py in its CPU self-test mode (MIXKV_TEST_DEVICE=cpu), so that the CUDA
+"""tests/ops/test_cuda_ops.py in its CPU self-test mode (MIXKV_TEST_DEVICE=cpu), so that the CUDA
 test bodies run, and cannot rot, on machines without a GPU. A separate process: the file reads
 its device once, at import."""
 
@@ -21,7 +21,7 @@ def test_cuda_test_bodies_pass_with_the_cpu_as_the_device():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
          str(TESTS / "test_cuda_ops.py")],
-        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+        cwd=TESTS.parents[1], env=env, capture_output=True, text=True, timeout=600)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))

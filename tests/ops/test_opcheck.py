@@ -6,7 +6,7 @@ import torch
 
 from mixkv import ops
 
-from conftest import make_inputs
+from helpers import make_inputs
 
 W = 8
 

@@ -15,7 +15,7 @@ from mixkv.hf import CompressedLayer, HeadwiseLayer  # noqa: E402
 from mixkv.methods import AdaKV, MixKV, SnapKV  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import assert_same_kept_rows  # noqa: E402
+from helpers import assert_same_kept_rows  # noqa: E402
 
 W = 8
 VOCAB = 99
@@ -130,7 +130,7 @@ def test_method_objects_and_a_gemma3_with_sliding_layers():
 
 def test_every_scorer_plain_and_mixed_under_every_base():
     """Every registered scorer but the hidden-states one and those scored by a reconstruction
-    pass (refused, tests/test_kvzip.py), plain and inside MixKV, on the dense and the head-wise
+    pass (refused, tests/methods/test_kvzip.py), plain and inside MixKV, on the dense and the head-wise
     caches: a generation 4x the decode budget stays bounded. (kvzap reads hidden states once
     per token: it runs, with a surrogate for this model.)"""
     from mixkv.methods import SCORERS

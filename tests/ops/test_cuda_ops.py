@@ -1,6 +1,6 @@
 """The CUDA kernel of every op against the CPU kernel and mixkv.reference, on random inputs
 (never zero): odd lengths N = W, W+1, 97, 1025, head dims 64/80/128, GQA groups 1/2/4/8, batch
-1 and 3, float32/bfloat16/float16, with and without left padding (conftest.shape_cases).
+1 and 3, float32/bfloat16/float16, with and without left padding (helpers.shape_cases).
 
 Every CUDA call runs on a poisoned caching allocator: just before the call, blocks of both the
 small and the large pool are filled with 0xFF bytes (NaN in every float dtype, -1 as int32) and
@@ -25,7 +25,7 @@ from mixkv import ops, reference as R
 
 import hf_models
 import test_ragged_attention as RA
-from conftest import DTYPES, WINDOW, assert_same_selection, close, make_inputs, shape_cases
+from helpers import DTYPES, WINDOW, assert_same_selection, close, make_inputs, shape_cases
 from test_opcheck import _samples as opcheck_samples
 
 DEVICE = torch.device(os.environ.get("MIXKV_TEST_DEVICE", "cuda"))

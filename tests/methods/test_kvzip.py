@@ -20,7 +20,7 @@ from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.hf.layers import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import assert_same_selection, exactly  # noqa: E402
+from helpers import assert_same_selection, exactly  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

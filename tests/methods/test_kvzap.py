@@ -26,7 +26,7 @@ from mixkv.hf.model import compressed_layers  # noqa: E402
 from mixkv.methods import kvzap  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import exactly, torch_threads  # noqa: E402
+from helpers import exactly, torch_threads  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

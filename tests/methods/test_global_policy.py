@@ -31,7 +31,7 @@ from mixkv.hf.model import layer_of  # noqa: E402
 from mixkv.methods.policies import global_capacities  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import exactly  # noqa: E402
+from helpers import exactly  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

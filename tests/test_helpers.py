@@ -1,10 +1,10 @@
-"""The shared checks of conftest.py must reject what they exist to reject: a check that accepts
+"""The shared checks of helpers.py must reject what they exist to reject: a check that accepts
 a wrong op guards nothing."""
 
 import pytest
 import torch
 
-from conftest import assert_same_selection
+from helpers import assert_same_selection
 
 # Candidates 2 and 3 tie at the boundary of a top-3 selection; 0 is the best, 4 the worst.
 SCORES = torch.tensor([9.0, 5.0, 3.0, 3.0, 1.0])
@@ -35,7 +35,7 @@ def test_dropping_the_window_fails():
 
 
 def test_kept_rows_may_differ_only_by_a_tie():
-    from conftest import assert_same_kept_rows
+    from helpers import assert_same_kept_rows
 
     keys = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 2.0 + 1e-5]])
     norm = lambda rows: rows.norm(dim=-1)  # noqa: E731

@@ -21,7 +21,7 @@ import mixkv  # noqa: E402
 from mixkv.hf import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
-from conftest import close  # noqa: E402
+from helpers import close  # noqa: E402
 from test_hf_headwise_cache import causal_and_valid, layer_segment, reference_attention  # noqa: E402
 
 W, BUDGET = 8, 20

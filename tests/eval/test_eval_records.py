@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from mixkv.eval.records import Result  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, load_results, run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = sorted((ROOT / "benchmarks").rglob("results.jsonl"))
 # The keys main's HF engine and runner wrote, in order (a needle row).
 MAIN_KEYS = [

@@ -11,7 +11,7 @@ import torch
 import mixkv
 from mixkv import ops
 
-from conftest import close, make_inputs
+from helpers import close, make_inputs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
@@ -55,7 +55,7 @@ def test_unknown_cpu_kernels_setting_is_refused(monkeypatch):
 
 # --- The build tools (scripts/buildtools.py): chosen by version, never by mere presence. -------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import buildtools  # noqa: E402
 
