@@ -116,3 +116,15 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+WORDS = ("the keeper wrote down the wind and the sea every night while the lamp turned "
+         "slowly above the rocks and the gulls waited for the weather to change ").split()
+
+
+def document(words: int, seed: int = 0) -> str:
+    """A plain-text document of `words` words, a paragraph break every 40 (corpus tests)."""
+    lines = []
+    for i in range(words):
+        lines.append(WORDS[(i * 7 + seed) % len(WORDS)] + ("\n\n" if i % 40 == 39 else " "))
+    return "".join(lines).strip()

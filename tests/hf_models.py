@@ -252,3 +252,35 @@ def kvzap_weights(model, seed: int = 0) -> dict:
     from mixkv.methods import kvzap
 
     return kvzap.random_weights(model, seed)
+
+
+def compressed_layers(model):
+    """Full-attention layers (the ones mixkv compresses), from the text config."""
+    config = model.get_decoder().config
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [i for i in range(n) if "sliding" not in types[i]]
+    return [] if getattr(config, "sliding_window", None) else list(range(n))
+
+
+def tiny_llama(seed=0, initializer_range=0.02):
+    """The evaluation tests' tiny Llama: 3 layers, GQA 2, 2,048 positions (eager-free sdpa)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, attn_implementation="sdpa",
+                         initializer_range=initializer_range)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def tiny_eval_model(**model_options):
+    """``tiny_llama`` as the evaluation harness's EvalModel, with the character tokenizer."""
+    from mixkv.eval.models import EvalModel
+
+    return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(),
+                     name="tiny-llama", source="config", load_seconds=0.0, fixes=[], stop_ids=[],
+                     adds_bos=False)

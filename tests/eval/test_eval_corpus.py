@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -16,20 +15,10 @@ from mixkv.eval.engine import Engine  # noqa: E402
 from mixkv.eval.runner import RunConfig, run  # noqa: E402
 from mixkv.eval.tasks import BUILTIN_CORPUS, corpus_files, corpus_samples  # noqa: E402
 
-from test_eval_engine import tiny_eval_model  # noqa: E402
+from helpers import document  # noqa: E402
+from hf_models import tiny_eval_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = ("the keeper wrote down the wind and the sea every night while the lamp turned "
-         "slowly above the rocks and the gulls waited for the weather to change ").split()
-
-
-def document(words: int, seed: int = 0) -> str:
-    lines = []
-    for i in range(words):
-        lines.append(WORDS[(i * 7 + seed) % len(WORDS)] + ("\n\n" if i % 40 == 39 else " "))
-    return "".join(lines).strip()
-
 
 def test_documents_are_cut_at_words_within_the_counts(tmp_path):
     (tmp_path / "a.txt").write_text(document(300))

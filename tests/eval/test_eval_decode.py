@@ -18,7 +18,7 @@ from mixkv.eval.runner import RunConfig, run  # noqa: E402
 from mixkv.eval.tasks import Sample, corpus_samples  # noqa: E402
 from mixkv.methods.modes import DIVERSITY, VALUE_NORM, reads  # noqa: E402
 
-from test_eval_corpus import document  # noqa: E402
+from helpers import document  # noqa: E402
 from test_eval_engine import cache_kw, tiny_eval_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")

@@ -12,16 +12,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import mixkv  # noqa: E402
 from mixkv.eval import report  # noqa: E402
 from mixkv.eval.engine import Engine, capture_window_queries, method_options  # noqa: E402
-from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, load_records, run  # noqa: E402
 from mixkv.eval.tasks import Sample  # noqa: E402
 
-from hf_models import CharTokenizer  # noqa: E402
+from hf_models import CharTokenizer, tiny_eval_model, tiny_llama  # noqa: E402,F401
 
 W = 8
 VOCAB = 128
@@ -30,18 +29,6 @@ METHODS = ["snapkv", "mixkv", "adakv", "pyramidkv", "mixkv+adakv", "mixkv+pyrami
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_llama(seed=0, initializer_range=0.02):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, attn_implementation="sdpa",
-                         initializer_range=initializer_range)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def cache_kw(model):
@@ -99,12 +86,6 @@ def test_capture_restores_the_attention_lookup():
         model(input_ids=torch.randint(3, VOCAB, (1, 20)))
     assert sorted(q) == [0, 1, 2] and q[0].shape == (1, 4, W, 16)
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
-
-
-def tiny_eval_model(**model_options):
-    return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(),
-                     name="tiny-llama", source="config", load_seconds=0.0, fixes=[], stop_ids=[],
-                     adds_bos=False)
 
 
 def test_engine_full_is_its_own_reference_and_records_fidelity():

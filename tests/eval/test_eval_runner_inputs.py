@@ -17,7 +17,8 @@ from mixkv.eval.models import EvalModel  # noqa: E402
 from mixkv.eval.runner import RunConfig, build_samples, load_records, run  # noqa: E402
 
 from hf_models import CharTokenizer  # noqa: E402
-from test_eval_engine import W, tiny_eval_model, tiny_llama  # noqa: E402
+from hf_models import tiny_eval_model, tiny_llama
+from test_eval_engine import W  # noqa: E402
 from test_eval_resume import profile as redundancy_profile  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")

@@ -27,6 +27,7 @@ from mixkv.hf import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
 from helpers import exactly  # noqa: E402
+from hf_models import compressed_layers  # noqa: E402
 
 W, BUDGET, PROMPT, NEW = 8, 24, 80, 5
 CACHE = hf_models.cache_kwarg()
@@ -75,16 +76,6 @@ def patch(model, name, **options):
     said = [str(w.message) for w in caught if "sliding-window" in str(w.message)]
     assert bool(said) == (name in SLIDING), said
     return handle
-
-
-def compressed_layers(model):
-    """Full-attention layers (the ones mixkv compresses), from the text config."""
-    config = model.get_decoder().config
-    n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    if types:
-        return [i for i in range(n) if "sliding" not in types[i]]
-    return [] if getattr(config, "sliding_window", None) else list(range(n))
 
 
 def generate(model, inputs, record_positions=True):

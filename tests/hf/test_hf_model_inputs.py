@@ -20,7 +20,7 @@ import mixkv  # noqa: E402
 from mixkv.hf import HeadwiseLayer  # noqa: E402
 
 import hf_models  # noqa: E402
-from test_hf_architectures import compressed_layers  # noqa: E402
+from hf_models import compressed_layers  # noqa: E402
 
 W, BUDGET, PROMPT = 8, 24, 80
 CACHE = hf_models.cache_kwarg()

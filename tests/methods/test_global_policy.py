@@ -307,7 +307,7 @@ def test_a_budget_above_a_rows_real_tokens_keeps_them_all():
 @pytest.mark.usefixtures("no_plots")
 def test_evaluation_runs_global_methods(tmp_path):
     from mixkv.eval.runner import RunConfig, load_records, run
-    from test_eval_engine import tiny_eval_model
+    from hf_models import tiny_eval_model
 
     methods = ["global", "kvzip+global", "mixkv(kvzip)+global"]
     config = RunConfig(tasks=["passkey"], lengths=[160], samples=1, methods=methods,

@@ -372,7 +372,7 @@ def _prefill_keys(model, ids, mask):
 @pytest.mark.usefixtures("no_plots")
 def test_evaluation_runs_kvzap_with_its_weights_and_records_them(tmp_path):
     from mixkv.eval.runner import RunConfig, load_records, run
-    from test_eval_engine import tiny_eval_model
+    from hf_models import tiny_eval_model
 
     em = tiny_eval_model()
     path = tmp_path / "tiny.kvzap.pt"
@@ -402,8 +402,8 @@ def test_evaluation_compresses_during_generation_with_kvzap(tmp_path):
     """mixkv-eval --corpus --decode-budget: kvzap and its global mix compress the teacher-forced
     continuation too (the engine prefills unpatched, compress_cache keeps the scores)."""
     from mixkv.eval.runner import RunConfig, load_records, run
-    from test_eval_corpus import document
-    from test_eval_engine import tiny_eval_model
+    from helpers import document
+    from hf_models import tiny_eval_model
 
     em = tiny_eval_model()
     path = tmp_path / "tiny.kvzap.pt"

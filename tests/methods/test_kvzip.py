@@ -394,7 +394,7 @@ def test_a_reconstruction_scorer_that_reads_hidden_states_gets_its_layers_module
 @pytest.mark.usefixtures("no_plots")
 def test_evaluation_runs_kvzip_plain_and_mixed_with_one_pass_per_sample(tmp_path, monkeypatch):
     from mixkv.eval.runner import RunConfig, load_records, run
-    from test_eval_engine import tiny_eval_model
+    from hf_models import tiny_eval_model
 
     calls = []
     original = reconstruct.reconstruction_scores

@@ -17,7 +17,7 @@ from mixkv.hf import reconstruct  # noqa: E402
 from mixkv.methods.kvzip import KVzip  # noqa: E402
 
 import hf_models  # noqa: E402
-from test_hf_architectures import compressed_layers  # noqa: E402
+from hf_models import compressed_layers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

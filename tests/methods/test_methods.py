@@ -28,7 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 W = 8
 BUDGET = 24
-BASES = ["snapkv", "pyramidkv", "adakv", "explicit"]
+# The per-layer policies and the mixers mixkv registers (the cross-layer ``global`` has its own
+# tests; tests/methods/test_registry_methods.py runs every registered part through the shim).
+BASES = [n for n, c in M.POLICIES.items() if not c.spans_layers and c.__module__.startswith("mixkv.")]
+MIXERS = [n for n, c in M.SCORERS.items() if issubclass(c, M.Mixer) and c.__module__.startswith("mixkv.")]
 
 
 @M.register_scorer("test_recency")
@@ -73,7 +76,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("mixer", [None, "vnorm", "keydiff", "mix3", "mixkv"])
+@pytest.mark.parametrize("mixer", [None] + MIXERS)
 def test_composed_leaf_ops_keep_the_fused_ops_tokens(monkeypatch, mixer, base, padded):
     fused_calls = []
     for op in ("compress", "compress_ragged"):
@@ -503,7 +506,7 @@ def test_compressing_a_captured_prefill_equals_the_patched_prefill(label):
 
 @pytest.mark.usefixtures("no_plots")
 def test_eval_runs_registered_and_new_scorers_and_pairs_them(tmp_path):
-    from test_eval_engine import tiny_eval_model
+    from hf_models import tiny_eval_model
 
     methods = ["tova", "mixkv(tova)", "test_recency+adakv", "mixkv(test_recency)+adakv",
                "expected_attention+pyramidkv"]
