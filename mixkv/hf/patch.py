@@ -26,7 +26,7 @@ from ..methods import Method, resolve
 from . import capture, reconstruct
 from .compressor import LayerCompressor, LayerInput
 from .layers import CompressedLayer, HeadwiseLayer
-from .model import (attention_scaling, cache_of,  # noqa: F401 (re-exported)
+from .model import (OLDEST_TRANSFORMERS, attention_scaling, cache_of,  # noqa: F401 (re-exported)
                     check_transformers_version, find_attention_modules, hidden_states_of,
                     layer_of, sliding_layers, warn_from_caller)
 

@@ -292,7 +292,18 @@ class BudgetPolicy(Part):
                                       "capacities()")
         return torch.ops.mixkv.head_budgets(importance=importance, capacity=capacity,
                                             key_mask=prefill.key_mask,
-                                            **self.op_arguments(prefill))
+                                            **self.op_keywords(prefill))
+
+    def op_keywords(self, prefill: Prefill) -> Dict[str, Any]:
+        """``op_arguments``, checked: a policy written for the former positional form (a
+        7-tuple) gets an error that names the new one."""
+        arguments = self.op_arguments(prefill)
+        if not isinstance(arguments, dict):
+            raise TypeError(f"mixkv: policy {type(self).__name__}.op_arguments() returned "
+                            f"{type(arguments).__name__}; it returns a dict of the op's keyword "
+                            "arguments by schema name (policy=, layer=, num_layers=, "
+                            "floor_alpha=, normalize=, pyramid_beta=, profile=)")
+        return arguments
 
     def without_scorer(self) -> "BudgetPolicy":
         """This policy with no scorer (a copy; itself when it has none): a :class:`Method`
@@ -406,7 +417,7 @@ class Method:
                           budget=budget, window=W, scaling=prefill.scaling, **fused)
             if self.policy.headwise:
                 return Selection(*torch.ops.mixkv.compress_ragged(
-                    **common, **self.policy.op_arguments(prefill)))
+                    **common, **self.policy.op_keywords(prefill)))
             return Selection(*torch.ops.mixkv.compress(**common))
         importance, scores = self.scored(prefill)
         capacity = budget - W

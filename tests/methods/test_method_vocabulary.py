@@ -229,3 +229,17 @@ def test_the_method_layer_calls_the_ops_by_keyword(monkeypatch, label, ops):
     p = _prefill(True)
     method.compress_layers({p.layer: p}, BUDGET)
     assert calls == ops
+
+
+def test_a_policy_with_the_former_positional_op_arguments_is_told_the_new_form():
+    @M.options_dataclass
+    class Former(M.AdaKV):
+        def op_arguments(self, p):   # the 7-tuple of before issue 28
+            return ("adaptive", 0.2, True, p.layer, p.num_layers, 20, None)
+
+    p = _prefill(False)
+    for method in (M.resolve(Former(), budget=BUDGET, window=W),
+                   M.resolve(Former(M.ValueNorm(M.TOVA())), budget=BUDGET, window=W)):
+        with pytest.raises(TypeError, match=r"Former\.op_arguments\(\) returned tuple; it returns "
+                                            r"a dict of the op's keyword arguments"):
+            method.compress(p, BUDGET)
