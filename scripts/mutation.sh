@@ -20,7 +20,7 @@ tests_for() {
     mixkv/hf/layers.py) echo "tests/hf/test_hf_layers.py tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py" ;;
     mixkv/hf/capture.py) echo "tests/hf/test_hf_capture.py tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py" ;;
     mixkv/hf/patch.py) echo "tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/hf/test_hf_model_inputs.py tests/hf/test_hf_architectures.py tests/methods/test_methods.py tests/methods/test_kvzip.py tests/hf/test_hf_decode_compression.py tests/eval/test_eval_engine.py tests/test_kvpress_optional.py" ;;
-    mixkv/hf/compressor.py) echo "tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/methods/test_methods.py tests/methods/test_global_policy.py tests/methods/test_kvzap.py tests/hf/test_hf_decode_compression.py" ;;
+    mixkv/hf/compressor.py) echo "tests/hf/test_hf_compressor.py tests/hf/test_hf_patch.py tests/hf/test_hf_differential.py tests/methods/test_methods.py tests/methods/test_global_policy.py tests/methods/test_kvzap.py tests/hf/test_hf_decode_compression.py" ;;
     mixkv/hf/decode.py) echo "tests/hf/test_hf_decode_compression.py tests/eval/test_eval_decode.py tests/methods/test_kvzip.py" ;;  # kvzip: the refusal
     mixkv/eval/engine.py) echo "$EVAL_TESTS" ;;
     mixkv/eval/runner.py) echo "$EVAL_TESTS tests/methods/test_methods.py" ;;  # import_plugins
