@@ -284,3 +284,20 @@ def tiny_eval_model(**model_options):
     return EvalModel(model=tiny_llama(**model_options), tokenizer=CharTokenizer(),
                      name="tiny-llama", source="config", load_seconds=0.0, fixes=[], stop_ids=[],
                      adds_bos=False)
+
+
+def kept_segments(layer):
+    """Kept (keys, values) of each (row, KV head) of a compressed layer, in cache order."""
+    from mixkv.hf import HeadwiseLayer
+
+    if isinstance(layer, HeadwiseLayer):
+        keys, values, _ = layer.held()
+        counts = layer.kept_tokens().flatten().tolist()
+        return list(zip(keys.split(counts), values.split(counts)))
+    return [(layer.keys[b, h], layer.values[b, h]) for b in range(layer.keys.shape[0])
+            for h in range(layer.keys.shape[1])]
+
+
+def kept_keys(layer):
+    """Kept keys of each (row, KV head) of a compressed layer."""
+    return [keys for keys, _ in kept_segments(layer)]

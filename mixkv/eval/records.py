@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional
 
+
 def _optional():
     """A field left out of the JSON when None."""
     return dataclasses.field(default=None, metadata={"optional": True})

@@ -94,7 +94,7 @@ class LayerCompressor:
                 if record:
                     self._record(idx, torch.full((B, Hkv), N), keys, values, N)
                 if self.listener is not None:
-                    self.listener.prefilled(idx, tokens)
+                    self.listener.keep_scores(idx, tokens)
                 continue
             if item.hidden is None and any(
                     p.needs_hidden_states and not (p.static_scores and tokens is not None)
@@ -134,7 +134,7 @@ class LayerCompressor:
         layer's per-token scores before the selection (``token_scores``, if kept)."""
         cache.layers[idx] = layer_from_kept(kept, key_mask, batch, kv_heads, headroom=headroom)
         if self.listener is not None:
-            self.listener.prefilled(idx, token_scores, kept)
+            self.listener.keep_scores(idx, token_scores, kept)
 
     def _record(self, idx, kept_counts, keys, values, prompt, after=None) -> None:
         before = keys.nbytes + values.nbytes

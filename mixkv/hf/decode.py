@@ -193,7 +193,7 @@ class DecodeCompression:
                              "hidden states, which this call did not capture")
         return self.method.static_scorer.token_scores(hidden, idx, self.handle.decoder)
 
-    def prefilled(self, idx: int, token_scores, kept=None) -> None:
+    def keep_scores(self, idx: int, token_scores, kept=None) -> None:
         """Keep the per-token scores [B, Hkv, N] of layer `idx` (static scorers) that a
         compression (at prefill or during decoding) started from, gathered with its ``kept``
         selection when there was one (the layer compressor's listener call)."""

@@ -315,14 +315,6 @@ LABELS = ["kvzap", "kvzap+adakv", "kvzap+pyramidkv", "kvzap+global", "mixkv(kvza
           "mixkv(kvzap)+adakv", "mixkv(kvzap)+global"]
 
 
-def _segments(layer):
-    if isinstance(layer, mixkv.hf.HeadwiseLayer):
-        return [layer.key_buffer[s:s + n] for s, n in zip(layer.starts.tolist(),
-                                                           layer.lengths.tolist())]
-    return [layer.keys[b, h] for b in range(layer.keys.shape[0])
-            for h in range(layer.keys.shape[1])]
-
-
 @pytest.mark.parametrize("label", LABELS)
 def test_every_policy_and_mixer_in_patch_and_compress_cache(trained, label):
     model, _, _, weights = trained
@@ -343,7 +335,8 @@ def test_every_policy_and_mixer_in_patch_and_compress_cache(trained, label):
                               hidden_states=captured.hidden_states)
     assert handle.method.label == label
     for got, want in zip(full.layers, patched.layers):
-        assert [s.tolist() for s in _segments(got)] == [s.tolist() for s in _segments(want)]
+        assert [s.tolist() for s in hf_models.kept_keys(got)] == \
+            [s.tolist() for s in hf_models.kept_keys(want)]
     total = sum(int(s["kept"].sum()) for s in handle.stats()["layers"].values())
     if "pyramidkv" not in label:
         assert total == 2 * 2 * 2 * BUDGET     # layers x rows x KV heads x budget

@@ -30,8 +30,10 @@ W = 8
 BUDGET = 24
 # The per-layer policies and the mixers mixkv registers (the cross-layer ``global`` has its own
 # tests; tests/methods/test_registry_methods.py runs every registered part through the shim).
-BASES = [n for n, c in M.POLICIES.items() if not c.spans_layers and c.__module__.startswith("mixkv.")]
-MIXERS = [n for n, c in M.SCORERS.items() if issubclass(c, M.Mixer) and c.__module__.startswith("mixkv.")]
+BASES = [n for n, c in M.POLICIES.items()
+         if not c.spans_layers and c.__module__.startswith("mixkv.")]
+MIXERS = [n for n, c in M.SCORERS.items()
+          if issubclass(c, M.Mixer) and c.__module__.startswith("mixkv.")]
 
 
 @M.register_scorer("test_recency")
@@ -241,15 +243,6 @@ def _patched_prefill(model, method, pad=20, **options):
     return cache, handle, out
 
 
-def _segments(layer):
-    """Kept keys of each (row, head) of a compressed layer."""
-    if isinstance(layer, mixkv.hf.HeadwiseLayer):
-        starts, lengths = layer.starts.tolist(), layer.lengths.tolist()
-        return [layer.key_buffer[s:s + n] for s, n in zip(starts, lengths)]
-    return [layer.keys[b, h] for b in range(layer.keys.shape[0])
-            for h in range(layer.keys.shape[1])]
-
-
 @pytest.mark.parametrize("scorer", ["test_recency", "tova", "expected_attention", "kvzap"])
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("mix", [False, True])
@@ -267,7 +260,8 @@ def test_new_scorers_run_plain_under_every_policy_and_mixed(scorer, base, mix):
         if base in ("snapkv", "adakv", "explicit"):
             assert layer_kept.sum(-1).tolist() == [2 * BUDGET, 2 * BUDGET]
     if scorer == "test_recency" and not mix:  # recency keeps the newest candidates
-        for segment, n in zip(_segments(cache.layers[0]), kept[0].flatten().tolist()):
+        for segment, n in zip(hf_models.kept_keys(cache.layers[0]),
+                              kept[0].flatten().tolist()):
             assert segment.shape[0] == n
         if base == "snapkv":
             full = DynamicCache(config=model.config)
@@ -440,7 +434,7 @@ def _kept_sinks(label, sinks, pad=20):
     counts = []
     for layer, full_layer in zip(cache.layers, full.layers):
         Hkv = full_layer.keys.shape[1]
-        for i, segment in enumerate(_segments(layer)):
+        for i, segment in enumerate(hf_models.kept_keys(layer)):
             b, h = divmod(i, Hkv)
             first = pad if b == 1 else 0
             wanted = full_layer.keys[b, h, first:first + 4]
@@ -499,7 +493,8 @@ def test_compressing_a_captured_prefill_equals_the_patched_prefill(label):
                 handle.compress_cache(copy.deepcopy(full), captured.queries)
         handle.compress_cache(full, captured.queries, hidden_states=captured.hidden_states)
     for got, want in zip(full.layers, patched.layers):
-        assert [s.tolist() for s in _segments(got)] == [s.tolist() for s in _segments(want)]
+        assert [s.tolist() for s in hf_models.kept_keys(got)] == \
+            [s.tolist() for s in hf_models.kept_keys(want)]
 
 
 # -- the evaluation ------------------------------------------------------------------------------

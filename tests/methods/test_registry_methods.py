@@ -68,16 +68,6 @@ def llama():
     return model, [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
 
 
-def _segments(layer):
-    """Kept (keys, values) of each (row, KV head) of a compressed layer, in cache order."""
-    if isinstance(layer, mixkv.hf.HeadwiseLayer):
-        keys, values, _ = layer.held()
-        counts = layer.kept_tokens().flatten().tolist()
-        return list(zip(keys.split(counts), values.split(counts)))
-    return [(layer.keys[b, h], layer.values[b, h]) for b in range(layer.keys.shape[0])
-            for h in range(layer.keys.shape[1])]
-
-
 def _positions(kept: torch.Tensor, full: torch.Tensor) -> list:
     """Where each kept key [k, D] sits among the cached keys [N, D] (exact match; -1: none)."""
     same = (kept[:, None, :] == full[None, :, :]).all(-1)
@@ -126,7 +116,7 @@ def test_every_method_spends_its_budget_and_keeps_a_window_and_a_subsequence(
     assert bool((kept >= W).all())
     for idx, layer in enumerate(cache.layers):
         full_keys, full_values = full[idx]
-        for s, (keys, values) in enumerate(_segments(layer)):
+        for s, (keys, values) in enumerate(hf_models.kept_segments(layer)):
             b, h = divmod(s, Hkv)
             keys, values = keys[:-1], values[:-1]                 # the decoded token last
             assert keys.shape[0] == int(kept[idx, b, h])
